@@ -1,0 +1,1 @@
+"""Command-line tools that turn an image corpus into verified WebDataset shards."""

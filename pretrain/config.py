@@ -1,0 +1,84 @@
+"""The recipe schema: typed dataclasses, one documented field each.
+
+A recipe is a YAML file whose keys mirror these dataclasses (``optim.lr`` is ``optim: {lr: ...}``).
+It may name a ``base:`` recipe (a path relative to itself) whose values it overrides, and the
+command line overrides both with ``key.sub=value``. Loading is in ``pretrain.recipe``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .models.posemb import Interpolation
+from .models.vit import Head, Pool
+
+
+def doc(default: Any, text: str) -> Any:
+    """A field with an immutable default and its documentation (shown by ``--help-recipe``)."""
+    return field(default=default, metadata={"doc": text})
+
+
+def section(cls: type, text: str) -> Any:
+    """A nested group of fields, e.g. ``optim``."""
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("vit_b16", "Zoo name: vit_{mu,ti,s,b,l,h,g}{patch size}, e.g. vit_h14; vit_r50_b16 is the hybrid.")
+    image_size: int = doc(224, "Input resolution in pixels (square); the token grid is image_size / patch size.")
+    num_classes: int = doc(1000, "Classifier outputs (21843 for ImageNet-21k); 0 leaves the classifier out.")
+    head: Head = doc("prelogits", "prelogits: Linear(D, D) + tanh before the classifier (pre-training); linear: classifier only (fine-tuning).")
+    pool: Pool = doc("cls", "Representation: cls reads the [CLS] token; gap averages all tokens (no [CLS] token).")
+    dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).")
+    attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.")
+    norm_eps: float = doc(1e-6, "LayerNorm epsilon.")
+    posemb_interp: Interpolation = doc("bilinear", "How position embeddings are resampled to a new grid: bilinear (the paper) or bicubic.")
+    posemb_align_corners: bool = doc(True, "Resampling maps corner embeddings onto corners (the paper's scipy zoom); false: cell centres (timm, big_vision).")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("", "Training shards: a manifest.json (path or fsspec URL), a folder holding one, or a brace pattern.")
+    val: str = doc("", "Evaluation shards, given like train; empty: no evaluation.")
+    batch_size: int = doc(4096, "Global batch size: all devices together, counting gradient accumulation.")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = doc("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning).")
+    lr: float = doc(1e-3, "Peak learning rate, reached at the end of warm-up.")
+    betas: tuple[float, float] = doc((0.9, 0.999), "Adam b1, b2.")
+    momentum: float = doc(0.9, "SGD momentum.")
+    weight_decay: float = doc(0.1, "Decoupled weight decay (PyTorch AdamW: multiplied by the lr), on weight matrices only.")
+    clip_grad_norm: float = doc(1.0, "Clip gradients at this global L2 norm; 0 turns clipping off.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step; data.batch_size is split across them.")
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = doc(100_000, "Optimizer steps in the whole run, warm-up included.")
+    warmup_steps: int = doc(10_000, "Linear warm-up from 0 to optim.lr over this many steps.")
+    decay: Literal["linear", "cosine"] = doc("linear", "Decay after warm-up, down to final_lr at total_steps.")
+    final_lr: float = doc(0.0, "Learning rate at the last step.")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["softmax", "sigmoid"] = doc("softmax", "softmax cross-entropy, or sigmoid cross-entropy for multi-label corpora (head bias starts at -10).")
+    label_smoothing: float = doc(0.0, "Label smoothing for softmax cross-entropy.")
+
+
+@dataclass
+class Config:
+    stage: Literal["pretrain", "finetune"] = doc("pretrain", "pretrain, or finetune from init_from (pre-logits dropped, zero-init head, position embeddings resampled).")
+    init_from: str = doc("", "Fine-tuning start: a run directory or checkpoint of ours, an HF folder, a timm state dict or an official .npz.")
+    run_dir: str = doc("runs/default", "Where the run writes everything: resolved recipe, checkpoints, TensorBoard events, metrics.")
+    seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.")
+    precision: Literal["fp32", "bf16"] = doc("bf16", "bf16 autocast where the device supports it, else fp32.")
+    model: ModelConfig = section(ModelConfig, "The network.")
+    data: DataConfig = section(DataConfig, "The data stream.")
+    optim: OptimConfig = section(OptimConfig, "The optimizer.")
+    schedule: ScheduleConfig = section(ScheduleConfig, "The learning-rate schedule.")
+    loss: LossConfig = section(LossConfig, "The training loss.")

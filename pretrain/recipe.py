@@ -1,0 +1,232 @@
+"""Loading recipes: YAML files with ``base:`` inheritance and ``key.sub=value`` overrides.
+
+Every value is checked against the dataclasses of ``pretrain.config`` where it is written, so an
+error names the file (or the command line), the key and, for a typo, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .config import Config
+from .errors import RecipeError
+
+COMMAND_LINE = "command line"
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """The recipe at ``path`` with its bases resolved and ``overrides`` (``key=value``) applied."""
+    values = _load_chain(Path(path), ())
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"command line: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+        field_type = _field_type(key.strip(), COMMAND_LINE)
+        value = text if field_type is str else _parse_yaml(text, COMMAND_LINE)
+        _check({key.strip(): value}, Config, COMMAND_LINE)
+        _set_dotted(values, key.strip(), value)
+    return _build(Config, values)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain data (tuples as lists) for YAML and JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return plain(dataclasses.asdict(config))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save(config: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(config))
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, documentation) for every field, sections flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+        else:
+            rows.append((key, _type_name(tp), repr(f.default), f.metadata.get("doc", "")))
+    return rows
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise RecipeError(f"{seen[-1]}: the base: chain loops ({chain}); remove one of the base: lines")
+    if not path.is_file():
+        if seen:
+            raise RecipeError(
+                f"{seen[-1]}: base recipe '{path}' does not exist; fix the base: line "
+                f"(it is a path relative to the recipe that names it)"
+            )
+        raise RecipeError(f"recipe '{path}' does not exist; pass the path of a YAML file such as recipes/demo.yaml")
+    values = _parse_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys to values, not a {type(values).__name__}")
+    values = _expand(values)
+    base = values.pop("base", None)
+    _check(values, Config, str(path))
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: must be the path of another recipe, got {base!r}")
+    merged = _load_chain(path.parent / base, (*seen, path))
+    _merge(merged, values)
+    return merged
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise RecipeError(f"{source}: not valid YAML{line} ({getattr(e, 'problem', e)})") from None
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _expand(values: dict[str, Any]) -> dict[str, Any]:
+    """Nest dotted keys: {'optim.lr': 1} -> {'optim': {'lr': 1}}."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        _set_dotted(out, str(k), _expand(v) if isinstance(v, dict) else v)
+    return out
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(values.get(p), dict):
+            values[p] = {}
+        values = values[p]
+    if isinstance(value, dict) and isinstance(values.get(leaf), dict):
+        _merge(values[leaf], value)
+    else:
+        values[leaf] = value
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    return [row[0] for row in describe(cls, prefix)]
+
+
+def _suggest(key: str) -> str:
+    keys = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [
+        k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1)
+    ]
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return "; run python -m pretrain.run --help-recipe for the valid keys"
+
+
+def _field_type(key: str, source: str) -> Any:
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            raise RecipeError(f"{source}: unknown key '{key}'{_suggest(key)}")
+        cls = hints[part]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise RecipeError(f"{source}: '{'.'.join(parts[: i + 1])}' has no sub-keys; unknown key '{key}'")
+    return cls
+
+
+def _check(values: dict[str, Any], cls: type, source: str, prefix: str = "") -> None:
+    """Raise RecipeError for the first unknown key or ill-typed value (dotted keys allowed)."""
+    for key, value in values.items():
+        full = prefix + str(key)
+        tp = _field_type(full, source)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{source}: '{full}' is a section of keys (e.g. {_all_keys(tp, full + '.')[0]}), not {value!r}")
+            _check(value, tp, source, full + ".")
+        else:
+            _coerce(value, tp, full, source)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    def bad(expected: str) -> RecipeError:
+        return RecipeError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise RecipeError(f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+        return value
+    if get_origin(tp) is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} values like [{', '.join(_type_name(a) for a in args)}]")
+        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string (quote it)")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp = hints[f.name]
+        v = values[f.name]
+        kwargs[f.name] = _build(tp, v) if dataclasses.is_dataclass(tp) else _coerce(v, tp, f.name, "recipe")
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "|".join(map(str, get_args(tp)))
+    if get_origin(tp) is tuple:
+        return "[" + ", ".join(_type_name(a) for a in get_args(tp)) + "]"
+    return getattr(tp, "__name__", str(tp))
