@@ -41,18 +41,18 @@ def parse_name(name: str) -> Arch:
     m = _NAME.fullmatch(name)
     sizes = "/".join(SIZES)
     if not m or m["size"] not in SIZES:
-        raise UserError(f"model name '{name}' is not in the zoo; use vit_{{{sizes}}}{{patch}} (e.g. vit_b16) or vit_r50_b16")
+        raise UserError(f"model.name '{name}' is not in the zoo; use vit_{{{sizes}}}{{patch}} (e.g. vit_b16) or vit_r50_b16")
     backbone = None
     patch = int(m["patch"])
     if m["backbone"]:
         if m["backbone"] not in BACKBONES:
-            raise UserError(f"model name '{name}': unknown hybrid stem '{m['backbone']}'; the zoo has {', '.join(BACKBONES)}")
+            raise UserError(f"model.name '{name}': unknown hybrid stem '{m['backbone']}'; the zoo has {', '.join(BACKBONES)}")
         backbone = BACKBONES[m["backbone"]]
         stride = 4 * 2 ** (len(backbone) - 1)
         if patch != stride:
-            raise UserError(f"model name '{name}': the {m['backbone']} stem has stride {stride}; name it vit_{m['backbone']}_{m['size']}{stride}")
+            raise UserError(f"model.name '{name}': the {m['backbone']} stem has stride {stride}; name it vit_{m['backbone']}_{m['size']}{stride}")
     elif patch < 1:
-        raise UserError(f"model name '{name}': the patch size must be at least 1")
+        raise UserError(f"model.name '{name}': the patch size must be at least 1")
     return Arch(SIZES[m["size"]], patch, backbone)
 
 

@@ -1,0 +1,76 @@
+"""python -m pretrain.run RECIPE [key=value ...] [--dry-run]
+
+Resolves the recipe (its base: chain and the overrides), builds the model it names and reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import recipe
+from .config import Config
+from .errors import UserError
+from .models.zoo import build_model, count_params, forward_flops
+
+
+def summary(config: Config) -> str:
+    """Parameters and FLOPs of the recipe's model, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_model(config.model)
+    params = count_params(model)
+    flops = forward_flops(model)
+    tokens = model.num_prefix_tokens + model.grid[0] * model.grid[1]
+    batch = config.data.batch_size
+    step = 3 * flops * batch  # forward + backward (twice the forward)
+    steps = config.schedule.total_steps
+    return "\n".join(
+        [
+            f"model: {config.model.name}, {si(params)} parameters, {tokens} tokens "
+            f"({model.grid[0]}x{model.grid[1]} grid + {model.num_prefix_tokens} [CLS]) at {config.model.image_size}px",
+            f"forward: {si(flops)}FLOPs per image; training step at batch {batch}: {si(step)}FLOPs",
+            f"schedule: {steps} steps, {si(steps * batch)} images seen, {si(step * steps)}FLOPs in all",
+        ]
+    )
+
+
+def si(x: float) -> str:
+    """1.23e9 -> '1.23 G'."""
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} "
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.run", description=__doc__.split("\n\n")[1])
+    parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/vit_b16_i21k.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run_dir=/tmp/x")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model's size, then exit")
+    parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its type, default and meaning")
+    args = parser.parse_args(argv)
+
+    if args.help_recipe:
+        for key, tp, default, text in recipe.describe():
+            print(f"{key:28} {tp:22} {default:14} {text}")
+        return 0
+    if not args.recipe:
+        parser.error("a recipe is required, e.g. python -m pretrain.run recipes/demo.yaml --dry-run")
+    try:
+        config = recipe.load(args.recipe, args.overrides)
+        report = summary(config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(recipe.to_yaml(config), end="")
+    print("\n".join("# " + line for line in report.splitlines()))
+    if args.dry_run:
+        return 0
+    print("error: this build has no training loop yet; use --dry-run to check a recipe", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

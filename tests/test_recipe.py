@@ -1,0 +1,108 @@
+"""Recipes: base: inheritance, overrides, and one clear sentence for every mistake."""
+
+import pytest
+import yaml
+
+from pretrain import recipe
+from pretrain.config import Config
+from pretrain.errors import RecipeError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_recipe_loads(root):
+    for path in sorted((root / "recipes").glob("*.yaml")):
+        config = recipe.load(path)
+        assert isinstance(config, Config)
+
+
+def test_paper_values(root):
+    b16 = recipe.load(root / "recipes/vit_b16_i21k.yaml")
+    assert (b16.optim.name, b16.optim.betas, b16.optim.weight_decay) == ("adamw", (0.9, 0.999), 0.03)
+    assert (b16.data.batch_size, b16.schedule.warmup_steps, b16.schedule.decay) == (4096, 10_000, "linear")
+    assert (b16.optim.clip_grad_norm, b16.model.image_size, b16.model.dropout) == (1.0, 224, 0.1)
+    h14 = recipe.load(root / "recipes/vit_h14_jft.yaml")
+    assert (h14.model.name, h14.optim.weight_decay, h14.model.dropout) == ("vit_h14", 0.1, 0.0)
+    ft = recipe.load(root / "recipes/finetune_384.yaml")
+    assert (ft.stage, ft.optim.name, ft.optim.momentum, ft.data.batch_size) == ("finetune", "sgd", 0.9, 512)
+    assert (ft.optim.weight_decay, ft.optim.clip_grad_norm, ft.schedule.decay) == (0.0, 1.0, "cosine")
+    assert (ft.model.image_size, ft.model.head) == (384, "linear")
+
+
+def test_base_chain_and_overrides(root, tmp_path):
+    l16 = recipe.load(root / "recipes/vit_l16_i21k.yaml")
+    assert l16.model.name == "vit_l16" and l16.model.num_classes == 21843 and l16.optim.lr == 1e-3
+    child = write(tmp_path / "child.yaml", f"base: {root / 'recipes/vit_l16_i21k.yaml'}\noptim:\n  lr: 5.0e-4\n")
+    config = recipe.load(child, ["optim.betas=[0.9, 0.95]", "run_dir=/tmp/some where", "model.dropout=0", "seed=7"])
+    assert config.optim.lr == 5e-4 and config.optim.betas == (0.9, 0.95)
+    assert config.run_dir == "/tmp/some where" and config.model.dropout == 0.0 and config.seed == 7
+    assert config.model.name == "vit_l16" and config.optim.weight_decay == 0.03
+
+
+def test_numbers_without_a_dot_and_dotted_keys(tmp_path):
+    path = write(tmp_path / "r.yaml", "optim.lr: 3e-4\nschedule: {total_steps: 1_000}\n")
+    config = recipe.load(path, ["optim.weight_decay=1e-2"])
+    assert config.optim.lr == 3e-4 and config.schedule.total_steps == 1000 and config.optim.weight_decay == 0.01
+
+
+def test_resolved_recipe_round_trips(root, tmp_path):
+    config = recipe.load(root / "recipes/vit_r50_b16_i21k.yaml", ["optim.lr=2e-4"])
+    recipe.save(config, tmp_path / "config.yaml")
+    assert "base" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert recipe.load(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("optim:\n  lrr: 0.1\n", [], "r.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("lr: 0.1\n", [], "r.yaml: unknown key 'lr'; did you mean 'optim.lr'?"),
+        ("model:\n  nmae: vit_b16\n", [], "unknown key 'model.nmae'; did you mean 'model.name'?"),
+        ("optim:\n  lr: fast\n", [], "r.yaml: 'optim.lr' must be a number, got 'fast'"),
+        ("schedule:\n  total_steps: 1.5\n", [], "r.yaml: 'schedule.total_steps' must be an integer, got 1.5"),
+        ("model: vit_b16\n", [], "r.yaml: 'model' is a section of keys (e.g. model.name), not 'vit_b16'"),
+        ("optim:\n  name: adam\n", [], "r.yaml: 'optim.name' must be one of adamw, sgd; got 'adam' (did you mean 'adamw'?)"),
+        ("optim:\n  betas: 0.9\n", [], "r.yaml: 'optim.betas' must be a list of 2 values like [float, float], got 0.9"),
+        ("model:\n  posemb_align_corners: 1\n", [], "'model.posemb_align_corners' must be true or false, got 1"),
+        ("", ["optim.lrr=1"], "command line: unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("", ["optim.lr"], "command line: override 'optim.lr' is not of the form key=value"),
+        ("", ["seed=two"], "command line: 'seed' must be an integer, got 'two'"),
+        ("", ["optim.lr.max=1"], "command line: 'optim.lr' has no sub-keys; unknown key 'optim.lr.max'"),
+        ("model: [unclosed\n", [], "r.yaml: not valid YAML at line 2"),
+        ("- a\n- b\n", [], "r.yaml: a recipe is a mapping of keys to values, not a list"),
+    ],
+)
+def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):
+    path = write(tmp_path / "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        recipe.load(path, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_base_and_loops(tmp_path):
+    child = write(tmp_path / "child.yaml", "base: nope.yaml\n")
+    with pytest.raises(RecipeError, match=r"child.yaml: base recipe '.*nope.yaml' does not exist; fix the base: line"):
+        recipe.load(child)
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="the base: chain loops"):
+        recipe.load(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="recipe 'missing.yaml' does not exist"):
+        recipe.load("missing.yaml")
+
+
+def test_error_in_a_base_names_the_base_file(tmp_path):
+    write(tmp_path / "base.yaml", "optim:\n  weight_dcay: 0.1\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\n")
+    with pytest.raises(RecipeError, match=r"base.yaml: unknown key 'optim.weight_dcay'; did you mean 'optim.weight_decay'"):
+        recipe.load(child)
+
+
+def test_every_field_is_documented():
+    rows = recipe.describe()
+    assert len(rows) > 20
+    assert all(doc for _, _, _, doc in rows), [key for key, _, _, doc in rows if not doc]

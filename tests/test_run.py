@@ -1,0 +1,49 @@
+"""The command line: --dry-run on every shipped recipe, and user errors as one line, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pretrain.run import main
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("demo.yaml", "vit_mu4, 212 k parameters, 65 tokens (8x8 grid + 1 [CLS]) at 32px"),
+        ("vit_b16_i21k.yaml", "vit_b16, 103 M parameters, 197 tokens (14x14 grid + 1 [CLS]) at 224px"),
+        ("vit_l16_i21k.yaml", "vit_l16, 327 M parameters"),
+        ("vit_h14_jft.yaml", "forward: 335 GFLOPs per image"),
+        ("vit_r50_b16_i21k.yaml", "vit_r50_b16, 115 M parameters"),
+        ("finetune_384.yaml", "577 tokens (24x24 grid + 1 [CLS]) at 384px"),
+    ],
+)
+def test_dry_run_prints_the_resolved_recipe_and_the_model(root, capsys, name, expected):
+    assert main([str(root / "recipes" / name), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    resolved = yaml.safe_load(out)  # the summary lines are YAML comments
+    assert resolved["model"]["name"] in out and "base" not in resolved
+
+
+def test_overrides_reach_the_model(root, capsys):
+    assert main([str(root / "recipes/vit_b16_i21k.yaml"), "model.image_size=384", "model.name=vit_l16", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_l16" in out and "24x24 grid" in out
+
+
+def test_user_errors_are_one_line_on_stderr(root):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.run", "recipes/demo.yaml", "optim.lrr=1", "--dry-run"],
+        cwd=root, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: command line: unknown key 'optim.lrr'; did you mean 'optim.lr'?\n"
+
+
+def test_help_recipe_lists_documented_keys(capsys):
+    assert main(["--help-recipe"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.weight_decay" in out and "on weight matrices only" in out
