@@ -1,0 +1,77 @@
+"""manifest.json: what a shard set holds, written last by data_tools.shard, read by everything else.
+
+Sample layout inside a shard: ``{key}.{jpg,png,...}`` (the image bytes) and either ``{key}.cls``
+(one class id as decimal text) or ``{key}.labels.json`` (a JSON list of class ids, multi-label).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pretrain.errors import UserError
+
+from .storage import Location
+
+FORMAT = "vit-pretrain/shards/1"
+MANIFEST = "manifest.json"
+REPORT = "skipped.jsonl"
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp", "gif", "tif")
+
+
+@dataclass
+class Shard:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: str
+    source_kind: str
+    classes: list[str]
+    multi_label: bool
+    shards: list[Shard]
+    class_counts: list[int]
+    skipped: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    tool: str = ""
+    format: str = FORMAT
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["num_samples"] = self.num_samples
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise UserError(f"{where} is not a manifest of this tool (format {data.get('format')!r}, expected {FORMAT})")
+            data.pop("num_samples", None)
+            data["shards"] = [Shard(**s) for s in data["shards"]]
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
+
+
+def load(url: str) -> tuple[Location, Manifest]:
+    """The manifest of a shard folder (or of the manifest.json URL itself) and the folder."""
+    if url.rstrip("/").endswith(".json"):
+        head, _, name = url.rstrip("/").rpartition("/")
+        url = head or "."
+    else:
+        name = MANIFEST
+    where = Location(url)
+    if not where.exists(name):
+        raise UserError(f"no {name} in {where.url}; is it the OUTPUT of python -m data_tools.shard, and did that run finish?")
+    return where, Manifest.from_json(where.read_bytes(name).decode(), where.url_of(name))

@@ -1,0 +1,74 @@
+"""Local folders and fsspec URLs (gs://, s3://, memory://) behind one small interface."""
+
+from __future__ import annotations
+
+import importlib
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.spec import AbstractFileSystem
+
+
+class Location:
+    """A folder on some filesystem: ``Location("gs://bucket/shards")`` or ``Location("/data/shards")``."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") or "/"
+        self.fs: AbstractFileSystem
+        self.fs, self.root = url_to_fs(self.url)
+        self.root = self.root.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in as_tuple(self.fs.protocol)
+
+    def path(self, name: str) -> str:
+        """Path of ``name`` inside this folder, for ``self.fs``."""
+        return f"{self.root}/{name}"
+
+    def url_of(self, name: str) -> str:
+        """URL of ``name`` for any reader: a plain path if local, else protocol://path."""
+        path = self.path(name)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def names(self) -> list[str]:
+        """Entries of the folder (file and folder names), empty if it does not exist."""
+        if not self.fs.isdir(self.root):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a small file whole: a temporary name then a rename on local disks, one upload on stores."""
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.is_local:
+            tmp = self.path(f".{name}.tmp")
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, self.path(name))
+        else:
+            self.fs.pipe_file(self.path(name), data)
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=True)
+
+
+def as_tuple(protocol: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    return fsspec.open(url, mode).open()
+
+
+def register_webdataset_schemes() -> None:
+    """Make webdataset open gs:// and s3:// through fsspec (its default shells out to gsutil / aws)."""
+    gopen = importlib.import_module("webdataset.gopen")  # the module; webdataset.gopen is its function
+    for scheme in ("gs", "gcs", "s3", "memory", "az", "abfs"):
+        gopen.gopen_schemes[scheme] = _gopen_fsspec
