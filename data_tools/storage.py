@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -28,8 +33,14 @@ class Location:
 
     def url_of(self, name: str) -> str:
         """URL of ``name`` for any reader: a plain path if local, else protocol://path."""
-        path = self.path(name)
+        return self.url_for_path(self.path(name))
+
+    def url_for_path(self, path: str) -> str:
+        """URL of a path that self.fs returned (from ls or find)."""
         return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def parent(self) -> Location:
+        return Location(self.url_for_path(self.root.rsplit("/", 1)[0] or "/"))
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(self.path(name))
@@ -45,14 +56,41 @@ class Location:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a small file whole: a temporary name then a rename on local disks, one upload on stores."""
-        self.fs.makedirs(self.root, exist_ok=True)
+        with self.open_atomic(name) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def open_atomic(self, name: str) -> Iterator[BinaryIO]:
+        """A file that appears under ``name`` whole or not at all.
+
+        Local disks: written to a hidden temporary name, fsynced, renamed. Object stores: one upload
+        that is committed on success and discarded on error (an object is never half-written).
+        """
+        folder, base = posixpath.split(self.path(name))
+        self.fs.makedirs(folder, exist_ok=True)
         if self.is_local:
-            tmp = self.path(f".{name}.tmp")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, self.path(name))
-        else:
-            self.fs.pipe_file(self.path(name), data)
+            tmp = f"{folder}/.{base}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path(name))
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return
+        f = self.fs.open(self.path(name), "wb")
+        try:
+            yield f
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()
+            else:
+                f.close()
+                self.remove(name)
+            raise
+        f.close()
 
     def remove(self, name: str) -> None:
         if self.exists(name):

@@ -1,3 +1,9 @@
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,3 +14,58 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on loopback (PyPI gcp-storage-emulator), reached by gcsfs through fsspec.
+
+    Yields a function that creates a bucket and returns its gs:// URL. The environment points
+    gcsfs at the emulator (anonymous, project "test"); spawned worker processes inherit it.
+    """
+    port = free_port()
+    exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen(
+        [exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else gcsfs probes bucket types over gRPC: 60 s each
+        "FSSPEC_GCS_TOKEN": "anon",
+        "FSSPEC_GCS_PROJECT": "test",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("the GCS emulator did not start")
+            time.sleep(0.1)
+    import fsspec
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # pick up FSSPEC_GCS_* set after fsspec was imported
+
+    def bucket(name: str) -> str:
+        fs = fsspec.filesystem("gs")
+        fs.mkdir(name)
+        return f"gs://{name}"
+
+    yield bucket
+    proc.terminate()
+    proc.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,257 @@
+"""python -m data_tools.shard SOURCE OUTPUT [options]
+
+Turns a corpus into WebDataset shards ``{name}-000000.tar ...`` plus manifest.json. SOURCE is an
+ImageFolder tree, a folder of per-synset tars (ImageNet-21k) or an image list with labels
+(JFT-style, with --classes); OUTPUT is a folder or any fsspec URL (gs://, s3://, memory://).
+Samples are shuffled across shards with --seed. An interrupted run is resumed by running the same
+command again: finished shards are kept after their sha256 is checked, the rest are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing
+import queue
+import re
+import sys
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+import numpy as np
+from tqdm import tqdm
+
+from pretrain.errors import UserError
+
+from . import sources
+from .manifest import MANIFEST, REPORT, Manifest, Shard
+from .sources import Corpus, Item
+from .storage import Location
+from .writer import Options, write_shard
+
+PARTS = "_parts"  # per-shard records of an unfinished run; removed when manifest.json is written
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MB', '500M', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.e+]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 1GB or 512MB")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " "))
+
+
+def list_corpus(source: str, kind: str, classes_file: str | None, pool: ProcessPoolExecutor | None) -> Corpus:
+    kind = sources.detect_kind(source) if kind == "auto" else kind
+    if kind == "imagefolder":
+        return sources.list_imagefolder(source)
+    if kind == "list":
+        return sources.list_images_file(source, classes_file)
+    tars = sources.list_i21k_tars(source)
+    mapper = pool.map if pool else map
+    items, refused = [], []
+    for found, bad in tqdm(mapper(sources.list_tar, tars, range(len(tars))), total=len(tars), desc="listing tars", unit="tar"):
+        items += found
+        refused += bad
+    classes = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
+    return Corpus("i21k", classes, False, items, refused)
+
+
+def plan(items: list[Item], seed: int, shard_samples: int, shard_bytes: int) -> list[list[Item]]:
+    """Shuffle with the seed (a class never sits in one shard), then cut by sample count or size."""
+    ordered = sorted(items, key=lambda it: it.key)
+    keys = [it.key for it in ordered]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, n in Counter(keys).items() if n > 1)
+        raise UserError(f"two images of the corpus map to the same sample key '{dup}'; rename one of them")
+    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    shards, current, size = [], [], 0
+    for item in shuffled:
+        current.append(item)
+        size += max(item.size, 0)
+        if (shard_samples and len(current) >= shard_samples) or (not shard_samples and size >= shard_bytes):
+            shards.append(current)
+            current, size = [], 0
+    return shards + [current] if current else shards
+
+
+def plan_digest(names: list[str], shards: list[list[Item]]) -> str:
+    h = hashlib.sha256()
+    for name, items in zip(names, shards):
+        h.update(name.encode())
+        for it in items:
+            h.update(f"\0{it.key}\0{it.where}\0{it.size}\0{it.offset}\0{it.labels}".encode())
+    return h.hexdigest()
+
+
+def check_output(out: Location, run: dict) -> Manifest | None:
+    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else."""
+    entries = [n for n in out.names() if not n.startswith(".")]
+    if MANIFEST in entries:
+        done = Manifest.from_json(out.read_bytes(MANIFEST).decode(), out.url_of(MANIFEST))
+        if done.source == run["source"] and done.options == run["options"]:
+            return done
+        raise UserError(f"{out.url} already holds shards of another run (manifest.json: source {done.source}); pick an empty OUTPUT")
+    if PARTS in entries and out.exists(f"{PARTS}/run.json"):
+        earlier = json.loads(out.read_bytes(f"{PARTS}/run.json"))
+        if earlier != run:
+            raise UserError(f"{out.url} holds an unfinished run of another command (source {earlier['source']}); rerun that command or pick an empty OUTPUT")
+    elif entries:
+        raise UserError(f"{out.url} is not empty and holds no run of data_tools.shard; pick an empty OUTPUT (nothing was written)")
+    return None
+
+
+def finished_record(out: Location, name: str) -> dict | None:
+    """The record of a shard an earlier run finished, if the shard is still intact."""
+    record_name = f"{PARTS}/{name}.json"
+    if not (out.exists(record_name) and out.exists(name)):
+        return None
+    record = json.loads(out.read_bytes(record_name))
+    h = hashlib.sha256()
+    with out.fs.open(out.path(name), "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return record if h.hexdigest() == record["sha256"] else None
+
+
+_progress_queue = None
+
+
+def _init_worker(q) -> None:
+    global _progress_queue
+    _progress_queue = q
+
+
+def _report(samples: int, nbytes: int) -> None:
+    _progress_queue.put((samples, nbytes))
+
+
+def _write_in_worker(out_url: str, name: str, items: list[Item], options: Options) -> dict:
+    return write_shard(out_url, name, items, options, _report)
+
+
+def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Options, workers: int, total: int) -> list[dict]:
+    bar = tqdm(total=total, unit="img", unit_scale=True, desc="sharding", smoothing=0.1)
+    written = [0]
+
+    def advance(samples: int, nbytes: int) -> None:
+        bar.update(samples)
+        written[0] += nbytes
+        bar.set_postfix_str(f"{written[0] / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f} MB/s", refresh=False)
+
+    def finish(record: dict) -> dict:
+        out.write_bytes(f"{PARTS}/{record['name']}.json", json.dumps(record).encode())
+        return record
+
+    records = []
+    try:
+        if workers <= 1 or "memory" in out.fs.protocol:  # memory:// lives in this process only
+            for name, items in todo:
+                records.append(finish(write_shard(out.url, name, items, options, advance)))
+            return records
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe with fsspec's async clients
+        progress = ctx.Manager().Queue()
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
+            pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(progress, advance)
+                records += [finish(f.result()) for f in done]
+            _drain(progress, advance)
+        return records
+    finally:
+        bar.close()
+
+
+def _drain(q, advance) -> None:
+    while True:
+        try:
+            advance(*q.get_nowait())
+        except queue.Empty:
+            return
+
+
+def shard(args: argparse.Namespace) -> Manifest:
+    out = Location(args.output)
+    options = Options(multi_label=False, check=args.check, resize_short=args.resize_short, quality=args.quality)
+    pool = None
+    if args.workers > 1:
+        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    with pool or contextlib.nullcontext():
+        corpus = list_corpus(args.source, args.kind, args.classes, pool)
+    if not corpus.items:
+        raise UserError(f"{args.source} holds no images to shard")
+    options = Options(corpus.multi_label, options.check, options.resize_short, options.quality)
+    shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
+    names = [f"{args.name}-{i:06d}.tar" for i in range(len(shards))]
+    cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
+    run = {"source": args.source, "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
+    done = check_output(out, run)
+    if done is not None:
+        print(f"{out.url} already holds this run: {len(done.shards)} shards, {done.num_samples} samples; nothing to do")
+        return done
+    out.write_bytes(f"{PARTS}/run.json", json.dumps(run).encode())
+
+    records = {n: r for n in names if (r := finished_record(out, n)) is not None}
+    if records:
+        print(f"resuming: {len(records)} of {len(names)} shards were finished by an earlier run and are intact")
+    todo = [(n, s) for n, s in zip(names, shards) if n not in records]
+    for record in write_all(out, todo, options, args.workers, sum(len(s) for _, s in todo)):
+        records[record["name"]] = record
+
+    ordered = [records[n] for n in names]
+    counts = Counter()
+    for r in ordered:
+        counts.update({int(k): v for k, v in r["class_counts"].items()})
+    skipped = corpus.refused + [s for r in ordered for s in r["skipped"]]
+    manifest = Manifest(
+        name=args.name,
+        source=args.source,
+        source_kind=corpus.kind,
+        classes=corpus.classes,
+        multi_label=corpus.multi_label,
+        shards=[Shard(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in ordered],
+        class_counts=[counts.get(i, 0) for i in range(len(corpus.classes))],
+        skipped=len(skipped),
+        options=run["options"],
+        tool=f"data_tools.shard {importlib.metadata.version('vit-pretrain')}",
+    )
+    out.write_bytes(REPORT, "".join(json.dumps(s) + "\n" for s in skipped).encode())
+    out.write_bytes(MANIFEST, manifest.to_json().encode())
+    out.remove(PARTS)
+    size = sum(s.bytes for s in manifest.shards)
+    print(
+        f"wrote {len(names)} shards ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
+        f"{size / 1e9:.2f} GB to {out.url}; {len(skipped)} skipped" + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
+    )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[1])
+    p.add_argument("source", help="ImageFolder tree, folder of per-class .tar files, or image list (.csv / .jsonl)")
+    p.add_argument("output", help="output folder or fsspec URL (gs://bucket/shards, s3://..., memory://...)")
+    p.add_argument("--kind", choices=["auto", "imagefolder", "i21k", "list"], default="auto", help="layout of SOURCE (default: detect)")
+    p.add_argument("--classes", help="class list, one name per line (image lists only)")
+    p.add_argument("--name", default="train", help="shard name prefix: NAME-000000.tar (default: train)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-samples", type=int, default=0, help="samples per shard")
+    size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (default 1GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
+    p.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
+    p.add_argument("--check", choices=["header", "decode"], default="header", help="how hard to check each image")
+    p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    args = p.parse_args(argv)
+    try:
+        shard(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Listing a corpus: every sample's key, where its bytes are, its labels and size.
+
+Three layouts: an ImageFolder tree (``class_name/xxx.jpg``), the ImageNet-21k release (a folder
+of per-synset tars, read in place), and a JFT-style list (CSV ``path_or_url, label label ...`` or
+JSON lines ``{"path": ..., "labels": [...]}``) with a class list. Listing reads no image bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+from fsspec.core import url_to_fs
+from fsspec.spec import AbstractFileSystem
+
+from pretrain.errors import UserError
+
+from .storage import Location
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # unique; "class/stem" or the list's relative path, without extension and dots
+    url: str  # the file (a local path or an fsspec URL), or the outer tar of an ImageNet-21k member
+    labels: tuple[int, ...]
+    size: int  # bytes in the source, -1 if unknown (a missing file)
+    offset: int = -1  # byte offset of a member inside its outer tar; -1 for a whole file
+    member: str = ""  # the member's name inside its outer tar
+
+    @property
+    def where(self) -> str:
+        """For reports: the file, or tar:member."""
+        return f"{self.url}:{self.member}" if self.member else self.url
+
+
+@dataclass
+class Corpus:
+    kind: str
+    classes: list[str]
+    multi_label: bool
+    items: list[Item]
+    refused: list[dict] = field(default_factory=list)  # {"source", "reason"} found while listing
+
+
+def detect_kind(source: str) -> str:
+    fs, path = url_to_fs(source)
+    if fs.isfile(path):
+        return "list"
+    if not fs.isdir(path):
+        raise UserError(f"SOURCE {source} does not exist; give an ImageFolder tree, a folder of per-class tars or an image list")
+    entries = fs.ls(path, detail=True)
+    if any(e["type"] == "file" and e["name"].endswith(".tar") for e in entries):
+        return "i21k"
+    return "imagefolder"
+
+
+def sample_key(relative_path: str) -> str:
+    """'n01440764/n01440764_10026.JPEG' -> 'n01440764/n01440764_10026' (webdataset splits keys at dots)."""
+    stem = posixpath.splitext(relative_path.lstrip("/"))[0]
+    return re.sub(r"[.\s]", "_", stem)
+
+
+def list_imagefolder(source: str) -> Corpus:
+    where = Location(source)
+    classes = [d for d in where.names() if where.fs.isdir(where.path(d))]
+    if not classes:
+        raise UserError(f"{source} has no class folders; an ImageFolder tree is class_name/image.jpg")
+    items = []
+    for label, name in enumerate(classes):
+        for path, info in sorted(where.fs.find(where.path(name), detail=True).items()):
+            rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
+            items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
+    return Corpus("imagefolder", classes, False, items)
+
+
+def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
+    """Members of one per-synset tar: headers only, data offsets kept for reading in place."""
+    fs, path = url_to_fs(tar_url)
+    synset = posixpath.basename(path)[: -len(".tar")]
+    items, refused = [], []
+    with fs.open(path, "rb") as f:
+        try:
+            members = tarfile.open(fileobj=f, mode="r:").getmembers()
+        except (tarfile.TarError, EOFError) as e:
+            return [], [{"source": tar_url, "reason": f"unreadable tar ({e})"}]
+    for m in members:
+        where = f"{tar_url}:{m.name}"
+        if m.name.startswith("/") or ".." in m.name.split("/"):
+            refused.append({"source": where, "reason": "refused: absolute path or '..' in a tar member name"})
+        elif not m.isfile():
+            if not m.isdir():
+                refused.append({"source": where, "reason": "not a regular file (link or device)"})
+        else:
+            key = sample_key(f"{synset}/{posixpath.basename(m.name)}")
+            items.append(Item(key, tar_url, (label,), m.size, m.offset_data, m.name))
+    return items, refused
+
+
+def list_i21k_tars(source: str) -> list[str]:
+    """URLs of the per-synset tars, sorted: their stems are the classes."""
+    where = Location(source)
+    tars = [where.url_of(n) for n in where.names() if n.endswith(".tar")]
+    if not tars:
+        raise UserError(f"{source} holds no .tar files; the ImageNet-21k layout is one n0xxxxxxx.tar per synset")
+    return tars
+
+
+def list_images_file(source: str, classes_file: str | None) -> Corpus:
+    """A JFT-style list: every line names an image (path relative to the list, or a URL) and its labels."""
+    if not classes_file:
+        raise UserError(f"{source} is an image list; pass --classes FILE with one class name per line")
+    fs, list_path = url_to_fs(source)
+    with fs.open(list_path, "rt") as f:
+        lines = f.read().splitlines()
+    cfs, cpath = url_to_fs(classes_file)
+    with cfs.open(cpath, "rt") as f:
+        classes = [c.strip() for c in f.read().splitlines() if c.strip()]
+    index = {c: i for i, c in enumerate(classes)}
+    folder = Location(source).parent()
+    items, seen = [], {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        path, labels = _parse_line(line, source, lineno)
+        if not labels:
+            raise UserError(f"{source} line {lineno}: no labels for '{path}'; every image needs at least one label")
+        ids = tuple(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels)
+        if "://" in path:
+            key, resolved = sample_key(path.split("://", 1)[1].split("/", 1)[-1]), path
+        else:
+            key, resolved = sample_key(path), path if path.startswith("/") else folder.url_of(path)
+        if key in seen:
+            raise UserError(f"{source} lines {seen[key]} and {lineno} name the same image '{path}'; remove one")
+        seen[key] = lineno
+        items.append(Item(key, resolved, ids, -1))
+    return Corpus("list", classes, True, _with_sizes(items))
+
+
+def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
+    if line.lstrip().startswith("{"):
+        try:
+            record = json.loads(line)
+            return str(record["path"]), list(record.get("labels") or [])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{source} line {lineno}: not a JSON object with 'path' and 'labels' ({e})") from None
+    row = next(csv.reader([line]))
+    path = row[0].strip()
+    labels = " ".join(row[1:]).split()
+    return path, labels
+
+
+def _label_id(label, index: dict[str, int], classes: list[str], source: str, lineno: int, classes_file: str) -> int:
+    if isinstance(label, int) and not isinstance(label, bool):
+        if 0 <= label < len(classes):
+            return label
+        raise UserError(f"{source} line {lineno}: class id {label} is outside the {len(classes)} classes of {classes_file}")
+    if str(label) in index:
+        return index[str(label)]
+    near = difflib.get_close_matches(str(label), classes, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    raise UserError(f"{source} line {lineno}: label '{label}' is not in {classes_file}{hint}")
+
+
+def _with_sizes(items: list[Item]) -> list[Item]:
+    """Sizes for planning shards by bytes, asked of each filesystem in one batch; -1 for a missing file."""
+    groups: dict[int, tuple[AbstractFileSystem, list[int], list[str]]] = {}
+    for i, item in enumerate(items):
+        fs, path = url_to_fs(item.url)
+        _, indices, paths = groups.setdefault(id(fs), (fs, [], []))
+        indices.append(i)
+        paths.append(path)
+    sizes = [-1] * len(items)
+    for fs, idx, paths in groups.values():
+        try:
+            found = fs.sizes(paths)
+        except (FileNotFoundError, OSError):
+            found = [_size_or_missing(fs, p) for p in paths]
+        for i, size in zip(idx, found):
+            sizes[i] = -1 if size is None else size
+    return [Item(it.key, it.url, it.labels, size) for it, size in zip(items, sizes)]
+
+
+def _size_or_missing(fs: AbstractFileSystem, path: str) -> int:
+    try:
+        return fs.size(path)
+    except (FileNotFoundError, OSError):
+        return -1

@@ -1,0 +1,168 @@
+"""Writing one shard: read each sample's bytes, check (or re-encode) the image, append it to a tar.
+
+Runs in the worker processes of data_tools.shard. A tar is byte-for-byte reproducible (fixed
+mtime, owner and mode, members sorted per sample), so a rerun writes the same sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import webdataset as wds
+from fsspec.core import url_to_fs
+from PIL import Image, UnidentifiedImageError
+
+from .sources import Item
+from .storage import Location
+
+FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+@dataclass(frozen=True)
+class Options:
+    multi_label: bool
+    check: str  # "header": PIL parses the header (and PNG checksums); "decode": every pixel is decoded
+    resize_short: int  # 0: keep the bytes as they are
+    quality: int  # JPEG quality when re-encoding
+
+
+class BadImage(Exception):
+    pass
+
+
+class HashingWriter:
+    """Counts and hashes what passes through to ``raw``."""
+
+    def __init__(self, raw):
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class SourceReader:
+    """Reads samples; keeps a few outer ImageNet-21k tars open, since a shard draws from many."""
+
+    def __init__(self, max_open: int = 16):
+        self.open_tars: OrderedDict[str, object] = OrderedDict()
+        self.max_open = max_open
+
+    def read(self, item: Item) -> bytes:
+        if item.size < 0:
+            raise FileNotFoundError(f"{item.url} was not found when the corpus was listed")
+        if item.offset < 0:
+            fs, path = url_to_fs(item.url)
+            return fs.cat_file(path)
+        f = self._tar(item.url)
+        f.seek(item.offset)
+        data = f.read(item.size)
+        if len(data) != item.size:
+            raise OSError(f"{item.url} ends inside member {item.key}")
+        return data
+
+    def _tar(self, url: str):
+        if url in self.open_tars:
+            self.open_tars.move_to_end(url)
+            return self.open_tars[url]
+        if len(self.open_tars) >= self.max_open:
+            self.open_tars.popitem(last=False)[1].close()
+        fs, path = url_to_fs(url)
+        self.open_tars[url] = fs.open(path, "rb")
+        return self.open_tars[url]
+
+    def close(self) -> None:
+        for f in self.open_tars.values():
+            f.close()
+        self.open_tars.clear()
+
+
+def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
+    """(extension, bytes to store), or BadImage with the reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format not in FORMATS:
+                    raise BadImage(f"unsupported image format {img.format}")
+                if options.resize_short:
+                    return "jpg", _resized(img, options.resize_short, options.quality)
+                if options.check == "decode":
+                    img.load()
+                else:
+                    img.verify()
+                return FORMATS[img.format], data
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (PIL cannot identify its format)") from None
+    except Exception as e:  # PIL raises many types for damaged files
+        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _resized(img: Image.Image, short: int, quality: int) -> bytes:
+    scale = short / min(img.size)
+    if scale < 1:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale first
+        img = img.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    img.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def label_member(labels: tuple[int, ...], multi_label: bool) -> tuple[str, bytes]:
+    if multi_label:
+        return "labels.json", json.dumps(list(labels)).encode()
+    return "cls", str(labels[0]).encode()
+
+
+def write_shard(
+    out_url: str, name: str, items: list[Item], options: Options, progress: Callable[[int, int], None]
+) -> dict:
+    """Write ``items`` into ``out_url``/``name``; the record of what it holds and what was skipped."""
+    out = Location(out_url)
+    reader = SourceReader()
+    counts: Counter[int] = Counter()
+    skipped, samples, pending_items, pending_bytes = [], 0, 0, 0
+    try:
+        with out.open_atomic(name) as raw:
+            stream = HashingWriter(raw)
+            writer = wds.TarWriter(stream, encoder=False, mtime=0)
+            for item in items:
+                try:
+                    ext, data = checked_image(reader.read(item), options)
+                except (BadImage, OSError) as e:
+                    skipped.append({"shard": name, "key": item.key, "source": item.where, "reason": str(e)})
+                else:
+                    label_ext, label = label_member(item.labels, options.multi_label)
+                    writer.write({"__key__": item.key, ext: data, label_ext: label})
+                    counts.update(item.labels)
+                    samples += 1
+                    pending_bytes += len(data)
+                pending_items += 1
+                if pending_items >= 64:
+                    progress(pending_items, pending_bytes)
+                    pending_items = pending_bytes = 0
+            writer.close()
+    finally:
+        reader.close()
+    progress(pending_items, pending_bytes)
+    return {
+        "name": name,
+        "samples": samples,
+        "bytes": stream.bytes,
+        "sha256": stream.sha256.hexdigest(),
+        "class_counts": {str(k): v for k, v in sorted(counts.items())},
+        "skipped": skipped,
+    }

@@ -1,0 +1,168 @@
+"""data_tools.shard on real corpora: every good sample exactly once, bad ones counted, resumable."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import fsspec
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from corpus import CLASSES, i21k_tars, image_folder, image_list
+from data_tools import manifest as mf
+from data_tools.shard import main
+from data_tools.storage import register_webdataset_schemes
+
+
+def read_back(output: str) -> tuple[mf.Manifest, dict[str, dict]]:
+    """Every sample of the shard set, read with webdataset itself, by key."""
+    register_webdataset_schemes()
+    where, manifest = mf.load(output)
+    urls = [where.url_of(s.name) for s in manifest.shards]
+    samples = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        assert sample["__key__"] not in samples, "a sample appears twice"
+        samples[sample["__key__"]] = sample
+    return manifest, samples
+
+
+def labels_of(sample: dict) -> tuple[int, ...]:
+    return tuple(json.loads(sample["labels.json"])) if "labels.json" in sample else (int(sample["cls"]),)
+
+
+def test_image_folder(tmp_path):
+    good = image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--shard-samples", "8", "--workers", "2"]) == 0
+    manifest, samples = read_back(str(out))
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == good
+    assert manifest.classes == CLASSES and not manifest.multi_label
+    assert manifest.num_samples == len(good) and manifest.class_counts == [12, 12, 12]
+    assert len(manifest.shards) == 5 and all(s.samples <= 8 for s in manifest.shards)  # 38 files, 2 bad
+    assert manifest.skipped == 2
+    report = [json.loads(line) for line in (out / mf.REPORT).read_text().splitlines()]
+    assert sorted(r["key"] for r in report) == [f"{CLASSES[0]}/readme", f"{CLASSES[1]}/cut"]
+    # shuffled across shards: no shard is one class, and the bytes are the files' own (no re-encode)
+    for shard in manifest.shards:
+        keys = [k for k in samples if k in {s["__key__"] for s in wds.WebDataset(str(out / shard.name), shardshuffle=False)}]
+        assert len({k.split("/")[0] for k in keys}) > 1
+    sample = samples[f"{CLASSES[2]}/{CLASSES[2]}_1"]
+    assert sample["jpg"] == (tmp_path / "src" / CLASSES[2] / f"{CLASSES[2]}_1.JPEG").read_bytes()
+    assert "png" in samples[f"{CLASSES[2]}/{CLASSES[2]}_0"]
+
+
+def test_imagenet21k_tar_of_tars(tmp_path):
+    good = i21k_tars(tmp_path / "i21k")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "i21k"), str(out), "--shard-size", "20kB", "--workers", "2"]) == 0
+    manifest, samples = read_back(str(out))
+    assert manifest.source_kind == "i21k" and len(manifest.shards) > 2
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == good
+    reasons = {r["source"].rsplit(":", 1)[-1]: r["reason"] for r in map(json.loads, (out / mf.REPORT).read_text().splitlines())}
+    assert reasons["../escape.JPEG"].startswith("refused")
+    assert reasons["n01440764_bad.JPEG"].startswith("not an image")
+    assert manifest.skipped == 2
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_multi_label_list(tmp_path, jsonl):
+    good = image_list(tmp_path, jsonl=jsonl)
+    listing = tmp_path / ("list.jsonl" if jsonl else "list.csv")
+    out = tmp_path / "out"
+    assert main([str(listing), str(out), "--classes", str(tmp_path / "classes.txt"), "--shard-samples", "7", "--workers", "1"]) == 0
+    manifest, samples = read_back(str(out))
+    assert manifest.multi_label and manifest.source_kind == "list"
+    assert {k: labels_of(s) for k, s in samples.items()} == good
+    assert all("labels.json" in s and "cls" not in s for s in samples.values())
+    assert manifest.class_counts == [sum(c in ids for ids in good.values()) for c in range(len(CLASSES))]
+
+
+def test_list_errors_name_the_line(tmp_path, capsys):
+    image_list(tmp_path, n=3)
+    listing = tmp_path / "list.csv"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([lines[0], "images/im1.jpg,", lines[2]]) + "\n")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "list.csv line 2: no labels for 'images/im1.jpg'" in capsys.readouterr().err
+    listing.write_text(lines[0] + "\nimages/im1.jpg, n01443538\n")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: label 'n01443538' is not in" in err and "did you mean 'n01443537'?" in err
+    assert main([str(listing), str(tmp_path / "out")]) == 2
+    assert "pass --classes FILE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_is_never_overwritten(tmp_path, capsys):
+    image_folder(tmp_path / "src", per_class=3)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious.txt").write_text("keep me")
+    assert main([str(tmp_path / "src"), str(tmp_path / "busy")]) == 2
+    assert "is not empty and holds no run of data_tools.shard" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "precious.txt").read_text() == "keep me"
+    out = str(tmp_path / "out")
+    assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
+    assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
+    assert "already holds this run" in capsys.readouterr().out
+    assert main([str(tmp_path / "src"), out, "--workers", "1", "--seed", "1"]) == 2
+    assert "already holds shards of another run" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_to_the_clean_result(tmp_path):
+    image_folder(tmp_path / "src", per_class=60)
+    command = [sys.executable, "-m", "data_tools.shard", str(tmp_path / "src")]
+    options = ["--shard-samples", "6", "--workers", "1", "--check", "decode"]
+    assert subprocess.run([*command, str(tmp_path / "clean"), *options], capture_output=True).returncode == 0
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*command, str(out), *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "_parts" / "train-000004.tar.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
+    finished = len(list((out / "_parts").glob("*.tar.json")))
+    rerun = subprocess.run([*command, str(out), *options], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming: {finished} of 31 shards" in rerun.stdout
+    clean = json.loads((tmp_path / "clean" / mf.MANIFEST).read_text())
+    resumed = json.loads((out / mf.MANIFEST).read_text())
+    assert resumed["shards"] == clean["shards"] and resumed["class_counts"] == clean["class_counts"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+
+
+def test_resize_short_reencodes(tmp_path):
+    image_folder(tmp_path / "src", per_class=4)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--resize-short", "20", "--workers", "1"]) == 0
+    _, samples = read_back(str(out))
+    for sample in samples.values():
+        assert set(sample) >= {"jpg", "cls"} and "png" not in sample
+        assert min(Image.open(io.BytesIO(sample["jpg"])).size) == 20
+
+
+def test_memory_filesystem(tmp_path):
+    good = image_folder(tmp_path / "src", per_class=5)
+    assert main([str(tmp_path / "src"), "memory://shards/train", "--shard-samples", "4"]) == 0
+    manifest, samples = read_back("memory://shards/train")
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == good
+    assert fsspec.filesystem("memory").exists("/shards/train/manifest.json")
+    assert Counter(labels_of(s)[0] for s in samples.values()) == Counter(good.values())
+
+
+def test_google_cloud_storage(tmp_path, gcs_emulator):
+    good = image_folder(tmp_path / "src", per_class=5)
+    url = gcs_emulator("shards-test") + "/i1k/train"
+    assert main([str(tmp_path / "src"), url, "--shard-samples", "4", "--workers", "2"]) == 0
+    manifest, samples = read_back(url)
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == good
+    assert len(manifest.shards) == 5 and not fsspec.filesystem("gs").exists("shards-test/i1k/train/_parts")
