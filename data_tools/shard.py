@@ -10,7 +10,6 @@ command again: finished shards are kept after their sha256 is checked, the rest 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -43,18 +42,19 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " "))
 
 
-def list_corpus(source: str, kind: str, classes_file: str | None, pool: ProcessPoolExecutor | None) -> Corpus:
+def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) -> Corpus:
     kind = sources.detect_kind(source) if kind == "auto" else kind
     if kind == "imagefolder":
         return sources.list_imagefolder(source)
     if kind == "list":
         return sources.list_images_file(source, classes_file)
     tars = sources.list_i21k_tars(source)
-    mapper = pool.map if pool else map
     items, refused = [], []
-    for found, bad in tqdm(mapper(sources.list_tar, tars, range(len(tars))), total=len(tars), desc="listing tars", unit="tar"):
-        items += found
-        refused += bad
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        listed = pool.map(sources.list_tar, tars, range(len(tars)), chunksize=16)
+        for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
+            items += found
+            refused += bad
     classes = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
     return Corpus("i21k", classes, False, items, refused)
 
@@ -175,15 +175,10 @@ def _drain(q, advance) -> None:
 
 def shard(args: argparse.Namespace) -> Manifest:
     out = Location(args.output)
-    options = Options(multi_label=False, check=args.check, resize_short=args.resize_short, quality=args.quality)
-    pool = None
-    if args.workers > 1:
-        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
-    with pool or contextlib.nullcontext():
-        corpus = list_corpus(args.source, args.kind, args.classes, pool)
+    corpus = list_corpus(args.source, args.kind, args.classes, args.workers)
     if not corpus.items:
         raise UserError(f"{args.source} holds no images to shard")
-    options = Options(corpus.multi_label, options.check, options.resize_short, options.quality)
+    options = Options(corpus.multi_label, args.check, args.resize_short, args.quality)
     shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
     names = [f"{args.name}-{i:06d}.tar" for i in range(len(shards))]
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}

@@ -63,8 +63,9 @@ class Location:
     def open_atomic(self, name: str) -> Iterator[BinaryIO]:
         """A file that appears under ``name`` whole or not at all.
 
-        Local disks: written to a hidden temporary name, fsynced, renamed. Object stores: one upload
-        that is committed on success and discarded on error (an object is never half-written).
+        Local disks: written to a hidden temporary name, then renamed. Object stores: one upload that
+        is committed on success and discarded on error (an object is never half-written). There is
+        no fsync: what a power cut could tear, the sha256 checks of resume and verify find.
         """
         folder, base = posixpath.split(self.path(name))
         self.fs.makedirs(folder, exist_ok=True)
@@ -73,8 +74,6 @@ class Location:
             try:
                 with open(tmp, "wb") as f:
                     yield f
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, self.path(name))
             finally:
                 if os.path.exists(tmp):

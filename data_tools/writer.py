@@ -1,7 +1,9 @@
 """Writing one shard: read each sample's bytes, check (or re-encode) the image, append it to a tar.
 
 Runs in the worker processes of data_tools.shard. A tar is byte-for-byte reproducible (fixed
-mtime, owner and mode, members sorted per sample), so a rerun writes the same sha256.
+mtime, owner and mode, members in a fixed order), so a rerun writes the same sha256. The tar is
+written with the standard library's tarfile rather than webdataset.TarWriter, whose import pulls
+in torch: 1.5 s in every worker process for a 20-line wrapper.
 """
 
 from __future__ import annotations
@@ -9,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import webdataset as wds
 from fsspec.core import url_to_fs
 from PIL import Image, UnidentifiedImageError
 
@@ -121,6 +123,34 @@ def _resized(img: Image.Image, short: int, quality: int) -> bytes:
     return out.getvalue()
 
 
+class ShardTar:
+    """A tar of samples, each ``{key}.{label ext}`` then ``{key}.{image ext}``, written straight through.
+
+    tarfile builds the headers; the blocks go to ``stream`` directly, since tarfile's own stream
+    mode re-buffers every member in 10 kB slices (a third of the time of sharding a JPEG).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.written = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._write(data)
+            self._write(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        end = 2 * tarfile.BLOCKSIZE  # two zero blocks, then zeros up to a whole record, as tarfile does
+        self._write(tarfile.NUL * (end + -(self.written + end) % tarfile.RECORDSIZE))
+
+    def _write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.written += len(data)
+
+
 def label_member(labels: tuple[int, ...], multi_label: bool) -> tuple[str, bytes]:
     if multi_label:
         return "labels.json", json.dumps(list(labels)).encode()
@@ -138,7 +168,7 @@ def write_shard(
     try:
         with out.open_atomic(name) as raw:
             stream = HashingWriter(raw)
-            writer = wds.TarWriter(stream, encoder=False, mtime=0)
+            writer = ShardTar(stream)
             for item in items:
                 try:
                     ext, data = checked_image(reader.read(item), options)
@@ -146,7 +176,7 @@ def write_shard(
                     skipped.append({"shard": name, "key": item.key, "source": item.where, "reason": str(e)})
                 else:
                     label_ext, label = label_member(item.labels, options.multi_label)
-                    writer.write({"__key__": item.key, ext: data, label_ext: label})
+                    writer.add(item.key, {label_ext: label, ext: data})
                     counts.update(item.labels)
                     samples += 1
                     pending_bytes += len(data)
