@@ -26,6 +26,7 @@ def resample_posemb(
     posemb: torch.Tensor,
     new_grid: tuple[int, int],
     num_prefix_tokens: int = 1,
+    *,
     old_grid: tuple[int, int] | None = None,
     mode: Interpolation = "bilinear",
     align_corners: bool = True,

@@ -1,0 +1,152 @@
+"""PyTorch state dicts in our parameter names, which are timm's: reading, timm's own, loading into a model.
+
+Every import path (HF, official JAX, timm, our checkpoints) ends in ``load_into``: it resamples the
+position embeddings when the token grid differs and turns any other mismatch into a ``UserError``
+that names the first offending key, instead of ``load_state_dict``'s wall of text.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .hybrid import HybridEmbed
+from .posemb import Interpolation, resample_posemb
+from .vit import VisionTransformer
+from .zoo import BACKBONES, SIZES
+
+log = logging.getLogger(__name__)
+
+HEAD_PREFIXES = ("pre_logits.", "head.")
+
+# timm ViT variants whose extra parameters have no counterpart in the paper's architecture.
+_TIMM_UNSUPPORTED = (
+    (r"^fc_norm\.", "a LayerNorm after average pooling (timm's GAP variant, where ours averages normalised tokens)"),
+    (r"^reg_token$", "register tokens"),
+    (r"^(dist_token|head_dist\.)", "DeiT's distillation token"),
+    (r"^norm_pre\.", "a LayerNorm before the encoder (CLIP style)"),
+    (r"^attn_pool\.", "an attention-pooling head"),
+    (r"\.ls[12]\.", "LayerScale"),
+    (r"\.attn\.(q_norm|k_norm|norm)\.|\.mlp\.norm\.", "normalisation inside attention or the MLP"),
+)
+
+
+def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file, never unpickling anything else (``weights_only=True``).
+
+    A dict that wraps the state dict under 'model' or 'state_dict' is unwrapped, and the 'module.'
+    (DistributedDataParallel) and '_orig_mod.' (torch.compile) prefixes are removed.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds Python objects besides tensors, which are not unpickled since that could run "
+                        "arbitrary code; save a plain state dict (or safetensors) instead") from e
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state dict (a dict of tensors, maybe under 'model' or 'state_dict')")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
+
+
+def from_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ``VisionTransformer`` state dict (plain ``vit_*`` or the ``vit_base_r50_s16_*`` hybrid) in our names.
+
+    The names are the same; this only refuses the variants we cannot represent. Build the receiving
+    model yourself (``zoo.build_model`` with the matching name, head and pool) and call ``load_into``.
+    """
+    for key in state_dict:
+        for pattern, what in _TIMM_UNSUPPORTED:
+            if re.search(pattern, key):
+                raise UserError(f"the timm state dict has {key}, i.e. {what}, which this ViT does not have; "
+                                "export a plain timm ViT (class token, final norm before pooling) instead")
+    return dict(state_dict)
+
+
+def model_name(model: VisionTransformer) -> str:
+    """The zoo name of ``model`` (e.g. 'vit_b16', 'vit_r50_b16'), or its dimensions when it has none."""
+    size = next((name for name, s in SIZES.items() if s == model.size), None)
+    stem = ""
+    if isinstance(model.patch_embed, HybridEmbed):
+        layers = tuple(len(stage.blocks) for stage in model.patch_embed.backbone.stages)
+        stem = next((f"{name}_" for name, units in BACKBONES.items() if units == layers), None)
+    if size is None or stem is None:
+        w, d, h, m = model.size
+        return f"the model (width {w}, depth {d}, {h} heads, MLP {m}, patch {model.patch_size})"
+    return f"vit_{stem}{size}{model.patch_size}"
+
+
+def load_into(
+    model: VisionTransformer,
+    state_dict: Mapping[str, torch.Tensor],
+    interp: Interpolation = "bilinear",
+    align_corners: bool = True,
+    drop_heads: bool = False,
+) -> None:
+    """Load ``state_dict`` (our names) into ``model``, strictly.
+
+    A position-embedding grid other than the model's is resampled (``posemb.resample_posemb``, the
+    [CLS] entry kept; ``interp`` and ``align_corners`` as there). ``drop_heads`` ignores the
+    pre-logits and classifier on both sides, leaving the model's own: the start of a fine-tune.
+    Any other missing, unexpected or misshapen key is a ``UserError`` naming the first one.
+    """
+    name = model_name(model)
+    expected = model.state_dict()
+    state = dict(state_dict)
+    if drop_heads:
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIXES)}
+    if ("cls_token" in state) != ("cls_token" in expected):
+        has, lacks = ("has", "lacks") if "cls_token" in state else ("lacks", "has")
+        raise UserError(f"the checkpoint {has} a class token and {name} {lacks} one; build the model with the "
+                        f"checkpoint's pool ('cls' reads the class token, 'gap' averages tokens without one)")
+    for key, want in expected.items():
+        if key not in state:
+            raise UserError(f"the checkpoint lacks {key}, which {name} has{_hint(key, missing=True)}")
+        if key == "pos_embed":
+            state[key] = _fit_posemb(state[key], model, name, interp, align_corners)
+        if state[key].shape != want.shape:
+            raise UserError(
+                f"the checkpoint has {key} of shape {tuple(state[key].shape)} but {name} expects "
+                f"{tuple(want.shape)}{_hint(key)}"
+            )
+    extra = next((k for k in state if k not in expected), None)
+    if extra is not None:
+        raise UserError(f"the checkpoint has {extra}, which {name} does not have{_hint(extra)}")
+    model.load_state_dict(state, strict=not drop_heads)
+
+
+def _hint(key: str, missing: bool = False) -> str:
+    if not key.startswith(HEAD_PREFIXES):
+        return "; is it a checkpoint of another model?"
+    if missing and key.startswith("pre_logits."):
+        return "; a fine-tuned checkpoint goes into a model with head 'linear', or pass drop_heads=True"
+    return "; to fine-tune from it with a new head, pass drop_heads=True"
+
+
+def _fit_posemb(
+    posemb: torch.Tensor, model: VisionTransformer, name: str, interp: Interpolation, align_corners: bool
+) -> torch.Tensor:
+    """The checkpoint's position embeddings on the model's grid; other widths are left to the shape check."""
+    want = model.pos_embed.shape
+    if posemb.shape == want or posemb.ndim != 3 or posemb.shape[-1] != want[-1]:
+        return posemb
+    try:
+        resampled = resample_posemb(
+            posemb, model.grid, model.num_prefix_tokens, mode=interp, align_corners=align_corners
+        )
+    except ValueError as e:  # the grid part is not square
+        raise UserError(
+            f"the checkpoint's pos_embed of shape {tuple(posemb.shape)} holds no square grid of position embeddings, "
+            f"so it cannot be resampled to the {model.grid[0]}x{model.grid[1]} grid of {name}"
+        ) from e
+    log.info("resampled position embeddings from %d to %dx%d tokens (%s, align_corners=%s)",
+             posemb.shape[1] - model.num_prefix_tokens, *model.grid, interp, align_corners)
+    return resampled

@@ -1,0 +1,357 @@
+"""Weight interchange, refereed by transformers, timm and an independent NumPy forward pass of the JAX layout."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pytest
+import scipy.special
+import timm
+import torch
+import transformers
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.models.vision_transformer import _load_weights as timm_load_npz
+
+from pretrain.errors import UserError
+from pretrain.models.convert import from_hf, from_jax_npz, from_timm, load_into, load_weights, to_hf
+from pretrain.models.hybrid import HybridEmbed
+from pretrain.models.posemb import resample_posemb
+from pretrain.models.vit import PatchEmbed, VisionTransformer
+from pretrain.models.zoo import BACKBONES, SIZES
+
+TINY = SIZES["mu"]  # width 64, depth 4, 4 heads, MLP 256
+TOL = 1e-4
+
+
+def tiny(image_size=32, num_classes=10, head="linear", pool="cls") -> VisionTransformer:
+    """vit_mu8: patch 8, so 32px images make a 4x4 grid."""
+    return VisionTransformer(TINY, PatchEmbed(8, TINY.width), image_size, num_classes, head=head, pool=pool).eval()
+
+
+def tiny_hybrid() -> VisionTransformer:
+    """The R50 stem of vit_r50_b16 under 2 tiny transformer blocks, at 64px (a 4x4 grid)."""
+    size = TINY._replace(depth=2)
+    return VisionTransformer(size, HybridEmbed(BACKBONES["r50"], size.width), 64, 10, head="linear").eval()
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """No parameter left at a trivial value (zero heads, unit norms), so every mapping error shows; seeded."""
+    torch.manual_seed(1)
+    for p in module.parameters():
+        p.normal_(0.0, std)
+    return module
+
+
+def images(size=32, batch=2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# transformers as referee ---------------------------------------------------------------------------------------
+
+
+def hf_config(**kw) -> transformers.ViTConfig:
+    return transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                                  image_size=32, patch_size=8, **kw)
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_from_hf_matches_transformers(tmp_path, weights_file):
+    hf = randomise(transformers.ViTForImageClassification(hf_config(num_labels=10))).eval()
+    hf.save_pretrained(tmp_path)  # the classic names (encoder.layer.N.attention.attention.query, ...)
+    if weights_file == "pytorch_model.bin":  # transformers 5's in-memory names (layers.N.attention.q_proj, ...)
+        torch.save(hf.state_dict(), tmp_path / weights_file)
+        (tmp_path / "model.safetensors").unlink()
+
+    ours = from_hf(tmp_path).eval()
+
+    assert (ours.head_type, ours.num_classes, ours.norm_eps) == ("linear", 10, 1e-12)
+    x = images()
+    with torch.no_grad():
+        assert max_diff(ours(x), hf(pixel_values=x).logits) < TOL
+
+
+def test_to_hf_classifier_loads_in_transformers(tmp_path):
+    ours = randomise(tiny(head="linear"))
+    labels = {i: f"class {i}" for i in range(10)}
+    to_hf(ours, tmp_path, id2label=labels)
+
+    classifier = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    encoder = transformers.ViTModel.from_pretrained(tmp_path).eval()
+
+    assert classifier.config.id2label == labels
+    x = images()
+    with torch.no_grad():
+        assert max_diff(classifier(pixel_values=x).logits, ours(x)) < TOL
+        assert max_diff(encoder(pixel_values=x).last_hidden_state, ours.forward_features(x)) < TOL
+
+
+def test_to_hf_writes_the_image_processor(tmp_path):
+    to_hf(tiny(), tmp_path)
+    processor = transformers.ViTImageProcessor.from_pretrained(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+    pixels = processor(images=image, return_tensors="pt").pixel_values[0]
+
+    assert list(processor.image_mean) == list(processor.image_std) == [0.5] * 3
+    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    assert max_diff(pixels, expected) < 1e-5
+
+
+def test_prelogits_model_exports_as_vit_model_with_its_pooler(tmp_path, caplog):
+    ours = randomise(tiny(head="prelogits"))
+    with caplog.at_level(logging.WARNING):
+        to_hf(ours, tmp_path)
+    assert "not exported" in caplog.text  # the 10-class classifier has no place after HF's pooler
+
+    hf = transformers.ViTModel.from_pretrained(tmp_path).eval()
+    back = from_hf(tmp_path).eval()
+
+    assert (back.head_type, back.num_classes) == ("prelogits", 0)
+    x = images()
+    with torch.no_grad():
+        assert max_diff(hf(pixel_values=x).pooler_output, ours.representation(x)) < TOL
+        assert max_diff(back(x), ours.representation(x)) < TOL
+
+
+def test_to_hf_refuses_what_transformers_cannot_hold(tmp_path):
+    with pytest.raises(UserError, match=r"pool 'gap'.*ONNX"):
+        to_hf(tiny(pool="gap"), tmp_path)
+    hybrid = VisionTransformer(TINY, HybridEmbed((1,), TINY.width), 32, 10, head="linear")
+    with pytest.raises(UserError, match=r"hybrid.*ViTHybrid"):
+        to_hf(hybrid, tmp_path)
+
+
+def test_from_hf_names_config_fields_it_cannot_represent(tmp_path):
+    transformers.ViTModel(hf_config(hidden_act="relu", qkv_bias=False)).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"hidden_act='relu', qkv_bias=False"):
+        from_hf(tmp_path)
+
+
+# timm as referee -------------------------------------------------------------------------------------------------
+
+
+def test_timm_vit_matches():
+    theirs = randomise(TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10)).eval()
+    ours = tiny()
+
+    load_into(ours, from_timm(theirs.state_dict()))
+
+    x = images()
+    with torch.no_grad():
+        assert max_diff(ours(x), theirs(x)) < TOL
+
+
+def test_timm_hybrid_matches():
+    theirs = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=10, img_size=64, embed_dim=64,
+                               depth=2, num_heads=4)
+    randomise(theirs.eval())  # GroupNorm affine parameters included
+    ours = tiny_hybrid()
+
+    load_into(ours, from_timm(theirs.state_dict()))
+
+    x = images(64)
+    with torch.no_grad():
+        assert max_diff(ours(x), theirs(x)) < TOL
+
+
+def test_r50_b16_has_timms_parameters():
+    with torch.device("meta"):
+        theirs = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=10)
+        ours = VisionTransformer(SIZES["b"], HybridEmbed(BACKBONES["r50"], 768), 224, 10, head="linear")
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_timm_norm_after_pooling_is_refused():
+    theirs = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, global_pool="avg",
+                     class_token=False)
+    with pytest.raises(UserError, match="fc_norm"):
+        from_timm(theirs.state_dict())
+
+
+# official JAX .npz -------------------------------------------------------------------------------------------------
+
+
+def normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """A float32 N(0, 0.2) array, the dtype of the npz files' parameters."""
+    return rng.normal(0.0, 0.2, shape).astype(np.float32)
+
+
+def vit_npz(rng, kernel_shape, tokens, depth=TINY.depth, pre_logits=True) -> dict[str, np.ndarray]:
+    """Random arrays under google-research/vision_transformer's names and shapes, for TINY and 10 classes."""
+    d, _, heads, mlp = TINY
+    num_classes = 10
+    hd = d // heads
+    r = functools.partial(normal, rng)
+    a = {"embedding/kernel": r(*kernel_shape), "embedding/bias": r(d), "cls": r(1, 1, d),
+         "Transformer/posembed_input/pos_embedding": r(1, tokens, d),
+         "Transformer/encoder_norm/scale": r(d), "Transformer/encoder_norm/bias": r(d),
+         "head/kernel": r(d, num_classes), "head/bias": r(num_classes)}
+    if pre_logits:
+        a |= {"pre_logits/kernel": r(d, d), "pre_logits/bias": r(d)}
+    for i in range(depth):
+        b = f"Transformer/encoderblock_{i}/"
+        att = b + "MultiHeadDotProductAttention_1/"
+        for norm in ("LayerNorm_0", "LayerNorm_2"):
+            a |= {f"{b}{norm}/scale": r(d), f"{b}{norm}/bias": r(d)}
+        for name in ("query", "key", "value"):
+            a |= {f"{att}{name}/kernel": r(d, heads, hd), f"{att}{name}/bias": r(heads, hd)}
+        a |= {f"{att}out/kernel": r(heads, hd, d), f"{att}out/bias": r(d)}
+        a |= {f"{b}MlpBlock_3/Dense_0/kernel": r(d, mlp), f"{b}MlpBlock_3/Dense_0/bias": r(mlp),
+              f"{b}MlpBlock_3/Dense_1/kernel": r(mlp, d), f"{b}MlpBlock_3/Dense_1/bias": r(d)}
+    return a
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def numpy_vit(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The paper's forward pass on (B, H, W, C) images, read straight off the npz layout, in float64."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    p = w["embedding/kernel"].shape[0]
+    b, h, wd, c = x.shape
+    patches = x.reshape(b, h // p, p, wd // p, p, c)
+    t = np.einsum("bipjqc,pqcd->bijd", patches, w["embedding/kernel"]).reshape(b, -1, TINY.width)
+    t = t + w["embedding/bias"]
+    t = np.concatenate([np.repeat(w["cls"], b, axis=0), t], axis=1) + w["Transformer/posembed_input/pos_embedding"]
+    for i in range(TINY.depth):
+        blk = f"Transformer/encoderblock_{i}/"
+        att = blk + "MultiHeadDotProductAttention_1/"
+        y = layer_norm(t, w[blk + "LayerNorm_0/scale"], w[blk + "LayerNorm_0/bias"])
+        q, k, v = (np.einsum("bnd,dhk->bnhk", y, w[f"{att}{n}/kernel"]) + w[f"{att}{n}/bias"]
+                   for n in ("query", "key", "value"))
+        logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        heads = np.einsum("bhqs,bshk->bqhk", probs, v)
+        t = t + np.einsum("bqhk,hkd->bqd", heads, w[att + "out/kernel"]) + w[att + "out/bias"]
+        y = layer_norm(t, w[blk + "LayerNorm_2/scale"], w[blk + "LayerNorm_2/bias"])
+        y = y @ w[blk + "MlpBlock_3/Dense_0/kernel"] + w[blk + "MlpBlock_3/Dense_0/bias"]
+        y = 0.5 * y * (1 + scipy.special.erf(y / np.sqrt(2)))
+        t = t + y @ w[blk + "MlpBlock_3/Dense_1/kernel"] + w[blk + "MlpBlock_3/Dense_1/bias"]
+    t = layer_norm(t, w["Transformer/encoder_norm/scale"], w["Transformer/encoder_norm/bias"])
+    rep = np.tanh(t[:, 0] @ w["pre_logits/kernel"] + w["pre_logits/bias"])
+    return rep @ w["head/kernel"] + w["head/bias"]
+
+
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_jax_npz_matches_numpy_forward(tmp_path, prefix):
+    arrays = vit_npz(np.random.default_rng(0), kernel_shape=(8, 8, 3, 64), tokens=17)
+    path = tmp_path / "ViT-mu_8.npz"
+    np.savez(path, **{prefix + k: v for k, v in arrays.items()})
+    ours = tiny(head="prelogits")
+
+    load_into(ours, from_jax_npz(path))
+
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3))
+    with torch.no_grad():
+        logits = ours(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
+    assert np.abs(logits.numpy() - numpy_vit(arrays, x)).max() < TOL
+
+
+def hybrid_npz(rng) -> dict[str, np.ndarray]:
+    """R50+ViT arrays: the official ResNet names (block{s}/unit{u}, counted from 1) and a 1x1 embedding."""
+    r = functools.partial(normal, rng)
+    a = {"conv_root/kernel": r(7, 7, 3, 64), "gn_root/scale": r(64), "gn_root/bias": r(64)}
+    cin = 64
+    for s, units in enumerate(BACKBONES["r50"]):
+        cout = 256 * 2**s
+        mid = cout // 4
+        for u in range(units):
+            unit = f"block{s + 1}/unit{u + 1}/"
+            convs = {"1": (1, cin if u == 0 else cout, mid), "2": (3, mid, mid), "3": (1, mid, cout)}
+            if u == 0:
+                convs["_proj"] = (1, cin, cout)
+            for name, (k, i, o) in convs.items():
+                a |= {f"{unit}conv{name}/kernel": r(k, k, i, o), f"{unit}gn{name}/scale": r(o),
+                      f"{unit}gn{name}/bias": r(o)}
+        cin = cout
+    return a
+
+
+def test_jax_hybrid_npz_matches_timms_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = hybrid_npz(rng) | vit_npz(rng, kernel_shape=(1, 1, 1024, 64), tokens=17, depth=2, pre_logits=False)
+    path = tmp_path / "R50+ViT-mu_16.npz"
+    np.savez(path, **arrays)
+    theirs = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=10, img_size=64, embed_dim=64,
+                               depth=2, num_heads=4).eval()
+    timm_load_npz(theirs, str(path))
+    ours = tiny_hybrid()
+
+    load_into(ours, from_jax_npz(path))  # strict: every ResNet unit mapped, with the right shape
+
+    x = images(64)
+    with torch.no_grad():
+        assert max_diff(ours(x), theirs(x)) < TOL
+
+
+# loading ---------------------------------------------------------------------------------------------------------
+
+
+def test_posemb_is_resampled_to_the_models_grid():
+    small = randomise(tiny(image_size=32))  # 4x4 grid
+    big = tiny(image_size=48)  # 6x6 grid
+
+    load_into(big, small.state_dict())
+
+    assert big.pos_embed.shape == (1, 1 + 36, 64)
+    assert torch.equal(big.pos_embed[:, 0], small.pos_embed[:, 0])
+    assert torch.allclose(big.pos_embed, resample_posemb(small.pos_embed, (6, 6)))
+    assert torch.equal(big.blocks[3].mlp.fc2.weight, small.blocks[3].mlp.fc2.weight)
+
+    load_into(big, small.state_dict(), interp="bicubic", align_corners=False)
+    expected = resample_posemb(small.pos_embed, (6, 6), mode="bicubic", align_corners=False)
+    assert torch.allclose(big.pos_embed, expected)
+    assert not torch.allclose(big.pos_embed, resample_posemb(small.pos_embed, (6, 6)))
+
+
+def test_checkpoint_of_another_size_names_key_and_shapes():
+    other = VisionTransformer(SIZES["ti"], PatchEmbed(16, 192), 32, 10, head="linear")
+    with pytest.raises(UserError) as e:
+        load_into(other, tiny().state_dict())
+    expected = "cls_token of shape (1, 1, 64) but vit_ti16 expects (1, 1, 192); is it a checkpoint of another model?"
+    assert expected in str(e.value)
+
+
+def test_heads_are_dropped_only_when_asked():
+    pretrained = randomise(tiny(head="prelogits", num_classes=10)).state_dict()
+    finetune = tiny(head="linear", num_classes=5)
+    with pytest.raises(UserError, match=r"head\.weight of shape \(10, 64\) but vit_mu8 expects \(5, 64\).*drop_heads"):
+        load_into(finetune, pretrained)
+    with pytest.raises(UserError, match=r"has pre_logits\.fc\.weight, which vit_mu8 does not have.*drop_heads=True"):
+        load_into(tiny(head="linear", num_classes=10), pretrained)
+
+    load_into(finetune, pretrained, drop_heads=True)
+
+    assert torch.equal(finetune.blocks[0].attn.qkv.weight, pretrained["blocks.0.attn.qkv.weight"])
+    assert not finetune.head.weight.any()  # still the fine-tuning head's zero init
+
+
+def test_load_weights_detects_the_format(tmp_path):
+    ours = randomise(tiny())
+    expected = ours.state_dict()
+    to_hf(ours, tmp_path / "hf")
+    save_file(expected, tmp_path / "ours.safetensors")
+    torch.save({"model": expected, "step": 7}, tmp_path / "ours.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in expected.items()}}, tmp_path / "ddp.pt")
+
+    for path in ("hf", "hf/model.safetensors", "ours.safetensors", "ours.pth", "ddp.pt"):
+        state = load_weights(tmp_path / path)
+        assert state.keys() == expected.keys(), path
+        assert all(torch.equal(state[k], v) for k, v in expected.items()), path
+
+
+def test_load_weights_never_unpickles_objects(tmp_path):
+    torch.save({"model": tiny().state_dict(), "rng": np.random.default_rng(0)}, tmp_path / "run.pth")
+    with pytest.raises(UserError, match="Python objects"):
+        load_weights(tmp_path / "run.pth")
