@@ -7,6 +7,7 @@ Sample layout inside a shard: ``{key}.{jpg,png,...}`` (the image bytes) and eith
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,25 @@ FORMAT = "vit-pretrain/shards/1"
 MANIFEST = "manifest.json"
 REPORT = "skipped.jsonl"
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp", "gif", "tif")
+LABEL_EXTENSIONS = ("cls", "labels.json")
+SHARD_NAME = re.compile(r".+-\d{6}\.tar")
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def label_ids(sample: dict) -> list[int]:
+    """The class ids of a sample's label member: ``.cls`` (decimal text) or ``.labels.json`` (a JSON list).
+
+    ValueError if the member is unparsable, KeyError if there is none.
+    """
+    if "cls" in sample:
+        return [int(sample["cls"].decode().strip())]
+    ids = json.loads(sample["labels.json"])
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{ids!r} is not a JSON list of class ids")
+    return ids
 
 
 @dataclass
@@ -59,9 +79,14 @@ class Manifest:
                 raise UserError(f"{where} is not a manifest of this tool (format {data.get('format')!r}, expected {FORMAT})")
             data.pop("num_samples", None)
             data["shards"] = [Shard(**s) for s in data["shards"]]
-            return cls(**data)
+            manifest = cls(**data)
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
+        if len(manifest.class_counts) != len(manifest.classes) or any(
+            s.samples < 0 or s.bytes < 0 for s in manifest.shards
+        ):
+            raise UserError(f"{where} is inconsistent (class counts or shard sizes); re-run data_tools.shard to rewrite it")
+        return manifest
 
 
 def load(url: str) -> tuple[Location, Manifest]:

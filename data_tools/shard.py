@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pretrain.errors import UserError
 
 from . import sources
-from .manifest import MANIFEST, REPORT, Manifest, Shard
+from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
 from .sources import Corpus, Item
 from .storage import Location
 from .writer import Options, write_shard
@@ -180,7 +180,7 @@ def shard(args: argparse.Namespace) -> Manifest:
         raise UserError(f"{args.source} holds no images to shard")
     options = Options(corpus.multi_label, args.check, args.resize_short, args.quality)
     shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
-    names = [f"{args.name}-{i:06d}.tar" for i in range(len(shards))]
+    names = [shard_name(args.name, i) for i in range(len(shards))]
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
     run = {"source": args.source, "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
     done = check_output(out, run)

@@ -13,6 +13,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
 
+from pretrain.errors import UserError
+
 
 class Location:
     """A folder on some filesystem: ``Location("gs://bucket/shards")`` or ``Location("/data/shards")``."""
@@ -20,7 +22,12 @@ class Location:
     def __init__(self, url: str):
         self.url = url.rstrip("/") or "/"
         self.fs: AbstractFileSystem
-        self.fs, self.root = url_to_fs(self.url)
+        try:
+            self.fs, self.root = url_to_fs(self.url)
+        except ImportError as e:  # fsspec names the package to install, e.g. "Install s3fs to access S3"
+            raise UserError(f"{url}: {e} (for gs://, pip install 'vit-pretrain[gcs]')") from None
+        except ValueError as e:
+            raise UserError(f"{url}: not a path or URL fsspec knows ({e})") from None
         self.root = self.root.rstrip("/") or "/"
 
     @property

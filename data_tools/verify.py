@@ -1,0 +1,255 @@
+"""python -m data_tools.verify OUTPUT [--decode] [--workers N]
+
+Checks a shard set against its manifest: every shard is there, unchanged (size and sha256), a readable tar with the
+listed number of samples, each sample with one image and one label in range; --decode also decodes every image.
+Prints one line per problem and a summary; exit status 0 if clean, 1 if damaged, 2 if OUTPUT is not a shard set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import multiprocessing
+import os
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import IO
+
+import fsspec
+from PIL import Image
+from tqdm import tqdm
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pretrain.errors import UserError
+
+from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
+from .storage import Location, as_tuple
+
+MAX_LINES_PER_SHARD = 10  # a shard with a systematic fault would otherwise print one line per sample
+REWRITE = "re-run data_tools.shard to rewrite it"
+UNREADABLE = (tarfile.TarError, ValueError, OSError, EOFError)  # tarfile, webdataset grouping, storage, compression
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream that hashes and counts every byte read through it, so a shard is read only once."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end: tarfile stops at the end-of-archive marker, before the record padding."""
+        while self.read(1 << 20):
+            pass
+
+
+def read_samples(stream: IO[bytes]) -> Iterator[dict]:
+    """The samples of a tar stream as webdataset groups them: {"__key__": key, extension: bytes, ...}."""
+    files = ({**member, "__url__": ""} for member in tar_file_iterator(stream))
+    return group_by_keys(files)
+
+
+def reason(error: Exception) -> str:
+    """The message of a tar reading error, without the stream's repr that webdataset appends to it."""
+    return str(error).split(" @ ")[0]
+
+
+def image_extensions(sample: dict) -> list[str]:
+    return [ext for ext in sample if ext in IMAGE_EXTENSIONS]
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str], list[int]]:
+    """Problems of one sample (without the shard and key) and its class ids, if readable."""
+    images = image_extensions(sample)
+    labels = [ext for ext in LABEL_EXTENSIONS if ext in sample]
+    problems = []
+    if len(images) != 1:
+        problems.append(f"{len(images)} image members ({', '.join(images) or 'none'}); expected exactly one")
+    elif decode:
+        try:
+            Image.open(io.BytesIO(sample[images[0]])).convert("RGB")
+        except Exception as e:  # PIL raises a different type for each kind of bad data
+            problems.append(f"image does not decode ({type(e).__name__}: {e})")
+    if len(labels) != 1:
+        found = ", ".join(labels) or "none"
+        problems.append(f"{len(labels)} label members ({found}); expected one .cls or .labels.json")
+        return problems, []
+    try:
+        ids = label_ids(sample)
+    except ValueError as e:
+        return problems + [f"label does not parse ({e})"], []
+    out_of_range = [i for i in ids if not 0 <= i < num_classes]
+    if out_of_range:
+        problems.append(f"class ids {out_of_range} out of range for {num_classes} classes")
+    return problems, [i for i in ids if 0 <= i < num_classes]
+
+
+@dataclass
+class Job:
+    """One shard to check, as sent to a worker process."""
+
+    url: str
+    shard: Shard
+    num_classes: int
+    decode: bool
+
+
+@dataclass
+class ShardReport:
+    """What a worker found in one shard: problem lines (the first few), counts, and whether it read to the end."""
+
+    name: str
+    samples: int = 0
+    bytes_read: int = 0
+    lines: list[str] = field(default_factory=list)
+    problems: int = 0
+    class_counts: Counter = field(default_factory=Counter)
+    readable: bool = True
+
+    def add(self, line: str, first: bool = False) -> None:
+        """Count a problem; keep its line if there is room (lines with ``first`` go ahead of those of samples)."""
+        self.problems += 1
+        self.lines.insert(0 if first else len(self.lines), line)
+        del self.lines[MAX_LINES_PER_SHARD:]
+
+
+def check_shard(job: Job) -> ShardReport:
+    """Read one shard as a stream and report everything wrong with it; runs in a worker process."""
+    shard = job.shard
+    report = ShardReport(shard.name)
+    try:
+        with fsspec.open(job.url, "rb") as raw:
+            stream = HashingReader(raw)
+            try:
+                for sample in read_samples(stream):
+                    report.samples += 1
+                    problems, ids = check_sample(sample, job.num_classes, job.decode)
+                    report.class_counts.update(ids)
+                    for problem in problems:
+                        report.add(f"{shard.name} key {sample['__key__']}: {problem}")
+            except UNREADABLE as e:
+                report.readable = False
+                read = plural(report.samples, "sample")
+                report.add(f"{shard.name}: not a readable tar after {read} ({reason(e)}); {REWRITE}")
+            stream.drain()
+    except OSError as e:
+        report.readable = False
+        report.add(f"{shard.name}: cannot be read ({e})")
+        return report
+    report.bytes_read = stream.size
+    if stream.size != shard.bytes:
+        size = f"{stream.size} bytes, the manifest says {shard.bytes}"
+        report.add(f"{shard.name}: {size} (truncated or replaced?); {REWRITE}", first=True)
+    elif stream.sha256.hexdigest() != shard.sha256:
+        report.add(f"{shard.name}: sha256 mismatch (the file changed after sharding; {REWRITE})", first=True)
+    if report.readable and report.samples != shard.samples:
+        report.add(f"{shard.name}: {plural(report.samples, 'sample')}, the manifest says {shard.samples}; {REWRITE}")
+    return report
+
+
+def run_jobs(jobs: list[Job], workers: int) -> Iterator[ShardReport]:
+    """Check shards in a pool of spawned processes (fork and fsspec's event loops do not mix), or here if workers=1."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(check_shard, jobs)
+        return
+    # A pool of futures, unlike multiprocessing.Pool, fails instead of hanging if a worker dies (say in a decoder).
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(check_shard, job) for job in jobs]):
+            yield future.result()
+
+
+def check_all(where: Location, manifest: Manifest, present: set[str], decode: bool, workers: int) -> list[ShardReport]:
+    """A report per shard in manifest order, missing shards included, with a progress bar on stderr."""
+    jobs = [Job(where.url_of(s.name), s, len(manifest.classes), decode) for s in manifest.shards if s.name in present]
+    if "memory" in as_tuple(where.fs.protocol):
+        workers = 1  # memory:// lives in this process only
+    reports = {}
+    with tqdm(total=sum(j.shard.bytes for j in jobs), unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
+        for report in run_jobs(jobs, workers):
+            reports[report.name] = report
+            bar.update(report.bytes_read)
+            bar.set_postfix_str(f"{len(reports)}/{len(jobs)} shards", refresh=False)
+    for shard in manifest.shards:
+        if shard.name not in present:
+            reports[shard.name] = ShardReport(shard.name, readable=False)
+            reports[shard.name].add(f"{shard.name}: missing from {where.url}; {REWRITE} or restore the file")
+    return [reports[s.name] for s in manifest.shards]
+
+
+def stray_shards(names: list[str], manifest: Manifest) -> list[str]:
+    """Files named like shards that the manifest does not list (left over from an earlier run, or copied in)."""
+    listed = {s.name for s in manifest.shards}
+    return [
+        f"{name}: looks like a shard but is not in the manifest (left over from an earlier run?); delete it"
+        for name in names
+        if SHARD_NAME.fullmatch(name) and name not in listed
+    ]
+
+
+def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
+    """Disagreement between the manifest's class_counts and the labels read, once every shard could be read."""
+    if len(manifest.class_counts) != len(manifest.classes):
+        counts, classes = len(manifest.class_counts), len(manifest.classes)
+        return [f"manifest.json: {counts} class_counts for {classes} classes; {REWRITE}"]
+    if not all(r.readable for r in reports):
+        return []
+    counted = sum((r.class_counts for r in reports), Counter())
+    differ = sum(counted[c] != n for c, n in enumerate(manifest.class_counts))
+    if not differ:
+        return []
+    return [
+        f"manifest.json: class_counts disagree with the labels in the shards for {differ} classes "
+        f"(python -m data_tools.inspect --recount lists them); {REWRITE}"
+    ]
+
+
+def verify(where: Location, manifest: Manifest, decode: bool, workers: int) -> tuple[list[str], int, int]:
+    """The problem lines to print, the number of problems (lines beyond the per-shard limit included) and of samples."""
+    names = where.names()
+    reports = check_all(where, manifest, set(names), decode, workers)
+    lines = [line for r in reports for line in r.lines]
+    lines += stray_shards(names, manifest) + count_problems(manifest, reports)
+    problems = len(lines) + sum(r.problems - len(r.lines) for r in reports)
+    if problems > len(lines):
+        lines.append(f"(and {problems - len(lines)} more problems: at most {MAX_LINES_PER_SHARD} lines per shard)")
+    return lines, problems, sum(r.samples for r in reports)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[1])
+    parser.add_argument("output", help="the shard folder (local path or fsspec URL) or its manifest.json")
+    parser.add_argument("--decode", action="store_true", help="also decode every image with PIL (slower)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading shards in parallel")
+    args = parser.parse_args(argv)
+    try:
+        where, manifest = load(args.output)
+        lines, problems, samples = verify(where, manifest, args.decode, args.workers)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    verdict = plural(problems, "problem") if problems else "OK"
+    print(f"verified {len(manifest.shards)} shards, {samples} samples: {verdict}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
