@@ -11,8 +11,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+DEMO := runs/demo/data
+
 demo: $(VENV)/.installed
-	$(PY) -m pretrain.run recipes/demo.yaml --dry-run
+	$(PY) -m data_tools.synthetic $(DEMO)/images
+	$(PY) -m data_tools.shard $(DEMO)/images/train $(DEMO)/train --shard-samples 250 --workers 2
+	$(PY) -m data_tools.shard $(DEMO)/images/val $(DEMO)/val --shard-samples 100 --name val --workers 2
+	$(PY) -m pretrain.run recipes/demo.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -43,6 +43,10 @@ class DataConfig:
     train: str = doc("", "Training shards: a manifest.json (path or fsspec URL), a folder holding one, or a brace pattern.")
     val: str = doc("", "Evaluation shards, given like train; empty: no evaluation.")
     batch_size: int = doc(4096, "Global batch size: all devices together, counting gradient accumulation.")
+    workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).")
+    crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.")
+    eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.")
+    allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
 
 @dataclass
@@ -71,14 +75,32 @@ class LossConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = doc(1000, "Write a checkpoint every this many steps (and always at the end and on SIGTERM / SIGUSR1).")
+    keep_last: int = doc(3, "Keep the newest this many checkpoints.")
+    keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0: none.")
+    resume: str = doc("auto", "auto: continue from the newest complete checkpoint in run_dir; never: start fresh; or a checkpoint path.")
+
+
+@dataclass
+class LogConfig:
+    every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.")
+    eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.")
+
+
+@dataclass
 class Config:
     stage: Literal["pretrain", "finetune"] = doc("pretrain", "pretrain, or finetune from init_from (pre-logits dropped, zero-init head, position embeddings resampled).")
     init_from: str = doc("", "Fine-tuning start: a run directory or checkpoint of ours, an HF folder, a timm state dict or an official .npz.")
     run_dir: str = doc("runs/default", "Where the run writes everything: resolved recipe, checkpoints, TensorBoard events, metrics.")
     seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.")
     precision: Literal["fp32", "bf16"] = doc("bf16", "bf16 autocast where the device supports it, else fp32.")
+    backend: Literal["torch"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun.")
+    max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The data stream.")
     optim: OptimConfig = section(OptimConfig, "The optimizer.")
     schedule: ScheduleConfig = section(ScheduleConfig, "The learning-rate schedule.")
     loss: LossConfig = section(LossConfig, "The training loss.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and resuming.")
+    log: LogConfig = section(LogConfig, "Logging and periodic evaluation.")

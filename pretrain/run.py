@@ -1,6 +1,7 @@
 """python -m pretrain.run RECIPE [key=value ...] [--dry-run]
 
-Resolves the recipe (its base: chain and the overrides), builds the model it names and reports it.
+Resolves the recipe (its base: chain and the overrides) and trains it; --dry-run reports the model
+and the compute instead. Under torchrun every process runs this same command.
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a recipe is required, e.g. python -m pretrain.run recipes/demo.yaml --dry-run")
     try:
         config = recipe.load(args.recipe, args.overrides)
-        report = summary(config)
+        if args.dry_run:
+            print(recipe.to_yaml(config), end="")
+            print("\n".join("# " + line for line in summary(config).splitlines()))
+            return 0
+        from .train.loop import train
+
+        train(config)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(recipe.to_yaml(config), end="")
-    print("\n".join("# " + line for line in report.splitlines()))
-    if args.dry_run:
-        return 0
-    print("error: this build has no training loop yet; use --dry-run to check a recipe", file=sys.stderr)
-    return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""The seam between the training loop and a backend (torch / DDP, DeepSpeed, torch-xla).
+
+The loop owns the data, the loss, the schedule and the checkpoint directory; a backend owns the
+devices and processes, the wrapped model, the optimizer, gradient accumulation and clipping, and
+how model and optimizer state are written to and read from a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config
+
+
+class Backend(ABC):
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # what the loop calls forward on
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def setup(self, model: nn.Module) -> None:
+        """Move ``model`` to the device(s), wrap it, and build the optimizer from config.optim."""
+
+    def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward; ``sync`` on the last of an accumulation."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (already divided by the accumulation count)."""
+
+    @abstractmethod
+    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
+        """Clip, then update with ``lr`` unless the gradient is non-finite; (grad norm, updated)."""
+
+    @abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write model and optimizer state into ``folder`` (called on every rank)."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> None:
+        """Read what ``save`` wrote (called on every rank)."""
+
+    @abstractmethod
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full weights in our parameter names, on the CPU (for export and fine-tuning)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        bf16 = self.config.precision == "bf16" and self.device.type in ("cuda", "xla")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (on every rank)."""
+        return [obj]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any."""
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

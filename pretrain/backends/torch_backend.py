@@ -1,0 +1,97 @@
+"""Plain PyTorch: the CPU, one GPU, or DistributedDataParallel over torchrun's processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..train.optim import build_optimizer
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    def __init__(self, config):
+        super().__init__(config)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+
+    def setup(self, model: nn.Module) -> None:
+        self.module = model.to(self.device)
+        self.model = DistributedDataParallel(self.module) if self.world > 1 else self.module
+        self.optimizer = build_optimizer(self.module, self.config.optim, self.device)
+
+    def micro_step(self, sync: bool):
+        if self.world > 1 and not sync:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
+        clip = self.config.optim.clip_grad_norm
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(norm))  # DDP: gradients are all-reduced, so every rank agrees
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, finite
+
+    def save(self, folder: Path) -> None:
+        if self.is_main:
+            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, folder / "model.safetensors")
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        self.module.load_state_dict(load_file(folder / "model.safetensors", device=str(self.device)))
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

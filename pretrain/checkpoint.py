@@ -1,0 +1,131 @@
+"""Checkpoints: ``run_dir/checkpoints/step_000001000/`` plus a ``latest`` pointer, written atomically.
+
+A checkpoint is written into ``.tmp-step_N``, its files fsynced, then renamed to ``step_N``; the
+``latest`` pointer is replaced last. A crash at any moment leaves the previous checkpoint as latest
+and whole. ``state.json`` (written last inside the folder) marks a folder as complete and holds the
+step, the resolved recipe, every rank's data-stream position and RNG states; the backend writes the
+model (safetensors) and optimizer. Nothing is unpickled on load beyond tensors (weights_only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends.base import Backend
+from .errors import UserError
+
+STATE = "state.json"
+LATEST = "latest"
+
+
+def folder_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep_last: int, keep_every: int) -> Path:
+    """Write a checkpoint (collective: every rank calls it). ``state`` is rank 0's JSON-able state."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / folder_name(step), root / f".tmp-{folder_name(step)}"
+    if backend.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    backend.barrier()
+    backend.save(tmp)
+    rngs = backend.gather(rng_state())
+    backend.barrier()
+    if backend.is_main:
+        (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rngs}))
+        for f in tmp.iterdir():
+            _fsync(f)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that was rolled back
+        os.replace(tmp, final)
+        _fsync(root)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        _fsync(root)
+        _prune(root, step, keep_last, keep_every)
+    backend.barrier()
+    return final
+
+
+def _prune(root: Path, newest: int, keep_last: int, keep_every: int) -> None:
+    steps = sorted(int(p.name[5:]) for p in root.glob("step_*") if (p / STATE).is_file())
+    keep = set(steps[-max(keep_last, 1) :]) | {newest}
+    keep |= {s for s in steps if keep_every and s % keep_every == 0}
+    for s in steps:
+        if s not in keep:
+            shutil.rmtree(root / folder_name(s))
+
+
+def find(path: str | Path) -> Path | None:
+    """The checkpoint at ``path``: a checkpoint folder, or the newest complete one of a run directory."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    root = path / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / STATE).is_file():
+            return named
+    complete = sorted(p for p in root.glob("step_*") if (p / STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
+    state = json.loads((folder / STATE).read_text())
+    saved = state.get("config", {}).get("model", {}).get("name")
+    if saved != model_name:
+        raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; "
+                        f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh")
+    try:
+        backend.load(folder)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint {folder} does not fit this recipe's model or optimizer ({first}); "
+                        f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh") from None
+    rngs = state["rng"]
+    if backend.rank < len(rngs):
+        set_rng_state(rngs[backend.rank])
+    return state

@@ -1,0 +1,1 @@
+"""The input stream: shard sets, decoding and augmentation, and the resumable train / eval streams."""

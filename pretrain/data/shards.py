@@ -1,0 +1,59 @@
+"""Shard sets: the URLs a recipe's data.train / data.val name, and reading one shard's samples."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+
+import fsspec
+from braceexpand import braceexpand
+from webdataset.tariterators import tarfile_samples
+
+from data_tools import manifest as mf
+from data_tools.storage import register_webdataset_schemes
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: list[str]
+    classes: list[str] | None  # None: a brace pattern without a manifest
+    multi_label: bool
+    num_samples: int | None
+
+
+def resolve(spec: str, what: str = "data.train") -> ShardSet:
+    """``spec``: a manifest.json, a folder holding one, or a brace pattern like shards/train-{000000..000127}.tar."""
+    if not spec:
+        raise UserError(f"{what} is empty; set it to the OUTPUT of python -m data_tools.shard (a folder or manifest.json)")
+    if "{" in spec:
+        return ShardSet(list(braceexpand(spec)), None, False, None)
+    try:
+        where, manifest = mf.load(spec)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    return ShardSet([where.url_of(s.name) for s in manifest.shards], manifest.classes, manifest.multi_label, manifest.num_samples)
+
+
+def read_shard(url: str) -> tuple[list[dict], str | None]:
+    """All samples of one shard (raw bytes by extension) and, if it is damaged or missing, why.
+
+    The shard is fetched whole (one read from a bucket); a truncated tar yields the samples before
+    the damage.
+    """
+    register_webdataset_schemes()
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, OSError) as e:
+        return [], f"{url}: cannot be read ({e})"
+    samples: list[dict] = []
+    try:
+        for sample in tarfile_samples([{"url": url, "stream": io.BytesIO(data)}]):
+            samples.append(sample)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else e
+        return samples, f"{url}: damaged after {len(samples)} samples ({reason})"
+    return samples, None

@@ -1,0 +1,165 @@
+"""The resumable training stream and the one-pass eval stream.
+
+Readers: every rank runs ``workers`` DataLoader workers, so ``world * workers`` readers in all.
+Each epoch the shards are permuted with (seed, epoch), and reader r takes every R-th of them. A
+reader reads one shard whole, permutes its samples with (seed, epoch, shard) - the shuffle buffer
+is one shard - and yields micro-batches. Each batch carries the reader's position after it
+(epoch, shard cursor, offset in the shard), so a checkpoint records where every reader stands;
+resuming re-reads one shard per reader and skips to the offset, never replaying the epoch.
+
+DataLoader takes batches from its workers in turn. After resuming, the worker that was next is
+not worker 0, so worker w takes the place of reader (w + next_reader) % workers.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserError
+from .shards import read_shard
+from .transforms import BadSample, eval_view, image_and_labels, labels_tensor, train_view
+
+
+@dataclass
+class ReaderState:
+    epoch: int = 0
+    cursor: int = 0  # index into this reader's shards of the epoch
+    offset: int = 0  # samples of the current shard already used
+
+
+@dataclass
+class StreamState:
+    """Where one rank's stream stands: a position per reader and which reader comes next."""
+
+    workers: int
+    world: int
+    readers: dict[int, ReaderState]
+    next_reader: int = 0
+
+    def to_dict(self) -> dict:
+        return {"workers": self.workers, "world": self.world, "next_reader": self.next_reader,
+                "readers": {str(k): asdict(v) for k, v in self.readers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamState:
+        readers = {int(k): ReaderState(**v) for k, v in d["readers"].items()}
+        return cls(d["workers"], d["world"], readers, d["next_reader"])
+
+
+class TrainStream(IterableDataset):
+    def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, rank: int, world: int,
+                 min_scale: float, resume: StreamState | None = None):
+        super().__init__()
+        self.urls, self.image_size, self.micro_batch, self.seed = urls, image_size, micro_batch, seed
+        self.rank, self.world, self.min_scale, self.resume = rank, world, min_scale, resume
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        next_reader = self.resume.next_reader if self.resume else 0
+        reader = (worker + next_reader) % workers
+        state = self.resume.readers.get(reader, ReaderState()) if self.resume else ReaderState()
+        yield from self._batches(reader, self.rank * workers + reader, self.world * workers, state)
+
+    def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
+        if len(self.urls) < readers:
+            raise UserError(f"{len(self.urls)} shards cannot feed {readers} readers (ranks x data.workers); "
+                            f"lower data.workers or reshard into more shards (data_tools.shard --shard-samples)")
+        images, labels, bad, damaged = [], [], 0, []
+        while True:
+            mine = np.random.default_rng([self.seed, state.epoch]).permutation(len(self.urls))[index::readers]
+            while state.cursor < len(mine):
+                shard = int(mine[state.cursor])
+                samples, error = read_shard(self.urls[shard])
+                if error:
+                    damaged.append(error)
+                order = np.random.default_rng([self.seed, state.epoch, shard]).permutation(len(samples))
+                while state.offset < len(order):
+                    i = int(order[state.offset])
+                    state.offset += 1
+                    try:
+                        img, ids = image_and_labels(samples[i])
+                    except BadSample:
+                        bad += 1
+                        continue
+                    images.append(train_view(img, self.image_size, self.min_scale, [self.seed, state.epoch, shard, i]))
+                    labels.append(ids)
+                    if len(images) == self.micro_batch:
+                        yield {"image": torch.stack(images), "labels": labels_tensor(labels), "reader": reader,
+                               "state": asdict(state), "bad_samples": bad, "damaged_shards": damaged}
+                        images, labels, bad, damaged = [], [], 0, []
+                state.cursor, state.offset = state.cursor + 1, 0
+            state.epoch, state.cursor = state.epoch + 1, 0
+
+
+class StreamTracker:
+    """Follows the batches a rank consumed, to save the stream's position in a checkpoint."""
+
+    def __init__(self, workers: int, world: int, resume: StreamState | None):
+        self.state = resume or StreamState(max(workers, 1), world, {})
+        self.bad_samples = 0
+        self.damaged_shards: list[str] = []
+
+    def consumed(self, batch: dict) -> None:
+        self.state.readers[batch["reader"]] = ReaderState(**batch["state"])
+        self.state.next_reader = (batch["reader"] + 1) % self.state.workers
+        self.bad_samples += batch["bad_samples"]
+        self.damaged_shards += batch["damaged_shards"]
+
+
+def check_resumable(state: StreamState, workers: int, world: int, allow_resharding: bool) -> StreamState | None:
+    """The saved state if it fits this run's readers; None to restart the stream (when allowed)."""
+    if (state.workers, state.world) == (max(workers, 1), world):
+        return state
+    if not allow_resharding:
+        raise UserError(f"the checkpoint's data stream ran on {state.world} ranks x {state.workers} workers, this run on "
+                        f"{world} x {max(workers, 1)}; resume with the same, or set data.allow_resharding=true to "
+                        f"restart the stream at the next epoch")
+    epoch = max((r.epoch for r in state.readers.values()), default=0) + 1
+    return StreamState(max(workers, 1), world, {r: ReaderState(epoch) for r in range(max(workers, 1))})
+
+
+class EvalStream(IterableDataset):
+    """Every sample of the shard set once (shards split over ranks and workers), in order."""
+
+    def __init__(self, urls: list[str], image_size: int, batch: int, rank: int, world: int):
+        super().__init__()
+        self.urls, self.image_size, self.batch, self.rank, self.world = urls, image_size, batch, rank, world
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        images, labels, bad = [], [], 0
+        for url in self.urls[self.rank * workers + worker :: self.world * workers]:
+            samples, error = read_shard(url)
+            bad += bool(error)
+            for sample in samples:
+                try:
+                    img, ids = image_and_labels(sample)
+                except BadSample:
+                    bad += 1
+                    continue
+                images.append(eval_view(img, self.image_size))
+                labels.append(ids)
+                if len(images) == self.batch:
+                    yield {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad}
+                    images, labels, bad = [], [], 0
+        if images:
+            yield {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad}
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM / SIGUSR1 to the training process, which checkpoints and then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
+                      worker_init_fn=_ignore_preemption_signals if workers else None)

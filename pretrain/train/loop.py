@@ -1,0 +1,195 @@
+"""The pre-training loop: stream -> micro-batches -> backend step, with logging, eval and checkpoints.
+
+It can be killed at any moment and resumes exactly: a checkpoint holds the model, the optimizer,
+the step, every rank's RNG state and every reader's position in the data stream. SIGTERM and
+SIGUSR1 finish the current step, write a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint, recipe
+from ..backends import create as create_backend
+from ..backends.base import Backend
+from ..config import Config
+from ..data import shards
+from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
+from ..errors import UserError
+from ..evaluate import evaluate, normalise
+from ..metrics import Metrics
+from ..models.zoo import build_model, forward_flops
+from .losses import SIGMOID_HEAD_BIAS, loss_fn
+from .optim import lr_at
+
+
+class Preemption:
+    """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def micro_batch(config: Config, world: int) -> int:
+    per_step = world * config.optim.grad_accum
+    if config.data.batch_size % per_step:
+        raise UserError(f"data.batch_size {config.data.batch_size} does not split over {world} ranks x "
+                        f"{config.optim.grad_accum} accumulation steps; make it a multiple of {per_step}")
+    return config.data.batch_size // per_step
+
+
+def resume_point(config: Config) -> Path | None:
+    if config.checkpoint.resume == "never":
+        return None
+    if config.checkpoint.resume == "auto":
+        return checkpoint.find(config.run_dir)
+    found = checkpoint.find(config.checkpoint.resume)
+    if found is None:
+        raise UserError(f"checkpoint.resume={config.checkpoint.resume} holds no complete checkpoint; give a "
+                        f"step_* folder or a run directory, or use auto / never")
+    return found
+
+
+class Trainer:
+    def __init__(self, config: Config, backend: Backend | None = None):
+        self.config = config
+        self.backend = backend or create_backend(config)
+        self.run_dir = Path(config.run_dir)
+        self.train_set = shards.resolve(config.data.train)
+        self._check_classes()
+        torch.manual_seed(config.seed)
+        head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
+        model = build_model(config.model, head_bias=head_bias)
+        self.train_flops = 3 * forward_flops(model)  # forward + backward
+        self.backend.setup(model)
+        self.micro = micro_batch(config, self.backend.world)
+        self.step = 0
+        self.skipped_steps = 0
+        self.last_eval: dict[str, float] = {}
+        stream_state = None
+        found = resume_point(config)
+        if found is not None:
+            state = checkpoint.load(found, self.backend, config.model.name)
+            self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+            ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
+            saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
+            stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
+            if self.backend.is_main:
+                print(f"resumed from {found} at step {self.step}", flush=True)
+        self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
+        stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
+                             self.backend.world, config.data.crop_min_scale, stream_state)
+        self.batches = iter(loader(stream, config.data.workers, self.backend.device.type == "cuda"))
+        if self.backend.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            recipe.save(config, self.run_dir / "config.yaml")
+        self.metrics = Metrics(self.run_dir, self.backend.is_main, self.step, config.schedule.total_steps,
+                               self.train_flops, self.backend.device)
+
+    def _check_classes(self) -> None:
+        classes = self.train_set.classes
+        if classes is not None and len(classes) != self.config.model.num_classes:
+            raise UserError(f"model.num_classes is {self.config.model.num_classes} but {self.config.data.train} has "
+                            f"{len(classes)} classes; set model.num_classes={len(classes)}")
+
+    def train(self) -> dict[str, float]:
+        cfg, backend = self.config, self.backend
+        preemption = Preemption()
+        window = {"loss": torch.zeros((), device=backend.device), "steps": 0, "images": 0, "wait": 0.0,
+                  "start": time.perf_counter()}
+        nonfinite = 0
+        try:
+            while self.step < cfg.schedule.total_steps:
+                loss, updated, norm = self._train_step(window)
+                nonfinite = 0 if updated else nonfinite + 1
+                self.skipped_steps += not updated
+                if nonfinite >= cfg.max_nonfinite:
+                    raise UserError(f"{nonfinite} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                                    f"lower optim.lr, raise schedule.warmup_steps or use precision=fp32")
+                self.step += 1
+                window["loss"] += loss
+                window["steps"] += 1
+                if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
+                    self._log(window, norm)
+                if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
+                    self.last_eval = self._evaluate()
+                stop = backend.any(preemption.requested)
+                if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
+                    self._checkpoint()
+                if stop:
+                    if backend.is_main:
+                        print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume", flush=True)
+                    return {"step": self.step, "preempted": 1.0}
+            if not cfg.data.val:
+                return {"step": self.step}
+            if self.last_eval.get("step") != self.step:
+                self.last_eval = self._evaluate()
+            return self.last_eval
+        finally:
+            preemption.restore()
+            self.metrics.close()
+
+    def _train_step(self, window: dict) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        cfg, backend = self.config, self.backend
+        accum = cfg.optim.grad_accum
+        total = torch.zeros((), device=backend.device)
+        for i in range(accum):
+            waited = time.perf_counter()
+            batch = next(self.batches)
+            window["wait"] += time.perf_counter() - waited
+            self.tracker.consumed(batch)
+            if self.step == 0 and i == 0:
+                self.metrics.images(0, batch["image"])
+            x = normalise(batch["image"].to(backend.device, non_blocking=True))
+            y = batch["labels"].to(backend.device, non_blocking=True)
+            with backend.micro_step(sync=i == accum - 1):
+                with backend.autocast():
+                    loss = loss_fn(backend.model(x), y, cfg.loss) / accum
+                backend.backward(loss)
+            total += loss.detach()
+            window["images"] += x.shape[0]
+        norm, updated = backend.step(lr_at(self.step, cfg.optim.lr, cfg.schedule))
+        return total, updated, norm
+
+    def _log(self, window: dict, norm: torch.Tensor) -> None:
+        backend = self.backend
+        loss = backend.all_reduce_sum(window["loss"].clone()) / backend.world / window["steps"]
+        seconds = time.perf_counter() - window["start"]
+        images = window["images"] * backend.world
+        scalars = {"loss": loss.item(), "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
+                   "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.world),
+                   "data_wait": window["wait"] / seconds, "skipped_steps": self.skipped_steps,
+                   "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards)}
+        self.metrics.log(self.step, scalars)
+        window.update(loss=torch.zeros((), device=backend.device), steps=0, images=0, wait=0.0, start=time.perf_counter())
+
+    def _evaluate(self) -> dict[str, float]:
+        result = evaluate(self.backend, self.config, self.config.data.val)
+        self.metrics.log(self.step, result, prefix="eval")
+        return {"step": self.step, **result}
+
+    def _checkpoint(self) -> None:
+        data = self.backend.gather(self.tracker.state.to_dict())
+        state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skipped_steps}
+        c = self.config.checkpoint
+        checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
+
+
+def train(config: Config) -> dict[str, float]:
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.backend.close()

@@ -1,0 +1,35 @@
+"""Losses and accuracy on labels given as (B, K) class ids padded with -1 (see data.transforms)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LossConfig
+
+SIGMOID_HEAD_BIAS = -10.0  # sigmoid cross-entropy starts with every class near probability 0
+
+
+def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, K) ids padded with -1 -> (B, C) float 0/1."""
+    target = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
+    target.scatter_(1, labels.where(labels >= 0, num_classes), 1.0)  # padding lands in the extra column
+    return target[:, :num_classes]
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    logits = logits.float()
+    num_classes = logits.shape[-1]
+    if cfg.kind == "sigmoid":  # summed over classes, averaged over the batch (the paper's code)
+        target = multi_hot(labels, num_classes)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+    if labels.shape[1] == 1:
+        return F.cross_entropy(logits, labels[:, 0], label_smoothing=cfg.label_smoothing)
+    target = multi_hot(labels, num_classes)  # several labels: spread the target mass over them
+    return F.cross_entropy(logits, target / target.sum(1, keepdim=True), label_smoothing=cfg.label_smoothing)
+
+
+def hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many samples have one of their labels among the top-k logits (precision@1 for k=1)."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, k)
+    return (top[:, :, None] == labels[:, None, :]).any(-1).any(-1).sum()
