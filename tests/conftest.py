@@ -69,3 +69,18 @@ def gcs_emulator():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> dict[str, str]:
+    """The demo's synthetic shapes, small: 400 training images in 8 shards, 100 eval images in 2.
+
+    Returns {"train": folder, "val": folder} (each a shard set with manifest.json).
+    """
+    from data_tools import shard, synthetic
+
+    root = tmp_path_factory.mktemp("small_shards")
+    synthetic.main([str(root / "images"), "--train-per-class", "40", "--val-per-class", "10", "--size", "36"])
+    shard.main([str(root / "images/train"), str(root / "train"), "--shard-samples", "50", "--workers", "1"])
+    shard.main([str(root / "images/val"), str(root / "val"), "--shard-samples", "50", "--workers", "1", "--name", "val"])
+    return {"train": str(root / "train"), "val": str(root / "val")}

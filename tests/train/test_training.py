@@ -1,0 +1,155 @@
+"""The training loop as a user runs it: real processes, real shards, signals, torchrun, TensorBoard files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pretrain import checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
+    values = {"model.name": "vit_mu8", "data.train": shards["train"], "data.val": "", "data.batch_size": 16,
+              "data.workers": 2, "schedule.total_steps": 40, "schedule.warmup_steps": 5, "log.every": 1,
+              "log.eval_every": 0, "checkpoint.every": 20, "run_dir": str(run_dir), **extra}
+    return ["recipes/demo.yaml", *(f"{k}={v}" for k, v in values.items())]
+
+
+def run(args: list[str], launcher: tuple[str, ...] = (sys.executable, "-m", "pretrain.run"), **kw):
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step; a step logged twice (before a kill, then after resuming) keeps the last."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train":
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run did not reach step {step}: {proc.poll()=}")
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(small_shards, tmp_path):
+    clean = run(overrides(small_shards, tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *overrides(small_shards, killed_dir)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(killed_dir, 23, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reached = max(losses(killed_dir))
+    assert 23 <= reached < 40 and checkpoint.find(killed_dir).name == "step_000000020", reached
+    resumed = run(overrides(small_shards, killed_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 20" in resumed.stdout
+    assert losses(killed_dir) == losses(clean_dir := tmp_path / "clean"), "losses differ after resuming"
+    final = "checkpoints/step_000000040/model.safetensors"
+    assert (killed_dir / final).read_bytes() == (clean_dir / final).read_bytes(), "final weights differ"
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+from pretrain import checkpoint, run
+real = checkpoint._fsync
+def fsync_then_die(path):
+    if "step_000000010" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path)
+checkpoint._fsync = fsync_then_die
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(small_shards, tmp_path):
+    args = overrides(small_shards, tmp_path, **{"checkpoint.every": 5, "schedule.total_steps": 12})
+    died = run(args, launcher=(sys.executable, "-c", KILL_IN_CHECKPOINT))
+    assert died.returncode == -signal.SIGKILL
+    root = tmp_path / "checkpoints"
+    assert (root / ".tmp-step_000000010").is_dir() and not (root / "step_000000010").exists()
+    assert (root / "latest").read_text().strip() == "step_000000005"
+    assert checkpoint.find(tmp_path).name == "step_000000005"
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 5" in resumed.stdout and max(losses(tmp_path)) == 12
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_shards, tmp_path):
+    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 400, "checkpoint.every": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted: checkpoint written at step" in out
+    step = int(checkpoint.find(tmp_path).name[5:])
+    assert 3 <= step < 400 and max(losses(tmp_path)) == step
+    resumed = run([*args, "schedule.total_steps=" + str(step + 4)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(losses(tmp_path))[-5:] == list(range(step, step + 5))
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_shards, tmp_path):
+    """Two readers either way: one process with 2 workers and 2 accumulation steps reads what
+    2 ranks with 1 worker each read, so every optimizer step sees the same 16 samples."""
+    steps = {"schedule.total_steps": 10, "checkpoint.every": 100}
+    single = run(overrides(small_shards, tmp_path / "one", **steps, **{"optim.grad_accum": 2}))
+    assert single.returncode == 0, single.stderr
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pretrain.run")
+    ddp = run(overrides(small_shards, tmp_path / "ddp", **steps, **{"data.workers": 1}), launcher=launcher,
+              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
+    result = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 6, "data.val": small_shards["val"]}))
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ["loss", "lr", "grad_norm", "img_per_s", "data_wait", "skipped_steps", "bad_samples"]:
+        assert f"train/{tag}" in scalars
+        assert [e.step for e in events.Scalars(f"train/{tag}")] == [1, 2, 3, 4, 5, 6]
+    assert {"eval/top1", "eval/top5", "eval/loss"} <= scalars
+    assert "train/inputs" in events.Tags()["images"]
+    assert events.Scalars("train/lr")[0].value == pytest.approx(2e-3 / 5)
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
+    assert run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 2})).returncode == 0
+    wrong = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "model.name": "vit_mu4"}))
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("error: checkpoint ") and "is of model vit_mu8, the recipe builds vit_mu4" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_the_demo_recipe_learns(small_shards, tmp_path):
+    args = ["recipes/demo.yaml", f"data.train={small_shards['train']}", f"data.val={small_shards['val']}",
+            f"run_dir={tmp_path}", "schedule.total_steps=150", "schedule.warmup_steps=15", "log.eval_every=0"]
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals[-1]["top1"] > 0.3, evals  # chance is 0.1
