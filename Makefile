@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) -m data_tools.shard $(DEMO)/images/train $(DEMO)/train --shard-samples 250 --workers 2
 	$(PY) -m data_tools.shard $(DEMO)/images/val $(DEMO)/val --shard-samples 100 --name val --workers 2
 	$(PY) -m pretrain.run recipes/demo.yaml
+	$(PY) -m pretrain.run recipes/demo_finetune.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

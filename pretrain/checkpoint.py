@@ -18,9 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from . import recipe
 from .backends.base import Backend
+from .config import Config
 from .errors import UserError
+from .models.convert import load_weights
+from .models.vit import VisionTransformer
+from .models.zoo import build_model
 
 STATE = "state.json"
 LATEST = "latest"
@@ -129,3 +135,32 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     if backend.rank < len(rngs):
         set_rng_state(rngs[backend.rank])
     return state
+
+
+def saved_config(folder: Path) -> Config:
+    """The resolved recipe a checkpoint was trained with."""
+    return recipe.from_dict(json.loads((folder / STATE).read_text())["config"], str(folder / STATE))
+
+
+def init_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights to start fine-tuning from: a run directory or checkpoint of ours, else any format
+    ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
+    found = find(path) if Path(path).is_dir() else None
+    if found is not None:
+        if not (found / "model.safetensors").is_file():
+            raise UserError(f"checkpoint {found} has no model.safetensors; consolidate it first")
+        return load_file(found / "model.safetensors")
+    if not Path(path).exists():
+        raise UserError(f"init_from={path} does not exist; give a run directory, a checkpoint, an HF folder or a weights file")
+    return load_weights(path)
+
+
+def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
+    """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
+    found = find(path)
+    if found is None:
+        raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
+    config = saved_config(found)
+    model = build_model(config.model)
+    model.load_state_dict(load_file(found / "model.safetensors"))
+    return model.eval(), config

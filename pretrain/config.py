@@ -86,6 +86,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.")
     eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.")
+    eval_at_start: bool = doc(False, "Also evaluate before the first step (a fine-tune's zero head: the pre-trained starting point).")
 
 
 @dataclass

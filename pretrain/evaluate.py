@@ -1,13 +1,23 @@
-"""Evaluation: top-1 / top-5 (precision@1 for multi-label data) and the loss on a labelled shard set."""
+"""Evaluation: top-1 / top-5 (precision@1 for multi-label data) and the loss on a labelled shard set.
+
+python -m pretrain.evaluate RUN_OR_CHECKPOINT data=SPEC [--fewshot-train SPEC] [--batch N] prints the top-1,
+top-5 and loss of a run's newest checkpoint (and its few-shot linear accuracy, see pretrain.fewshot) as one JSON line.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+
 import torch
 
+from . import backends, checkpoint
 from .backends.base import Backend
 from .config import Config
 from .data import shards
 from .data.stream import EvalStream, loader
+from .errors import UserError
 from .train.losses import hits, loss_fn
 
 
@@ -39,3 +49,68 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     samples, top1, top5, loss, bad = backend.all_reduce_sum(totals).tolist()
     samples = max(samples, 1)
     return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": samples, "bad_samples": bad}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose command-line errors are a ``UserError`` (one sentence, no usage block)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def _data_spec(arg: str) -> str:
+    if not arg.startswith("data="):
+        raise argparse.ArgumentTypeError(f"expected data=SPEC, got '{arg}'")
+    return arg.removeprefix("data=")
+
+
+def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, batch: int | None = None) -> dict:
+    """Top-1 / top-5 / loss of the checkpoint at ``path`` on ``spec`` in this one process (a GPU if there
+    is one), and few-shot accuracy with training samples from ``fewshot_train``."""
+    model, config = checkpoint.load_model(path)
+    _check_classes(model.num_classes, path, spec)
+    if batch:
+        config.data.eval_batch_size = batch
+    backend = backends.create(config)
+    backend.setup(model)
+    result = {"checkpoint": str(checkpoint.find(path)), "data": spec, **evaluate(backend, config, spec)}
+    if fewshot_train:
+        from .fewshot import fewshot_eval  # fewshot imports this module
+
+        result |= fewshot_eval(backend.module, fewshot_train, spec, config.model.image_size, backend.device,
+                               batch=batch or 64, workers=config.data.workers)
+    return result
+
+
+def _check_classes(num_classes: int, path: str, spec: str) -> None:
+    if not num_classes:
+        raise UserError(f"{path} has no classifier (model.num_classes 0), so it has no top-1 to evaluate on {spec}")
+    classes = shards.resolve(spec, "data").classes
+    if classes is not None and len(classes) != num_classes:
+        raise UserError(f"{path} has {num_classes} classes but {spec} has {len(classes)}; "
+                        f"evaluate it on data of the classes it was trained on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m pretrain.evaluate RUN_OR_CHECKPOINT data=SPEC [--fewshot-train SPEC] [--batch N]: one JSON line."""
+    parser = OneLineParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("data", metavar="data=SPEC", type=_data_spec,
+                        help="labelled shards: a folder, a manifest.json or a brace pattern")
+    parser.add_argument("--fewshot-train", metavar="SPEC",
+                        help="also few-shot linear accuracy, drawing its training samples from SPEC")
+    parser.add_argument("--batch", type=int, metavar="N", help="eval batch size (default: the run's)")
+    try:
+        args = parser.parse_args(argv)
+        if args.batch is not None and args.batch < 1:
+            raise UserError(f"--batch must be at least 1, got {args.batch}")
+        print(json.dumps(evaluate_checkpoint(args.run, args.data, args.fewshot_train, args.batch)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

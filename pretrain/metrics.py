@@ -52,7 +52,7 @@ class Metrics:
 
     def throughput(self, images: int, seconds: float, devices: int) -> dict[str, float]:
         out = {"img_per_s": images / seconds}
-        if self.flops:
+        if self.flops and self.device.type != "cpu":  # a CPU has no meaningful peak: img/s only
             tflops = images * self.flops / seconds / devices / 1e12
             out["tflops_per_device"] = tflops
             if self.peak:

@@ -34,6 +34,13 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     return _build(Config, values)
 
 
+def from_dict(values: dict[str, Any], source: str) -> Config:
+    """A Config from plain data (e.g. a checkpoint's saved recipe), checked like a recipe file."""
+    values = _expand(values)
+    _check(values, Config, source)
+    return _build(Config, values)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     """Plain data (tuples as lists) for YAML and JSON."""
 

@@ -22,6 +22,8 @@ from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumab
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
 from ..metrics import Metrics
+from ..models.convert import load_into
+from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, forward_flops
 from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
@@ -62,6 +64,17 @@ def resume_point(config: Config) -> Path | None:
     return found
 
 
+def start_from_pretrained(model: VisionTransformer, config: Config) -> None:
+    """The paper's fine-tuning start: pre-trained encoder, pre-logits dropped, a zero-initialised linear
+    head, position embeddings resampled to the new grid."""
+    if not config.init_from:
+        raise UserError("stage: finetune needs init_from: a pre-training run directory, checkpoint, HF folder or weights file")
+    if config.model.head != "linear":
+        raise UserError("stage: finetune trains a zero-initialised linear head on the pre-logits-free encoder; set model.head=linear")
+    load_into(model, checkpoint.init_weights(config.init_from), interp=config.model.posemb_interp,
+              align_corners=config.model.posemb_align_corners, drop_heads=True)
+
+
 class Trainer:
     def __init__(self, config: Config, backend: Backend | None = None):
         self.config = config
@@ -73,13 +86,15 @@ class Trainer:
         head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
         model = build_model(config.model, head_bias=head_bias)
         self.train_flops = 3 * forward_flops(model)  # forward + backward
+        found = resume_point(config)
+        if found is None and config.stage == "finetune":
+            start_from_pretrained(model, config)
         self.backend.setup(model)
         self.micro = micro_batch(config, self.backend.world)
         self.step = 0
         self.skipped_steps = 0
         self.last_eval: dict[str, float] = {}
         stream_state = None
-        found = resume_point(config)
         if found is not None:
             state = checkpoint.load(found, self.backend, config.model.name)
             self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
@@ -111,6 +126,8 @@ class Trainer:
                   "start": time.perf_counter()}
         nonfinite = 0
         try:
+            if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
+                self._evaluate()
             while self.step < cfg.schedule.total_steps:
                 loss, updated, norm = self._train_step(window)
                 nonfinite = 0 if updated else nonfinite + 1

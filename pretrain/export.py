@@ -1,0 +1,97 @@
+"""Hand a run to the rest of the ecosystem: a Hugging Face transformers folder or an ONNX file.
+
+python -m pretrain.export RUN_OR_CHECKPOINT --format hf|onnx OUT writes the newest checkpoint of a run
+(or the given checkpoint) to OUT and prints what it wrote.
+
+hf: ``models.convert.to_hf``. A fine-tuned model (head 'linear') becomes ViTForImageClassification,
+labelled with the classes of the run's training manifest; a pre-training model becomes ViTModel (its
+pre-logits are the pooler; HF has no place for its classifier).
+onnx: the whole model, head included: input ``pixel_values`` (B, 3, H, W) float32 normalised images
+(mean 0.5, std 0.5), output ``logits`` (B, classes), B dynamic.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config
+from .data import shards
+from .errors import UserError
+from .evaluate import OneLineParser
+from .models.convert import to_hf
+from .models.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+
+
+def class_names(config: Config, num_classes: int) -> dict[int, str] | None:
+    """id2label from the classes of the run's training manifest; None (HF's LABEL_i) with a warning when
+    they cannot be read or do not match the model."""
+    try:
+        classes = shards.resolve(config.data.train).classes
+    except UserError as e:
+        log.warning("the labels will be LABEL_i: %s", e)
+        return None
+    if classes is None or len(classes) != num_classes:
+        log.warning("the labels will be LABEL_i: %s names no %d classes", config.data.train, num_classes)
+        return None
+    return dict(enumerate(classes))
+
+
+def export_hf(model: VisionTransformer, config: Config, out: Path) -> str:
+    """Write a transformers folder; a line saying what it holds."""
+    labelled = model.head_type == "linear" and model.num_classes > 0
+    to_hf(model, out, class_names(config, model.num_classes) if labelled else None)
+    kind = f"ViTForImageClassification ({model.num_classes} classes)" if labelled else "ViTModel"
+    return f"wrote {kind} to {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}"
+
+
+def export_onnx(model: VisionTransformer, out: Path) -> str:
+    """Write an ONNX file, checked with onnx.checker; a line saying what it holds."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package; pip install onnx") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, model.image_size, model.image_size)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter: the dynamo one needs onnxscript, which is not a dependency. Its
+        # deprecation notice and the tracer's notes on the (static) token-grid check are noise here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model.eval(), (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    onnx.checker.check_model(str(out), full_check=True)  # a path, so that models over 2 GB are checked too
+    outputs = model.num_classes or model.size.width
+    return (f"wrote {out} (opset {ONNX_OPSET}, {out.stat().st_size / 1e6:.1f} MB): pixel_values "
+            f"(batch, 3, {model.image_size}, {model.image_size}) -> logits (batch, {outputs})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
+    parser = OneLineParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[1])
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--format", required=True, choices=("hf", "onnx"), help="hf: a transformers folder; onnx: a file")
+    parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
+    try:
+        args = parser.parse_args(argv)
+        model, config = checkpoint.load_model(args.run)
+        print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, args.out))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Few-shot linear evaluation (Dosovitskiy et al., section 4.1): closed-form ridge regression on frozen features.
+
+The representation is ``model.representation``: the [CLS] token after the pre-logits when the model has
+them. For each shot count, ``shots`` training samples per class are drawn with a seeded RNG (one
+permutation per class, so the 5-shot draw is part of the 10-shot draw) and a linear map to {-1, +1}
+one-vs-all targets is fitted by regularised least squares in closed form; the prediction is the class of
+the largest output. Features are used as they are, centred only: centring gives the bias, which is not
+regularised (scikit-learn's ``Ridge(fit_intercept=True)``).
+
+λ is chosen from ``LAMBDAS`` by cross-validation inside the few-shot draw, never on the eval set: with
+k = min(shots, 5) folds, fold f holds out the drawn samples at positions f, f + k, ... of every class; the
+λ with the most held-out hits wins (ties: the smaller held-out squared error). One shot leaves nothing to
+hold out, so 1-shot uses ``ONE_SHOT_LAMBDA``. The paper's code (big_vision) uses one fixed λ instead.
+
+Single-process by design: it runs on the few thousand samples a few-shot evaluation needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import shards
+from .data.stream import EvalStream, loader
+from .errors import UserError
+from .evaluate import normalise
+
+log = logging.getLogger(__name__)
+
+LAMBDAS = tuple(2.0**k for k in range(-10, 11))
+ONE_SHOT_LAMBDA = 1.0  # the grid's geometric middle
+MAX_FOLDS = 5
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, device: torch.device | str,
+                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32 on the CPU, labels (N,)) of every sample of ``spec``; the first label of a
+    multi-label sample, and samples without a label left out. ``model`` is moved to ``device``."""
+    device = torch.device(device)
+    shard_set = shards.resolve(spec, "few-shot data")
+    stream = EvalStream(shard_set.urls, image_size, batch, 0, 1)
+    was_training = model.training
+    model.to(device).eval()
+    feats, labels = [], []
+    for b in loader(stream, min(workers, len(shard_set.urls)), device.type == "cuda"):
+        feats.append(model.representation(normalise(b["image"].to(device))).float().cpu())
+        labels.append(b["labels"][:, 0])
+    model.train(was_training)
+    if not feats:
+        raise UserError(f"{spec} holds no readable samples; check it with python -m data_tools.verify")
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    keep = labels >= 0
+    return feats[keep], labels[keep]
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (D, C), b (C,)) minimising |x W + b - y|^2 + lam |W|^2, in float64.
+
+    Centring x and y removes the bias from the problem, so it is not regularised; W solves
+    (Xc^T Xc + lam I) W = Xc^T Yc and b = mean(y) - mean(x) W.
+    """
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(xc.T @ xc + lam * eye, xc.T @ yc)
+    return w, my - mx @ w
+
+
+def fewshot_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                     test_labels: torch.Tensor, shots: int, seed: int) -> dict[str, float]:
+    """{"top1", "lambda"}: accuracy on the test features of ridge regression fitted to ``shots`` samples of
+    each class present in the training labels, with λ chosen by cross-validation inside the draw."""
+    classes = train_labels.unique()
+    if not fits(train_labels, shots):
+        raise ValueError(f"a class has fewer than {shots} training samples")
+    chosen = draw(train_labels, classes, shots, seed).flatten()
+    x, y = train_feats[chosen], targets(train_labels[chosen], classes)
+    lam = choose_lambda(x, y, torch.arange(shots).repeat(len(classes)), shots) if shots > 1 else ONE_SHOT_LAMBDA
+    w, b = ridge_fit(x, y, lam)
+    predicted = classes[(test_feats.double() @ w + b).argmax(1)]
+    return {"top1": (predicted == test_labels).double().mean().item(), "lambda": lam}
+
+
+def fits(labels: torch.Tensor, shots: int) -> bool:
+    """Whether every class in ``labels`` has at least ``shots`` samples."""
+    return bool(labels.unique(return_counts=True)[1].min() >= shots)
+
+
+def draw(labels: torch.Tensor, classes: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
+    """(classes, shots) sample indices: the first ``shots`` of a seeded permutation of each class's samples."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(torch.nonzero(labels == c).flatten().numpy())[:shots] for c in classes]
+    return torch.from_numpy(np.stack(rows))
+
+
+def targets(labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """One-vs-all targets in {-1, +1}, float64, one column per class."""
+    return (labels[:, None] == classes[None, :]).double() * 2 - 1
+
+
+def choose_lambda(x: torch.Tensor, y: torch.Tensor, position: torch.Tensor, shots: int) -> float:
+    """The λ of ``LAMBDAS`` with the most held-out hits over the folds (ties: the smaller squared error)."""
+    k = min(shots, MAX_FOLDS)
+    folds = [(position % k != f, position % k == f) for f in range(k)]
+    scores = []
+    for lam in LAMBDAS:
+        hits, error = 0, 0.0
+        for train, held in folds:
+            w, b = ridge_fit(x[train], y[train], lam)
+            out = x[held].double() @ w + b
+            hits += (out.argmax(1) == y[held].argmax(1)).sum().item()
+            error += (out - y[held]).square().sum().item()
+        scores.append((hits, -error))
+    return LAMBDAS[max(range(len(LAMBDAS)), key=scores.__getitem__)]
+
+
+def fewshot_eval(model: nn.Module, train_spec: str, val_spec: str, image_size: int, device: torch.device | str,
+                 shots: Sequence[int] = (1, 5, 10, 25), seed: int = 0, batch: int = 64,
+                 workers: int = 0) -> dict[str, float]:
+    """``fewshot_{n}shot_top1`` and the chosen ``fewshot_{n}shot_lambda`` for every shot count ``train_spec``
+    has enough samples of each class for; the others are skipped with a warning."""
+    train_feats, train_labels = extract_features(model, train_spec, image_size, batch, device, workers)
+    test_feats, test_labels = extract_features(model, val_spec, image_size, batch, device, workers)
+    usable = [n for n in shots if fits(train_labels, n)]
+    if not usable:
+        raise UserError(f"{train_spec} has a class with fewer samples than any of the shot counts {tuple(shots)}")
+    if len(usable) < len(shots):
+        log.warning("%s: skipping %s shots: a class has fewer samples", train_spec, sorted(set(shots) - set(usable)))
+    result = {}
+    for n in usable:
+        r = fewshot_accuracy(train_feats, train_labels, test_feats, test_labels, n, seed)
+        result[f"fewshot_{n}shot_top1"], result[f"fewshot_{n}shot_lambda"] = r["top1"], r["lambda"]
+    return result

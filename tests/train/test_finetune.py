@@ -1,0 +1,88 @@
+"""Fine-tuning at a higher resolution: the paper's start (zero head, resampled position embeddings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain import checkpoint
+from pretrain.config import ModelConfig
+from pretrain.models.convert import load_into
+from pretrain.models.zoo import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pretrained(small_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    result = run("recipes/demo.yaml", f"data.train={small_shards['train']}", f"data.val={small_shards['val']}",
+                 f"run_dir={run_dir}", "schedule.total_steps=80", "schedule.warmup_steps=8", "log.eval_every=0",
+                 "data.batch_size=64")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
+
+
+def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretrained, tmp_path):
+    result = run("recipes/demo_finetune.yaml", f"init_from={pretrained}", f"run_dir={tmp_path}",
+                 f"data.train={small_shards['train']}", f"data.val={small_shards['val']}", "schedule.total_steps=60",
+                 "data.batch_size=32")
+    assert result.returncode == 0, result.stderr
+    first, last = evals(tmp_path)[0], evals(tmp_path)[-1]
+    assert first["step"] == 0 and first["loss"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-5)
+    assert first["top1"] == pytest.approx(0.1)  # all logits 0: top-1 is class 0, a tenth of the eval set
+    assert last["top1"] > 0.3, last  # chance is 0.1
+
+    model, config = checkpoint.load_model(tmp_path)
+    assert config.model.image_size == 48 and model.grid == (12, 12) and model.head_type == "linear"
+    pre, _ = checkpoint.load_model(pretrained)
+    assert pre.grid == (8, 8)
+    torch.testing.assert_close(model.pos_embed[:, :1], pre.pos_embed[:, :1], atol=0.2, rtol=0)  # [CLS] moved little
+
+
+def test_zero_head_start_equals_pretrained_features(pretrained):
+    """Right after loading, the encoder is the pre-trained one (features equal) and the head outputs 0."""
+    pre, config = checkpoint.load_model(pretrained)
+    ft = build_model(ModelConfig(name=config.model.name, image_size=32, num_classes=10, head="linear"))
+    load_into(ft, checkpoint.init_weights(pretrained), drop_heads=True)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(ft.eval().forward_features(x), pre.forward_features(x))
+    assert torch.equal(ft(x), torch.zeros(4, 10))
+
+
+def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
+    pre, config = checkpoint.load_model(pretrained)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    smooth = torch.stack([xx, yy, (xx + yy) / 2])[None] * 0.8
+    big = F.interpolate(smooth, size=(48, 48), mode="bilinear", align_corners=True)
+    with pytest.raises(ValueError, match="resample them"):
+        pre(big)
+    ft = build_model(ModelConfig(name=config.model.name, image_size=48, num_classes=10))
+    load_into(ft, checkpoint.init_weights(pretrained))
+    ft.eval()
+    a, b = pre.forward_features(smooth)[:, 0], ft.forward_features(big)[:, 0]
+    assert F.cosine_similarity(a, b).item() > 0.9
+    unrelated = pre.forward_features(torch.rand(1, 3, 32, 32) * 2 - 1)[:, 0]
+    assert F.cosine_similarity(a, b).item() > F.cosine_similarity(a, unrelated).item()
+
+
+def test_finetune_needs_a_start(small_shards, tmp_path):
+    result = run("recipes/demo_finetune.yaml", "init_from=", f"run_dir={tmp_path}", f"data.train={small_shards['train']}")
+    assert result.returncode == 2 and "stage: finetune needs init_from" in result.stderr
+    result = run("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}",
+                 f"data.train={small_shards['train']}")
+    assert result.returncode == 2 and "does not exist" in result.stderr
