@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[1])
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (its newest checkpoint) or a checkpoint folder")
-    parser.add_argument("--format", required=True, choices=("hf", "onnx"), help="hf: a transformers folder; onnx: a file")
+    parser.add_argument("--format", required=True, choices=("hf", "onnx"),
+                        help="hf: a transformers folder; onnx: one file")
     parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
     try:
         args = parser.parse_args(argv)

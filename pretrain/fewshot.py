@@ -59,17 +59,23 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (D, C), b (C,)) minimising |x W + b - y|^2 + lam |W|^2, in float64.
+    """(W (D, C), b (C,)) minimising |x W + b - y|^2 + lam |W|^2, in float64 (see ``ridge_path``)."""
+    return ridge_path(x, y, (lam,))[0]
+
+
+def ridge_path(x: torch.Tensor, y: torch.Tensor, lams: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``ridge_fit`` for every λ of ``lams``, sharing one eigendecomposition.
 
     Centring x and y removes the bias from the problem, so it is not regularised; W solves
-    (Xc^T Xc + lam I) W = Xc^T Yc and b = mean(y) - mean(x) W.
+    (Xc^T Xc + λI) W = Xc^T Yc, which with Xc^T Xc = Q diag(e) Q^T is Q diag(1 / (e + λ)) Q^T Xc^T Yc,
+    and b = mean(y) - mean(x) W.
     """
     x, y = x.double(), y.double()
     mx, my = x.mean(0), y.mean(0)
     xc, yc = x - mx, y - my
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    w = torch.linalg.solve(xc.T @ xc + lam * eye, xc.T @ yc)
-    return w, my - mx @ w
+    e, q = torch.linalg.eigh(xc.T @ xc)
+    r = q.T @ (xc.T @ yc)
+    return [(w, my - mx @ w) for w in (q @ (r / (e + lam)[:, None]) for lam in lams)]
 
 
 def fewshot_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -81,7 +87,7 @@ def fewshot_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test
         raise ValueError(f"a class has fewer than {shots} training samples")
     chosen = draw(train_labels, classes, shots, seed).flatten()
     x, y = train_feats[chosen], targets(train_labels[chosen], classes)
-    lam = choose_lambda(x, y, torch.arange(shots).repeat(len(classes)), shots) if shots > 1 else ONE_SHOT_LAMBDA
+    lam = choose_lambda(x, y, shots) if shots > 1 else ONE_SHOT_LAMBDA
     w, b = ridge_fit(x, y, lam)
     predicted = classes[(test_feats.double() @ w + b).argmax(1)]
     return {"top1": (predicted == test_labels).double().mean().item(), "lambda": lam}
@@ -104,20 +110,19 @@ def targets(labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return (labels[:, None] == classes[None, :]).double() * 2 - 1
 
 
-def choose_lambda(x: torch.Tensor, y: torch.Tensor, position: torch.Tensor, shots: int) -> float:
-    """The λ of ``LAMBDAS`` with the most held-out hits over the folds (ties: the smaller squared error)."""
+def choose_lambda(x: torch.Tensor, y: torch.Tensor, shots: int) -> float:
+    """The λ of ``LAMBDAS`` with the most held-out hits over the folds (ties: the smaller squared error);
+    x and y hold the draw class after class, ``shots`` rows each."""
     k = min(shots, MAX_FOLDS)
-    folds = [(position % k != f, position % k == f) for f in range(k)]
-    scores = []
-    for lam in LAMBDAS:
-        hits, error = 0, 0.0
-        for train, held in folds:
-            w, b = ridge_fit(x[train], y[train], lam)
+    fold = torch.arange(len(x)) % shots % k
+    hits, error = torch.zeros(len(LAMBDAS)), torch.zeros(len(LAMBDAS), dtype=torch.float64)
+    for f in range(k):
+        held = fold == f
+        for i, (w, b) in enumerate(ridge_path(x[~held], y[~held], LAMBDAS)):
             out = x[held].double() @ w + b
-            hits += (out.argmax(1) == y[held].argmax(1)).sum().item()
-            error += (out - y[held]).square().sum().item()
-        scores.append((hits, -error))
-    return LAMBDAS[max(range(len(LAMBDAS)), key=scores.__getitem__)]
+            hits[i] += (out.argmax(1) == y[held].argmax(1)).sum()
+            error[i] += (out - y[held]).square().sum()
+    return LAMBDAS[max(range(len(LAMBDAS)), key=lambda i: (hits[i], -error[i]))]
 
 
 def fewshot_eval(model: nn.Module, train_spec: str, val_spec: str, image_size: int, device: torch.device | str,

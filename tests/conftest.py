@@ -84,3 +84,16 @@ def small_shards(tmp_path_factory) -> dict[str, str]:
     shard.main([str(root / "images/train"), str(root / "train"), "--shard-samples", "50", "--workers", "1"])
     shard.main([str(root / "images/val"), str(root / "val"), "--shard-samples", "50", "--workers", "1", "--name", "val"])
     return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(small_shards, tmp_path_factory) -> Path:
+    """vit_mu8 (8x8 patches, pre-logits head) pre-trained at 32px for 100 steps on small_shards."""
+    run_dir = tmp_path_factory.mktemp("pretrained_run")
+    result = subprocess.run(
+        [sys.executable, "-m", "pretrain.run", "recipes/demo.yaml", f"data.train={small_shards['train']}",
+         f"data.val={small_shards['val']}", f"run_dir={run_dir}", "model.name=vit_mu8", "data.batch_size=64",
+         "schedule.total_steps=100", "schedule.warmup_steps=10", "log.eval_every=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return run_dir

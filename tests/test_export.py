@@ -1,0 +1,121 @@
+"""Export to Hugging Face transformers and ONNX, and the evaluate command line, on tiny real runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTForImageClassification, ViTImageProcessor, ViTModel
+
+from pretrain import checkpoint, evaluate, export
+from pretrain.config import Config
+from pretrain.data import shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(small_shards, pretrained_run, tmp_path_factory) -> dict[str, Path]:
+    """The shared vit_mu8 pre-training run at 32px (pre-logits head) and a 10-step fine-tune of it at 48px."""
+    ft = tmp_path_factory.mktemp("finetune")
+    train("recipes/demo_finetune.yaml", f"data.train={small_shards['train']}", "data.val=", f"init_from={pretrained_run}",
+          f"run_dir={ft}", "model.name=vit_mu8", "schedule.total_steps=10", "schedule.warmup_steps=2")
+    return {"pretrain": pretrained_run, "finetune": ft}
+
+
+def images(n: int, size: int) -> torch.Tensor:
+    """Normalised random images in [-1, 1]."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(n)) * 2 - 1
+
+
+def test_finetuned_run_to_hf_classifier(runs, small_shards, tmp_path, capsys):
+    assert export.main([str(runs["finetune"]), "--format", "hf", str(tmp_path)]) == 0
+    assert "ViTForImageClassification (10 classes)" in capsys.readouterr().out
+    model, _ = checkpoint.load_model(runs["finetune"])
+    hf = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    x = images(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-4, rtol=0)
+    classes = shards.resolve(small_shards["train"]).classes
+    assert hf.config.id2label == dict(enumerate(classes))
+    processor = ViTImageProcessor.from_pretrained(tmp_path)
+    pixels = processor(Image.new("RGB", (60, 40), (255, 0, 0)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 48, 48) and pixels[0, 0].eq(1).all() and pixels[0, 1].eq(-1).all()
+
+
+def test_pretraining_run_to_hf_vitmodel(runs, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert export.main([str(runs["pretrain"]), "--format", "hf", str(tmp_path)]) == 0
+    assert "wrote ViTModel" in capsys.readouterr().out
+    assert "10-class head is not exported" in caplog.text  # HF's ViTModel has no place for it
+    model, _ = checkpoint.load_model(runs["pretrain"])
+    hf = ViTModel.from_pretrained(tmp_path).eval()
+    x = images(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).pooler_output, model.representation(x), atol=1e-4, rtol=0)
+
+
+def test_labels_fall_back_when_the_training_manifest_is_unreachable(tmp_path, caplog):
+    config = Config()
+    config.data.train = str(tmp_path / "gone")
+    with caplog.at_level(logging.WARNING):
+        assert export.class_names(config, 10) is None
+    assert "LABEL_i" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_onnx_matches_with_a_dynamic_batch(runs, stage, tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    assert export.main([str(runs[stage]), "--format", "onnx", str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    model, config = checkpoint.load_model(runs[stage])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    for batch in (1, 3):
+        x = images(batch, config.model.image_size)
+        (logits,) = session.run(["logits"], {"pixel_values": x.numpy()})
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert logits.shape == (batch, 10)
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_evaluate_cli_reproduces_the_runs_last_eval(runs, small_shards):
+    result = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(runs["pretrain"]),
+                             f"data={small_shards['val']}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    printed = json.loads(lines[0])
+    records = map(json.loads, (runs["pretrain"] / "metrics.jsonl").read_text().splitlines())
+    last = [r for r in records if r["split"] == "eval"][-1]
+    assert printed["top1"] == last["top1"] and printed["samples"] == 100
+    assert printed["loss"] == pytest.approx(last["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cli, args, says", [
+    (evaluate, ["{missing}", "data={val}"], "holds no complete checkpoint"),
+    (evaluate, ["{run}"], "the following arguments are required: data=SPEC"),
+    (evaluate, ["{run}", "data={val}", "--shots", "5"], "unrecognized arguments: --shots 5"),
+    (export, ["{missing}", "--format", "hf", "{out}"], "holds no complete checkpoint"),
+    (export, ["{run}", "--format", "tflite", "{out}"], "invalid choice: 'tflite'"),
+])
+def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
+    names = {"missing": tmp_path / "missing", "run": runs["pretrain"], "val": small_shards["val"], "out": tmp_path}
+    assert cli.main([a.format(**names) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,80 @@
+"""Few-shot linear evaluation: the closed-form ridge against scikit-learn, and on a tiny pre-trained run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+
+from pretrain import checkpoint, evaluate
+from pretrain.fewshot import LAMBDAS, draw, extract_features, fewshot_accuracy, fewshot_eval, fits, ridge_fit, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(pretrained_run) -> Path:
+    return pretrained_run
+
+
+@pytest.fixture(scope="module")
+def features(run, small_shards) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    model, config = checkpoint.load_model(run)
+    size = config.model.image_size
+    return tuple(extract_features(model, small_shards[split], size, 64, "cpu") for split in ("train", "val"))
+
+
+@pytest.mark.parametrize("n, d", [(60, 16), (12, 16)])  # more samples than features, and fewer (1-shot-like)
+@pytest.mark.parametrize("lam", [2.0**-10, 1.0, 2.0**10])
+def test_ridge_fit_equals_sklearn_ridge(n, d, lam):
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * 2 + 0.5  # float32, like extracted features
+    y = targets(torch.randint(0, 4, (n,), generator=g), torch.arange(4))
+    w, b = ridge_fit(x, y, lam)
+    ref = Ridge(alpha=lam, fit_intercept=True).fit(x.double().numpy(), y.numpy())
+    assert w.dtype == b.dtype == torch.float64 and w.shape == (d, 4) and b.shape == (4,)
+    torch.testing.assert_close(w, torch.from_numpy(ref.coef_.T), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b, torch.from_numpy(ref.intercept_), rtol=1e-6, atol=1e-8)
+    new = torch.randn(7, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(new @ w + b, torch.from_numpy(ref.predict(new.numpy())), rtol=1e-6, atol=1e-8)
+
+
+def test_draw_is_seeded_nested_and_takes_shots_of_every_class():
+    labels = torch.arange(5).repeat_interleave(8)
+    classes = labels.unique()
+    five = draw(labels, classes, 5, seed=3)
+    assert five.shape == (5, 5) and torch.equal(labels[five], classes[:, None].expand(5, 5))
+    assert torch.equal(draw(labels, classes, 2, seed=3), five[:, :2])  # the 2-shot draw is part of the 5-shot one
+    assert not torch.equal(draw(labels, classes, 5, seed=4), five)
+    assert fits(labels, 8) and not fits(labels, 9)
+    with pytest.raises(ValueError, match="fewer than 9"):
+        fewshot_accuracy(torch.randn(40, 3), labels, torch.randn(4, 3), labels[:4], shots=9, seed=0)
+
+
+def test_fewshot_on_a_pretrained_run_is_above_chance(features):
+    (train_x, train_y), (test_x, test_y) = features
+    assert train_x.shape == (400, 64) and test_x.shape == (100, 64) and test_y.shape == (100,)
+    result = fewshot_accuracy(train_x, train_y, test_x, test_y, shots=10, seed=0)
+    assert result["top1"] > 0.15  # 10 classes: chance is 0.1
+    assert result["lambda"] in LAMBDAS
+    assert fewshot_accuracy(train_x, train_y, test_x, test_y, shots=10, seed=0) == result
+
+
+def test_fewshot_eval_skips_shot_counts_beyond_the_smallest_class(run, small_shards, caplog):
+    model, config = checkpoint.load_model(run)
+    with caplog.at_level(logging.WARNING):
+        result = fewshot_eval(model, small_shards["train"], small_shards["val"], config.model.image_size, "cpu",
+                              shots=(10, 50))
+    assert set(result) == {"fewshot_10shot_top1", "fewshot_10shot_lambda"}  # 40 training images per class
+    assert "skipping [50] shots" in caplog.text
+
+
+def test_evaluate_cli_adds_fewshot_accuracy(run, small_shards, capsys):
+    assert evaluate.main([str(run), f"data={small_shards['val']}", "--fewshot-train", small_shards["train"]]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {f"fewshot_{n}shot_top1" for n in (1, 5, 10, 25)} <= set(result)
+    assert all(result[f"fewshot_{n}shot_lambda"] in LAMBDAS for n in (1, 5, 10, 25))
