@@ -46,6 +46,7 @@ class DataConfig:
     workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).")
     crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.")
     eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.")
+    fewshot_train: str = doc("", "Labelled shards the few-shot linear probe draws its 1/5/10/25 shots from (data.val is its test set); empty: no few-shot eval.")
     allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
 
@@ -86,6 +87,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.")
     eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.")
+    fewshot_every: int = doc(0, "Few-shot linear eval (data.fewshot_train -> data.val) every this many steps and at the end; 0: never.")
     eval_at_start: bool = doc(False, "Also evaluate before the first step (a fine-tune's zero head: the pre-trained starting point).")
 
 

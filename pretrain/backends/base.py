@@ -22,7 +22,8 @@ class Backend(ABC):
     rank: int
     world: int
     device: torch.device
-    model: nn.Module  # what the loop calls forward on
+    model: nn.Module  # what the loop calls forward on (maybe wrapped: DDP, an engine)
+    module: nn.Module  # the model itself, unwrapped
 
     def __init__(self, config: Config):
         self.config = config

@@ -21,6 +21,7 @@ from ..data import shards
 from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
+from ..fewshot import fewshot_eval
 from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
@@ -82,6 +83,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.train_set = shards.resolve(config.data.train)
         self._check_classes()
+        self._check_evals()
         torch.manual_seed(config.seed)
         head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
         model = build_model(config.model, head_bias=head_bias)
@@ -113,6 +115,11 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, self.backend.is_main, self.step, config.schedule.total_steps,
                                self.train_flops, self.backend.device)
 
+    def _check_evals(self) -> None:
+        data, log = self.config.data, self.config.log
+        if log.fewshot_every and not (data.fewshot_train and data.val):
+            raise UserError("log.fewshot_every needs data.fewshot_train (the shots) and data.val (the test set)")
+
     def _check_classes(self) -> None:
         classes = self.train_set.classes
         if classes is not None and len(classes) != self.config.model.num_classes:
@@ -142,6 +149,8 @@ class Trainer:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
                     self.last_eval = self._evaluate()
+                if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
+                    self._fewshot()
                 stop = backend.any(preemption.requested)
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
                     self._checkpoint()
@@ -196,6 +205,14 @@ class Trainer:
         result = evaluate(self.backend, self.config, self.config.data.val)
         self.metrics.log(self.step, result, prefix="eval")
         return {"step": self.step, **result}
+
+    def _fewshot(self) -> None:
+        """On rank 0 (a probe on a few thousand images); the other ranks wait."""
+        if self.backend.is_main:
+            result = fewshot_eval(self.backend.module, self.config.data.fewshot_train, self.config.data.val,
+                                  self.config.model.image_size, self.backend.device, seed=self.config.seed)
+            self.metrics.log(self.step, result, prefix="fewshot")
+        self.backend.barrier()
 
     def _checkpoint(self) -> None:
         data = self.backend.gather(self.tracker.state.to_dict())

@@ -124,7 +124,8 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_sh
 
 
 def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
-    result = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 6, "data.val": small_shards["val"]}))
+    result = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 6, "data.val": small_shards["val"],
+                                                   "data.fewshot_train": small_shards["train"], "log.fewshot_every": 3}))
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -133,6 +134,7 @@ def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
         assert f"train/{tag}" in scalars
         assert [e.step for e in events.Scalars(f"train/{tag}")] == [1, 2, 3, 4, 5, 6]
     assert {"eval/top1", "eval/top5", "eval/loss"} <= scalars
+    assert [e.step for e in events.Scalars("fewshot/fewshot_10shot_top1")] == [3, 6]
     assert "train/inputs" in events.Tags()["images"]
     assert events.Scalars("train/lr")[0].value == pytest.approx(2e-3 / 5)
     assert (tmp_path / "config.yaml").is_file()
