@@ -46,7 +46,7 @@ class DataConfig:
     workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).")
     crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.")
     eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.")
-    fewshot_train: str = doc("", "Labelled shards the few-shot linear probe draws its 1/5/10/25 shots from (data.val is its test set); empty: no few-shot eval.")
+    fewshot_train: str = doc("", "Labelled shards the few-shot linear probe draws its 1/5/10/25 shots from (data.val is its test set); empty: data.train.")
     allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
 
@@ -92,13 +92,23 @@ class LogConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = doc(1, "ZeRO stage: 0 plain data parallel; 1 shards optimizer state; 2 also gradients; 3 also parameters.")
+
+
+@dataclass
+class XlaConfig:
+    sharding: Literal["dp", "fsdpv2"] = doc("dp", "SPMD over every device: dp replicates the model; fsdpv2 shards parameters (ViT-L/H).")
+
+
+@dataclass
 class Config:
     stage: Literal["pretrain", "finetune"] = doc("pretrain", "pretrain, or finetune from init_from (pre-logits dropped, zero-init head, position embeddings resampled).")
     init_from: str = doc("", "Fine-tuning start: a run directory or checkpoint of ours, an HF folder, a timm state dict or an official .npz.")
     run_dir: str = doc("runs/default", "Where the run writes everything: resolved recipe, checkpoints, TensorBoard events, metrics.")
     seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.")
     precision: Literal["fp32", "bf16"] = doc("bf16", "bf16 autocast where the device supports it, else fp32.")
-    backend: Literal["torch"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun.")
+    backend: Literal["torch", "deepspeed", "xla"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun; deepspeed: ZeRO (GPU clusters); xla: TPU (PJRT, SPMD).")
     max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The data stream.")
@@ -107,3 +117,5 @@ class Config:
     loss: LossConfig = section(LossConfig, "The training loss.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints and resuming.")
     log: LogConfig = section(LogConfig, "Logging and periodic evaluation.")
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "The deepspeed backend.")
+    xla: XlaConfig = section(XlaConfig, "The xla backend.")

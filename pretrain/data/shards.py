@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import fsspec
 from braceexpand import braceexpand
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_tools import manifest as mf
 from data_tools.storage import register_webdataset_schemes
@@ -51,9 +51,22 @@ def read_shard(url: str) -> tuple[list[dict], str | None]:
         return [], f"{url}: cannot be read ({e})"
     samples: list[dict] = []
     try:
-        for sample in tarfile_samples([{"url": url, "stream": io.BytesIO(data)}]):
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])):
             samples.append(sample)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         reason = e.args[0] if e.args and isinstance(e.args[0], str) else e
         return samples, f"{url}: damaged after {len(samples)} samples ({reason})"
+    if not _ends_with_end_of_archive(data):
+        return samples, f"{url}: cut short after {len(samples)} samples (no end-of-archive blocks)"
     return samples, None
+
+
+def _ends_with_end_of_archive(data: bytes) -> bool:
+    """Whether the zero blocks every tar writer puts after the last member are there.
+
+    A tar cut between two members parses without error; only the missing end marker tells.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = tar.getmembers()
+    end = members[-1].offset_data + -(-members[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if members else 0
+    return data[end : end + 2 * tarfile.BLOCKSIZE] == bytes(2 * tarfile.BLOCKSIZE)

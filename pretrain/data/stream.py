@@ -14,6 +14,7 @@ not worker 0, so worker w takes the place of reader (w + next_reader) % workers.
 from __future__ import annotations
 
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -64,13 +65,18 @@ class TrainStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         next_reader = self.resume.next_reader if self.resume else 0
         reader = (worker + next_reader) % workers
-        state = self.resume.readers.get(reader, ReaderState()) if self.resume else ReaderState()
+        saved = self.resume.readers.get(reader) if self.resume else None
+        state = ReaderState(**asdict(saved)) if saved else ReaderState()
         yield from self._batches(reader, self.rank * workers + reader, self.world * workers, state)
 
-    def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
+    def check_readers(self, workers: int) -> None:
+        """In the training process, before any worker starts: every reader needs a shard."""
+        readers = self.world * max(workers, 1)
         if len(self.urls) < readers:
             raise UserError(f"{len(self.urls)} shards cannot feed {readers} readers (ranks x data.workers); "
                             f"lower data.workers or reshard into more shards (data_tools.shard --shard-samples)")
+
+    def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
         images, labels, bad, damaged = [], [], 0, []
         while True:
             mine = np.random.default_rng([self.seed, state.epoch]).permutation(len(self.urls))[index::readers]
@@ -160,6 +166,37 @@ def _ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def loader(dataset: IterableDataset, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None,
-                      worker_init_fn=_ignore_preemption_signals if workers else None)
+class Batches:
+    """A DataLoader's batches; its workers are stopped on close() or at interpreter exit.
+
+    The workers ignore SIGTERM, so multiprocessing's exit hook, which terminates and then joins its
+    children, would wait on them forever; this stops them first (the finalizer runs before it).
+    """
+
+    def __init__(self, dataloader: DataLoader):
+        self._batches = iter(dataloader)
+        self.close = weakref.finalize(self, _stop_workers, self._batches)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+
+def _stop_workers(batches) -> None:
+    workers = getattr(batches, "_workers", [])
+    if workers:
+        batches._shutdown_workers()  # the orderly way: a stop event, then join, then SIGTERM
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
+def loader(dataset: IterableDataset, workers: int, pin: bool) -> Batches:
+    if isinstance(dataset, TrainStream):
+        dataset.check_readers(workers)
+    return Batches(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                              prefetch_factor=4 if workers else None,
+                              worker_init_fn=_ignore_preemption_signals if workers else None))

@@ -108,7 +108,7 @@ class Trainer:
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
                              self.backend.world, config.data.crop_min_scale, stream_state)
-        self.batches = iter(loader(stream, config.data.workers, self.backend.device.type == "cuda"))
+        self.batches = loader(stream, config.data.workers, self.backend.device.type == "cuda")
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             recipe.save(config, self.run_dir / "config.yaml")
@@ -117,8 +117,8 @@ class Trainer:
 
     def _check_evals(self) -> None:
         data, log = self.config.data, self.config.log
-        if log.fewshot_every and not (data.fewshot_train and data.val):
-            raise UserError("log.fewshot_every needs data.fewshot_train (the shots) and data.val (the test set)")
+        if log.fewshot_every and not data.val:
+            raise UserError("log.fewshot_every needs data.val (the few-shot test set); set data.val=SHARDS or log.fewshot_every=0")
 
     def _check_classes(self) -> None:
         classes = self.train_set.classes
@@ -164,6 +164,7 @@ class Trainer:
                 self.last_eval = self._evaluate()
             return self.last_eval
         finally:
+            self.batches.close()
             preemption.restore()
             self.metrics.close()
 
@@ -209,7 +210,8 @@ class Trainer:
     def _fewshot(self) -> None:
         """On rank 0 (a probe on a few thousand images); the other ranks wait."""
         if self.backend.is_main:
-            result = fewshot_eval(self.backend.module, self.config.data.fewshot_train, self.config.data.val,
+            data = self.config.data
+            result = fewshot_eval(self.backend.module, data.fewshot_train or data.train, data.val,
                                   self.config.model.image_size, self.backend.device, seed=self.config.seed)
             self.metrics.log(self.step, result, prefix="fewshot")
         self.backend.barrier()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def overrides(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
     values = {"model.name": "vit_mu8", "data.train": shards["train"], "data.val": "", "data.batch_size": 16,
               "data.workers": 2, "schedule.total_steps": 40, "schedule.warmup_steps": 5, "log.every": 1,
-              "log.eval_every": 0, "checkpoint.every": 20, "run_dir": str(run_dir), **extra}
+              "log.eval_every": 0, "log.fewshot_every": 0, "checkpoint.every": 20, "run_dir": str(run_dir), **extra}
     return ["recipes/demo.yaml", *(f"{k}={v}" for k, v in values.items())]
 
 
