@@ -82,3 +82,30 @@ def test_finetune_needs_a_start(small_shards, tmp_path):
     result = run("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}",
                  f"data.train={small_shards['train']}")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_the_hybrid_finetunes_at_a_larger_grid(small_shards, tmp_path):
+    """R50 stem + ViT (stride 16): pre-train at 32px (2x2 grid), fine-tune at 64px (4x4 grid).
+
+    Loading copies the stem and the encoder as they were trained (same features at the old grid),
+    the position embeddings are resampled to the new grid, and the zero head starts at log(10).
+    """
+    common = [f"data.train={small_shards['train']}", f"data.val={small_shards['val']}", "model.name=vit_r50_mu16",
+              "data.batch_size=16", "data.workers=1", "log.every=2"]
+    pre_dir, ft_dir = tmp_path / "pre", tmp_path / "ft"
+    result = run("recipes/demo.yaml", f"run_dir={pre_dir}", "schedule.total_steps=4", "schedule.warmup_steps=2",
+                 "log.fewshot_every=0", *common)
+    assert result.returncode == 0, result.stderr
+    result = run("recipes/demo_finetune.yaml", f"init_from={pre_dir}", f"run_dir={ft_dir}", "model.image_size=64",
+                 "schedule.total_steps=2", "schedule.warmup_steps=1", *common)
+    assert result.returncode == 0, result.stderr
+    first = evals(ft_dir)[0]
+    assert first["step"] == 0 and first["loss"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-5)
+
+    pre, _ = checkpoint.load_model(pre_dir)
+    ft, config = checkpoint.load_model(ft_dir)
+    assert (pre.grid, ft.grid, config.model.image_size) == ((2, 2), (4, 4), 64)
+    start = build_model(ModelConfig(name="vit_r50_mu16", image_size=32, num_classes=10, head="linear"))
+    load_into(start, checkpoint.init_weights(pre_dir), drop_heads=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(start.eval().forward_features(x), pre.forward_features(x))
