@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fsspec.core import url_to_fs
+from fsspec.utils import get_protocol
 from PIL import Image, UnidentifiedImageError
 
 from .sources import Item
@@ -64,6 +65,9 @@ class SourceReader:
         if item.size < 0:
             raise FileNotFoundError(f"{item.url} was not found when the corpus was listed")
         if item.offset < 0:
+            if get_protocol(item.url) == "file":  # most corpora: skip fsspec's per-file overhead
+                with open(item.url.removeprefix("file://"), "rb") as f:
+                    return f.read()
             fs, path = url_to_fs(item.url)
             return fs.cat_file(path)
         f = self._tar(item.url)
@@ -138,7 +142,7 @@ class ShardTar:
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._write(_header(info))
             self._write(data)
             self._write(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
 
@@ -149,6 +153,14 @@ class ShardTar:
     def _write(self, data: bytes) -> None:
         self.stream.write(data)
         self.written += len(data)
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    """A ustar header (what our keys need, and half the cost of pax); pax for long or non-ASCII names."""
+    try:
+        return info.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    except (ValueError, UnicodeEncodeError):
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def label_member(labels: tuple[int, ...], multi_label: bool) -> tuple[str, bytes]:
