@@ -38,13 +38,14 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=backend.device)  # samples, top1, top5, loss sum, bad
     for batch in loader(stream, workers, backend.device.type == "cuda"):
-        x = normalise(batch["image"].to(backend.device, non_blocking=True))
-        y = batch["labels"].to(backend.device, non_blocking=True)
+        images, y = backend.to_device(batch)
+        x = normalise(images)
         with backend.autocast():
             logits = model(x)
         n = x.shape[0]
         totals += torch.stack([torch.tensor(n, device=totals.device), hits(logits, y, 1), hits(logits, y, 5),
                                loss_fn(logits, y, config.loss) * n, torch.tensor(batch["bad_samples"], device=totals.device)]).double()
+        backend.mark_step()
     model.train(was_training)
     samples, top1, top5, loss, bad = backend.all_reduce_sum(totals).tolist()
     samples = max(samples, 1)
@@ -71,6 +72,8 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     _check_classes(model.num_classes, path, spec)
     if batch:
         config.data.eval_batch_size = batch
+    if config.backend == "deepspeed":  # one process needs no engine, which would rewrite the run's deepspeed_config.json
+        config.backend = "torch"
     backend = backends.create(config)
     backend.setup(model)
     result = {"checkpoint": str(checkpoint.find(path)), "data": spec, **evaluate(backend, config, spec)}

@@ -27,14 +27,17 @@ def summary(config: Config) -> str:
     batch = config.data.batch_size
     step = 3 * flops * batch  # forward + backward (twice the forward)
     steps = config.schedule.total_steps
-    return "\n".join(
-        [
-            f"model: {config.model.name}, {si(params)} parameters, {tokens} tokens "
-            f"({model.grid[0]}x{model.grid[1]} grid + {model.num_prefix_tokens} [CLS]) at {config.model.image_size}px",
-            f"forward: {si(flops)}FLOPs per image; training step at batch {batch}: {si(step)}FLOPs",
-            f"schedule: {steps} steps, {si(steps * batch)} images seen, {si(step * steps)}FLOPs in all",
-        ]
-    )
+    lines = [
+        f"model: {config.model.name}, {si(params)} parameters, {tokens} tokens "
+        f"({model.grid[0]}x{model.grid[1]} grid + {model.num_prefix_tokens} [CLS]) at {config.model.image_size}px",
+        f"forward: {si(flops)}FLOPs per image; training step at batch {batch}: {si(step)}FLOPs",
+        f"schedule: {steps} steps, {si(steps * batch)} images seen, {si(step * steps)}FLOPs in all",
+    ]
+    if config.backend == "xla":
+        from .backends.xla_plan import plan  # no torch_xla needed
+
+        lines += plan(config, model, params)
+    return "\n".join(lines)
 
 
 def si(x: float) -> str:
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run_dir=/tmp/x")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model's size, then exit")
     parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its type, default and meaning")
+    # The deepspeed launcher passes --local_rank; the backends read LOCAL_RANK from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.help_recipe:

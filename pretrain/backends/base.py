@@ -32,6 +32,11 @@ class Backend(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def devices(self) -> int:
+        """Accelerators one step runs on, for TFLOP/s per device (xla: every device of the SPMD mesh)."""
+        return self.world
+
     @abstractmethod
     def setup(self, model: nn.Module) -> None:
         """Move ``model`` to the device(s), wrap it, and build the optimizer from config.optim."""
@@ -40,13 +45,28 @@ class Backend(ABC):
         """Context for one micro-batch's forward and backward; ``sync`` on the last of an accumulation."""
         return contextlib.nullcontext()
 
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (images, labels) of a CPU batch from the data stream, on the device."""
+        return batch["image"].to(self.device, non_blocking=True), batch["labels"].to(self.device, non_blocking=True)
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss (already divided by the accumulation count)."""
 
     @abstractmethod
-    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
-        """Clip, then update with ``lr`` unless the gradient is non-finite; (grad norm, updated)."""
+    def step(self, lr: float) -> tuple[torch.Tensor, bool | torch.Tensor]:
+        """Clip, then update with ``lr`` unless the gradient is non-finite; (grad norm, updated).
+
+        ``updated`` may be a bool tensor on the device (xla), so as not to wait for the device every step:
+        the loop then counts skipped steps on the device and checks them at log and checkpoint steps.
+        """
+
+    def mark_step(self) -> None:
+        """The end of one unit of device work (a training step, an eval batch): xla cuts and runs its lazy graph."""
+
+    def log_scalars(self) -> dict[str, float]:
+        """The backend's own scalars for the log steps (xla: its compilation count)."""
+        return {}
 
     @abstractmethod
     def save(self, folder: Path) -> None:

@@ -45,6 +45,32 @@ class Preemption:
             signal.signal(s, handler)
 
 
+class Skips:
+    """Steps whose update was skipped for a non-finite gradient: in all, and in a row (the run stops at a limit).
+
+    ``Backend.step`` says whether it updated as a bool, checked at once, or as a device tensor (xla): then
+    the counts stay on the device and ``check`` runs at log and checkpoint steps, so the loop never waits.
+    """
+
+    def __init__(self, total: int, limit: int):
+        self.total, self.streak, self.limit = total, 0, limit
+
+    def add(self, updated: bool | torch.Tensor, step: int) -> None:
+        on_device = isinstance(updated, torch.Tensor)
+        skipped = ~updated if on_device else not updated
+        self.total = self.total + skipped
+        self.streak = (self.streak + 1) * skipped
+        if not on_device:
+            self.check(step)
+
+    def check(self, step: int) -> int:
+        """The total, after stopping the run if the current streak reached the limit."""
+        if int(self.streak) >= self.limit:
+            raise UserError(f"{int(self.streak)} steps in a row had a non-finite loss or gradient (step {step}); "
+                            f"lower optim.lr, raise schedule.warmup_steps or use precision=fp32")
+        return int(self.total)
+
+
 def micro_batch(config: Config, world: int) -> int:
     per_step = world * config.optim.grad_accum
     if config.data.batch_size % per_step:
@@ -94,17 +120,18 @@ class Trainer:
         self.backend.setup(model)
         self.micro = micro_batch(config, self.backend.world)
         self.step = 0
-        self.skipped_steps = 0
+        skipped_steps = 0
         self.last_eval: dict[str, float] = {}
         stream_state = None
         if found is not None:
             state = checkpoint.load(found, self.backend, config.model.name)
-            self.step, self.skipped_steps = state["step"], state.get("skipped_steps", 0)
+            self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}", flush=True)
+        self.skips = Skips(skipped_steps, config.max_nonfinite)
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
                              self.backend.world, config.data.crop_min_scale, stream_state)
@@ -131,20 +158,16 @@ class Trainer:
         preemption = Preemption()
         window = {"loss": torch.zeros((), device=backend.device), "steps": 0, "images": 0, "wait": 0.0,
                   "start": time.perf_counter()}
-        nonfinite = 0
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
                 self._evaluate()
             while self.step < cfg.schedule.total_steps:
                 loss, updated, norm = self._train_step(window)
-                nonfinite = 0 if updated else nonfinite + 1
-                self.skipped_steps += not updated
-                if nonfinite >= cfg.max_nonfinite:
-                    raise UserError(f"{nonfinite} steps in a row had a non-finite loss or gradient (step {self.step}); "
-                                    f"lower optim.lr, raise schedule.warmup_steps or use precision=fp32")
+                self.skips.add(updated, self.step)
                 self.step += 1
                 window["loss"] += loss
                 window["steps"] += 1
+                backend.mark_step()
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
@@ -179,26 +202,28 @@ class Trainer:
             self.tracker.consumed(batch)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
-            x = normalise(batch["image"].to(backend.device, non_blocking=True))
-            y = batch["labels"].to(backend.device, non_blocking=True)
+            images, y = backend.to_device(batch)
+            x = normalise(images)
             with backend.micro_step(sync=i == accum - 1):
                 with backend.autocast():
                     loss = loss_fn(backend.model(x), y, cfg.loss) / accum
                 backend.backward(loss)
             total += loss.detach()
-            window["images"] += x.shape[0]
+            window["images"] += batch["image"].shape[0]  # this rank's (x is the global batch under xla SPMD)
         norm, updated = backend.step(lr_at(self.step, cfg.optim.lr, cfg.schedule))
         return total, updated, norm
 
     def _log(self, window: dict, norm: torch.Tensor) -> None:
         backend = self.backend
-        loss = backend.all_reduce_sum(window["loss"].clone()) / backend.world / window["steps"]
+        # divided on the host: under xla a changing Python number (a last, shorter window) would compile a graph
+        loss = backend.all_reduce_sum(window["loss"].clone()).item() / backend.world / window["steps"]
         seconds = time.perf_counter() - window["start"]
         images = window["images"] * backend.world
-        scalars = {"loss": loss.item(), "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
-                   "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.world),
-                   "data_wait": window["wait"] / seconds, "skipped_steps": self.skipped_steps,
-                   "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards)}
+        scalars = {"loss": loss, "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
+                   "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.devices),
+                   "data_wait": window["wait"] / seconds, "skipped_steps": self.skips.check(self.step),
+                   "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards),
+                   **backend.log_scalars()}
         self.metrics.log(self.step, scalars)
         window.update(loss=torch.zeros((), device=backend.device), steps=0, images=0, wait=0.0, start=time.perf_counter())
 
@@ -218,7 +243,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         data = self.backend.gather(self.tracker.state.to_dict())
-        state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skipped_steps}
+        state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step)}
         c = self.config.checkpoint
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
 

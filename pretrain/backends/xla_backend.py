@@ -1,0 +1,245 @@
+"""torch-xla: a TPU slice (or the XLA CPU device) under PJRT, as one SPMD program over every device.
+
+Every TPU VM host runs the same ``python -m pretrain.run`` (PJRT_DEVICE=TPU), one process per host;
+torch_xla's SPMD partitioner spreads each step over a 1-D mesh of all devices of the slice:
+
+- ``xla.sharding: dp``: the batch is split over the mesh, model and optimizer state are replicated;
+- ``xla.sharding: fsdpv2``: parameters, gradients and optimizer state are split too
+  (``SpmdFullyShardedDataParallel``, every encoder block its own unit), for ViT-L/H.
+
+For the data stream a host is a rank: it reads its part of the global batch, and ``to_device``
+assembles the global batch from the hosts' parts (a ``minibatch`` ShardingSpec).
+
+The loop never waits for the device: a non-finite gradient skips the update on the device (torch_xla's
+sync-free optimizers take ``found_inf``), and the loss, the norm and the skip count are read at log
+steps only. The graph is cut once per step (``mark_step``); the number of XLA compilations is logged
+(``xla_compiles``), with a warning when a training step compiles again after warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dist_cp
+import torch.nn.functional as F
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.spmd as xs
+import torch_xla.runtime as xr
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch_xla.amp import syncfree
+from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+from ..errors import UserError
+from ..models.vit import Block
+from ..train.optim import param_groups
+from .base import Backend
+
+log = logging.getLogger(__name__)
+
+WRAPPED = "._orig_module"  # what SpmdFullyShardedDataParallel adds to the names of a wrapped block's parameters
+
+
+def count(metric: str) -> int:
+    """How many times torch_xla recorded ``metric`` in this process."""
+    data = met.metric_data(metric)
+    return data[0] if data else 0
+
+
+def compiles() -> int:
+    return count("CompileTime")
+
+
+def mesh_axis(sharding: str) -> str:
+    """FSDPv2 needs its mesh axis named ``fsdp``; plain data parallelism calls it ``data``."""
+    return "fsdp" if sharding == "fsdpv2" else "data"
+
+
+@contextlib.contextmanager
+def quiet_checkpointing():
+    """Distributed checkpointing warns on every single-process call, and torch_xla's planners and sharded
+    tensors about deprecated torch APIs they use: nothing a user can act on."""
+    with warnings.catch_warnings():
+        for text in ("torch.distributed is disabled", "The function definition for SavePlanner", "TypedStorage",
+                     "Using a non-tuple sequence"):
+            warnings.filterwarnings("ignore", message=text)
+        yield
+
+
+def pad_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, K) ids padded with -1, K rounded up to a power of two: a multi-label corpus then compiles a
+    handful of graphs instead of one per label count. K = 1 (single-label) stays as it is."""
+    k = labels.shape[1]
+    width = 1 << (k - 1).bit_length()
+    return labels if width == k else F.pad(labels, (0, width - k), value=-1)
+
+
+class XlaBackend(Backend):
+    def __init__(self, config):
+        super().__init__(config)
+        xr.use_spmd()  # before any tensor reaches the device
+        self.rank, self.world = xr.process_index(), xr.process_count()  # hosts
+        self.device = torch_xla.device()
+        n = xr.global_runtime_device_count()
+        self.mesh = xs.Mesh(np.arange(n), (n,), (mesh_axis(config.xla.sharding),))
+        xs.set_global_mesh(self.mesh)
+        per_host = config.data.batch_size // config.optim.grad_accum // self.world
+        if per_host % xr.addressable_runtime_device_count():
+            raise UserError(f"data.batch_size {config.data.batch_size} / {config.optim.grad_accum} accumulation steps "
+                            f"does not split over {n} XLA devices; make it a multiple of {n * config.optim.grad_accum}")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="xla://")  # host-side agreement and checkpoint planning
+        # Steps that compile: the first (it creates the optimizer state), the second, and the first after a log
+        # step (the loop's loss sum starts again from a new tensor); the graphs are cached from then on.
+        self.warmup = max(3, config.log.every + 1)
+        self.steps = self.late_compiles = self.reported = 0
+        self.stepped = False
+
+    @property
+    def devices(self) -> int:
+        return xr.global_runtime_device_count()
+
+    def setup(self, model: nn.Module) -> None:
+        model = model.to(self.device)
+        self.module = model
+        if self.config.xla.sharding == "fsdpv2":
+            policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
+            self.model = SpmdFullyShardedDataParallel(model, mesh=self.mesh, auto_wrap_policy=policy)
+        else:
+            self.model = model  # parameters without a sharding annotation are replicated
+        groups = param_groups(self.module, self.config.optim.weight_decay)
+        cfg = self.config.optim
+        if cfg.name == "adamw":
+            self.optimizer = syncfree.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        else:
+            self.optimizer = syncfree.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """This host's images and labels as its part of the global batch, split over the mesh's devices."""
+        return self._put(batch["image"]), self._put(pad_labels(batch["labels"]))
+
+    def _put(self, t: torch.Tensor) -> torch.Tensor:
+        spec = None
+        if t.shape[0] % xr.addressable_runtime_device_count() == 0:  # else (an eval remainder) replicated
+            spec = xs.ShardingSpec(self.mesh, (self.mesh.axis_names[0],) + (None,) * (t.dim() - 1), minibatch=True)
+        return xm.send_cpu_data_to_device(t, self.device, spec)[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and update on the device; ``updated`` is a device tensor (a non-finite norm skips the update)."""
+        clip = self.config.optim.clip_grad_norm
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        found_inf = (~torch.isfinite(norm)).float()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step(found_inf=found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stepped = True
+        return norm, found_inf == 0
+
+    def mark_step(self) -> None:
+        before = compiles()
+        torch_xla.sync()
+        if self.stepped:
+            self.stepped = False
+            self.steps += 1
+            if self.steps > self.warmup:
+                self.late_compiles += compiles() - before
+
+    def log_scalars(self) -> dict[str, float]:
+        """XLA compilations and reads from the device in this process (the steps between two log steps read
+        nothing); a warning when training steps compiled after warm-up."""
+        if self.late_compiles > self.reported and self.is_main:
+            log.warning("xla: %d training step(s) compiled a new graph after warm-up (step %d of this process): "
+                        "a shape or a Python value changes between steps; PT_XLA_DEBUG_LEVEL=2 shows why",
+                        self.late_compiles - self.reported, self.steps)
+        self.reported = self.late_compiles
+        return {"xla_compiles": compiles(), "xla_device_reads": count("TransferFromDeviceTime")}
+
+    def _state(self) -> dict[str, Any]:
+        """What distributed checkpointing writes: the model in our parameter names, and the optimizer."""
+        model = {k.replace(WRAPPED, ""): v for k, v in self.module.state_dict().items()}
+        return {"model": model, "optimizer": self.optimizer.state_dict()}
+
+    def save(self, folder: Path) -> None:
+        """Sharded model and optimizer state in ``sharded/`` (each host writes its shards), then the full
+        weights for fine-tuning and export in ``model.safetensors``, assembled on the first host from those
+        files: gathering sharded tensors on the device would compile one graph per parameter."""
+        state = self._state()
+        with quiet_checkpointing():
+            dist_cp.save(state, storage_writer=dist_cp.FileSystemWriter(folder / "sharded"), planner=SPMDSavePlanner())
+            if not self.is_main:
+                return
+            full = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in state["model"].items()}}
+            dist_cp.load(full, storage_reader=dist_cp.FileSystemReader(folder / "sharded"), no_dist=True)
+        save_file(full["model"], folder / "model.safetensors")
+
+    def load(self, folder: Path) -> None:
+        self._create_optimizer_state()
+        state = self._state()
+        try:
+            with quiet_checkpointing():
+                dist_cp.load(state, storage_reader=dist_cp.FileSystemReader(folder / "sharded"),
+                             planner=SPMDLoadPlanner())
+        except CheckpointException as e:  # a BaseException: make it the error checkpoint.load explains
+            raise RuntimeError(str(e)) from None
+        names = {k.replace(WRAPPED, ""): k for k in self.module.state_dict()}
+        self.module.load_state_dict({names[k]: v for k, v in state["model"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch_xla.sync()
+
+    def _create_optimizer_state(self) -> None:
+        """Distributed checkpointing loads into existing tensors: create the optimizer state with one update
+        of a zero gradient, skipped (``found_inf``), so the sync-free optimizers' own state layout results."""
+        for p in self.module.parameters():
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step(found_inf=torch.ones((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        torch_xla.sync()
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full weights on the CPU: SPMD tensors are global, ``cpu()`` gathers their shards."""
+        return {k.replace(WRAPPED, ""): v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """SPMD values are global already and the same on every host: their sum over the hosts."""
+        return t if self.world == 1 else t * self.world
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """On the hosts' CPUs (gloo): agreeing on a preemption never waits for the devices."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,193 @@
+"""The xla backend for real on the XLA CPU device: one process, SPMD over 4 virtual devices (PJRT_DEVICE=CPU,
+CPU_NUM_DEVICES=4). dp and fsdpv2 against the torch backend, compilations and reads of the device per step,
+SIGKILL / SIGTERM and resume, the checkpoint's full weights, and the TPU plan of the ViT-H/14 recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import losses, overrides, run
+
+from pretrain import checkpoint
+from pretrain.errors import UserError
+from pretrain.run import main
+from pretrain.train.loop import Skips
+
+pytest.importorskip("torch_xla")
+
+ROOT = Path(__file__).resolve().parents[2]
+XLA = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "OMP_NUM_THREADS": "1"}
+# 11 steps logged every 2: windows of 2 steps and a last one of 1; checkpoints at 6 and at the end.
+STEPS = {"schedule.total_steps": 11, "log.every": 2, "checkpoint.every": 6}
+WARMUP = 3  # steps 1, 2 and the first after a log step compile (xla_backend.XlaBackend.warmup)
+FINAL = "checkpoints/step_000000011/model.safetensors"
+
+SIGNAL_AFTER_LOG = """
+import os, signal, sys
+from pretrain import run
+from pretrain.metrics import Metrics
+log = Metrics.log
+def log_then_signal(self, step, scalars, prefix="train"):
+    log(self, step, scalars, prefix)
+    if step == int(os.environ["SIGNAL_AT"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+Metrics.log = log_then_signal
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+BACKEND_CHECKS = """
+import json, math, torch, torch_xla
+from pretrain.backends.xla_backend import XlaBackend, count
+from pretrain.config import Config
+from pretrain.models.zoo import build_model
+
+config = Config()
+config.model.name, config.model.image_size, config.model.num_classes, config.data.batch_size = "vit_mu8", 32, 10, 8
+backend = XlaBackend(config)
+backend.setup(build_model(config.model))
+images, labels = backend.to_device({"image": torch.zeros(8, 3, 32, 32, dtype=torch.uint8),
+                                    "labels": torch.zeros(8, 3, dtype=torch.long)})
+out = {"image_sharding": torch_xla._XLAC._get_xla_sharding_spec(images), "labels_shape": list(labels.shape)}
+params = list(backend.module.parameters())
+snapshots, updated, reads = [[p.detach().cpu() for p in params]], [], count("TransferFromDeviceTime")
+for grad in (math.inf, 1.0):
+    for p in params:
+        p.grad = torch.full_like(p, grad)
+    updated.append(backend.step(1e-2)[1])
+    backend.mark_step()
+    out.setdefault("reads_while_stepping", count("TransferFromDeviceTime") - reads)
+    snapshots.append([p.detach().cpu() for p in params])
+out["updated"] = [bool(u) for u in updated]
+out["unchanged"] = [all(torch.equal(a, b) for a, b in zip(s, t)) for s, t in zip(snapshots, snapshots[1:])]
+config.xla.sharding = "fsdpv2"
+sharded = XlaBackend(config)
+sharded.setup(build_model(config.model))
+out["fsdp_sharding"] = torch_xla._XLAC._get_xla_sharding_spec(sharded.module.blocks[0].mlp.fc1.weight)
+print(json.dumps(out))
+"""
+
+
+def args(shards: dict[str, str], run_dir: Path, name: str) -> list[str]:
+    backend = {"backend": "torch"} if name == "torch" else {"backend": "xla", "xla.sharding": name}
+    return overrides(shards, run_dir, **STEPS, **backend)
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def trained(small_shards, tmp_path_factory):
+    """The same recipe run to the end once per backend: 'torch', 'dp' or 'fsdpv2' -> (run_dir, stderr)."""
+    done = {}
+
+    def get(name: str) -> tuple[Path, str]:
+        if name not in done:
+            run_dir = tmp_path_factory.mktemp(name)
+            result = run(args(small_shards, run_dir, name), env=XLA)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[name] = run_dir, result.stderr
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("sharding", ["dp", "fsdpv2"])
+def test_spmd_follows_the_torch_backends_loss_curve(trained, sharding):
+    """One process feeds the global batch of 16 to 4 devices; the torch backend reads the same stream."""
+    reference, xla = records(trained("torch")[0]), records(trained(sharding)[0])
+    assert sorted(xla) == sorted(reference) == [2, 4, 6, 8, 10, 11]
+    for step, ref in reference.items():
+        assert xla[step]["loss"] == pytest.approx(ref["loss"], rel=1e-5), step
+        assert xla[step]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), step
+
+
+@pytest.mark.parametrize("sharding", ["dp", "fsdpv2"])
+def test_compilations_stop_after_warm_up(trained, sharding):
+    run_dir, stderr = trained(sharding)
+    compiles = {step: r["xla_compiles"] for step, r in records(run_dir).items()}
+    after = [n for step, n in compiles.items() if step > WARMUP]
+    assert after and len(set(after)) == 1, compiles  # a checkpoint (step 6) and the last, shorter window included
+    assert "after warm-up" not in stderr
+
+
+def test_the_device_is_read_at_log_steps_only(trained):
+    """As many reads after a window of 2 steps as after the last window of 1: the steps read nothing."""
+    reads = {step: r["xla_device_reads"] for step, r in records(trained("dp")[0]).items()}
+    assert reads[4] - reads[2] == reads[11] - reads[10] > 0, reads
+
+
+def test_a_checkpoint_holds_sharded_state_and_the_full_weights(trained):
+    fsdp, dp = trained("fsdpv2")[0], trained("dp")[0]
+    folder = checkpoint.find(fsdp)
+    assert folder.name == "step_000000011" and (folder / "sharded/.metadata").is_file()
+    model, config = checkpoint.load_model(fsdp)  # our parameter names, every tensor at its full shape
+    assert config.xla.sharding == "fsdpv2"
+    full, replicated = load_file(fsdp / FINAL), load_file(dp / FINAL)
+    for name in model.state_dict():
+        assert torch.allclose(full[name], replicated[name], atol=1e-4), name  # Adam after 11 steps
+
+
+@pytest.mark.parametrize("sharding, signal, at", [("dp", "SIGKILL", 8), ("fsdpv2", "SIGTERM", 4)])
+def test_killed_or_preempted_then_resumed_continues_the_same_losses(small_shards, tmp_path, trained, sharding,
+                                                                  signal, at):
+    """SIGKILL at step 8 resumes from the checkpoint of step 6; SIGTERM at step 4 finishes the step, writes a
+    checkpoint and exits 0. Either way the resumed run repeats the uninterrupted run's losses and weights."""
+    clean = trained(sharding)[0]
+    killed = run(args(small_shards, tmp_path, sharding), launcher=(sys.executable, "-c", SIGNAL_AFTER_LOG),
+                 env={**XLA, "SIGNAL": signal, "SIGNAL_AT": str(at)})
+    if signal == "SIGTERM":
+        assert killed.returncode == 0 and f"preempted: checkpoint written at step {at}" in killed.stdout
+    else:
+        assert killed.returncode == -9
+    saved = 6 if signal == "SIGKILL" else at
+    assert checkpoint.find(tmp_path).name == f"step_{saved:09d}" and max(losses(tmp_path)) == at
+    resumed = run(args(small_shards, tmp_path, sharding), env=XLA)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved}" in resumed.stdout
+    assert losses(tmp_path) == losses(clean), "losses differ after resuming"
+    assert (tmp_path / FINAL).read_bytes() == (clean / FINAL).read_bytes(), "final weights differ"
+
+
+def subprocess_json(script: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=XLA, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_inputs_are_split_and_non_finite_steps_are_skipped_on_the_device():
+    result = subprocess_json(BACKEND_CHECKS)
+    assert "devices=[4,1,1,1]" in result["image_sharding"]  # the batch over the 4 devices
+    assert result["labels_shape"] == [8, 4]  # 3 labels padded to a power of two
+    assert result["updated"] == [False, True] and result["unchanged"] == [True, False]
+    assert result["reads_while_stepping"] == 0
+    assert "devices=[4" in result["fsdp_sharding"]  # fsdpv2: a weight over the 4 devices
+
+
+def test_skips_reported_on_the_device_are_checked_when_asked():
+    skips = Skips(total=2, limit=3)
+    for updated in (False, True, False, False, False):
+        skips.add(torch.tensor(updated), step=0)  # no check yet, though the streak reached the limit
+    with pytest.raises(UserError, match="3 steps in a row"):
+        skips.check(step=5)
+    assert int(skips.total) == 6
+
+
+def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
+    assert main([str(root / "recipes/vit_h14_jft.yaml"), "backend=xla", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "xla.sharding fsdpv2: a 1-D mesh (axis fsdp) of every chip" in out
+    rows = {line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith("# v")}
+    assert rows["v4-256"][:3] == ["(128,)", "32", "32"] and rows["v5p-128"][:3] == ["(64,)", "16", "64"]
+    for name, hbm in (("v4-256", 32), ("v5p-128", 95)):
+        params, grads, optim, activations, total, device = map(float, rows[name][3:])
+        assert params == grads and optim == 2 * params and activations > 10 * optim
+        assert total == pytest.approx(params + grads + optim + activations, abs=0.1) and total < device == hbm
