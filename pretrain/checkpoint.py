@@ -79,7 +79,7 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
     backend.barrier()
     if backend.is_main:
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rngs}))
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):  # a backend may write sub-folders (DeepSpeed: one file per rank)
             _fsync(f)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that was rolled back
         os.replace(tmp, final)
@@ -125,6 +125,10 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; "
                         f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh")
+    written_by = state["config"].get("backend", "torch")  # the optimizer state's layout is the backend's own
+    if written_by != backend.config.backend:
+        raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "
+                        f"set backend={written_by}, or checkpoint.resume=never to start fresh")
     try:
         backend.load(folder)
     except (RuntimeError, KeyError, ValueError) as e:
@@ -142,14 +146,20 @@ def saved_config(folder: Path) -> Config:
     return recipe.from_dict(json.loads((folder / STATE).read_text())["config"], str(folder / STATE))
 
 
+def weights_file(folder: Path) -> Path:
+    """A checkpoint's full weights; a ZeRO-3 checkpoint has them once consolidated."""
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"checkpoint {folder} has no model.safetensors (ZeRO-3 keeps the weights sharded); "
+                        f"write it with python -m pretrain.consolidate {folder}")
+    return folder / "model.safetensors"
+
+
 def init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights to start fine-tuning from: a run directory or checkpoint of ours, else any format
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     found = find(path) if Path(path).is_dir() else None
     if found is not None:
-        if not (found / "model.safetensors").is_file():
-            raise UserError(f"checkpoint {found} has no model.safetensors; consolidate it first")
-        return load_file(found / "model.safetensors")
+        return load_file(weights_file(found))
     if not Path(path).exists():
         raise UserError(f"init_from={path} does not exist; give a run directory, a checkpoint, an HF folder or a weights file")
     return load_weights(path)
@@ -162,5 +172,5 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
         raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
     config = saved_config(found)
     model = build_model(config.model)
-    model.load_state_dict(load_file(found / "model.safetensors"))
+    model.load_state_dict(load_file(weights_file(found)))
     return model.eval(), config

@@ -1,0 +1,145 @@
+"""DeepSpeed ZeRO (stages 0-3) over the processes of torchrun or of the deepspeed launcher.
+
+The recipe states the batch split, gradient accumulation, clipping and ZeRO stage once; ``ds_config`` translates
+them, and the run directory keeps the result (deepspeed_config.json). The optimizer is ours
+(``train.optim.build_optimizer``), handed to the engine, and so is the learning-rate schedule: ``step`` sets the
+lr the loop passes.
+
+Precision: the engine runs in fp32 and bf16 comes from torch autocast (``Backend.autocast``: on CUDA, not on the
+CPU), as in the torch backend, rather than from DeepSpeed's bf16 mode. DeepSpeed's bf16 mode stores the weights
+themselves in bf16 and runs every op in bf16, LayerNorm and softmax included; autocast keeps fp32 weights and runs
+the matmuls in bf16. So the two backends compute the same thing (loss curves and checkpoints agree), checkpoints
+hold fp32 weights as trained, and the fp32 ZeRO path checks every step's gradient norm and skips a non-finite one.
+The price is fp32 gradient reduction and fp32 weights in memory (ZeRO still shards them).
+
+A checkpoint folder gets the engine's files in ``deepspeed/`` (each rank its own optimizer shard) and, below
+ZeRO-3, ``model.safetensors`` from rank 0; a ZeRO-3 checkpoint gets it from ``python -m pretrain.consolidate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import checkpoint
+from ..config import Config
+from ..errors import UserError
+from ..train.loop import micro_batch
+from ..train.optim import build_optimizer
+from .base import Backend
+from .torch_backend import TorchBackend
+
+try:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+except ImportError:
+    raise UserError("backend=deepspeed needs the deepspeed package; pip install vit-pretrain[gpu]") from None
+
+TAG = "deepspeed"  # the engine's folder inside a checkpoint folder (its "tag")
+CONFIG_FILE = "deepspeed_config.json"
+
+
+def ds_config(config: Config, world: int) -> dict:
+    """The DeepSpeed config of a recipe."""
+    stage = config.deepspeed.zero_stage
+    return {
+        "train_batch_size": config.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch(config, world),
+        "gradient_accumulation_steps": config.optim.grad_accum,
+        # Stage 0 hands the plain gradients to our optimizer and neither reports their norm nor skips a
+        # non-finite one, so step() clips there; ZeRO clips inside its optimizer.
+        "gradient_clipping": config.optim.clip_grad_norm if stage else 0.0,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": False},  # bf16 is torch autocast: see the module docstring
+        "zero_allow_untested_optimizer": True,  # SGD: ZeRO shards any element-wise torch optimizer
+    }
+
+
+class DeepSpeedBackend(TorchBackend):
+    """The collectives (all_reduce_sum, gather, any, barrier, close) are the torch backend's: DeepSpeed runs on
+    torch.distributed's process group."""
+
+    def __init__(self, config: Config):
+        Backend.__init__(self, config)  # not TorchBackend's: DeepSpeed picks the device and the process group
+        self.stage = config.deepspeed.zero_stage
+        accelerator = get_accelerator()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        accelerator.set_device(local)
+        self.device = torch.device(accelerator.device_name(local))
+        if "RANK" not in os.environ and not dist.is_initialized():
+            # One process without a launcher (one GPU, python -m pretrain.evaluate): a group of one, no rendezvous,
+            # and the variable the engine asks of every launcher.
+            dist.init_process_group(accelerator.communication_backend_name(), store=dist.HashStore(), rank=0,
+                                    world_size=1)
+            os.environ["LOCAL_RANK"] = "0"
+        deepspeed.init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def setup(self, model: nn.Module) -> None:
+        if self.stage == 3 and self.config.log.fewshot_every:
+            raise UserError("log.fewshot_every probes the model on rank 0 alone, which ZeRO-3 shards over all ranks; "
+                            "set log.fewshot_every=0 and probe a consolidated checkpoint with python -m "
+                            "pretrain.evaluate --fewshot-train")
+        model.to(self.device)
+        self.optimizer = build_optimizer(model, self.config.optim, self.device)
+        config = ds_config(self.config, self.world)
+        if self.is_main:
+            run_dir = Path(self.config.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
+        self.model, self.module = self.engine, self.engine.module
+
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool):
+        self.engine.set_gradient_accumulation_boundary(sync)  # the loop's count of micro-batches, not the engine's
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop has divided the loss by grad_accum
+
+    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
+        for group in self.optimizer.param_groups:  # the torch optimizer's groups, which ZeRO steps
+            group["lr"] = lr
+        if self.stage == 0:
+            clip = self.config.optim.clip_grad_norm
+            norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf)
+            if not torch.isfinite(norm):  # gradients are all-reduced: every rank agrees
+                self.engine.zero_grad()  # torch optimizers leave parameters without a gradient alone
+                return norm, False
+            self.engine.step()
+            return norm, True
+        self.engine.step()  # ZeRO computes the norm over all ranks, clips, and skips a non-finite step
+        return torch.tensor(float(self.engine.get_global_grad_norm())), self.engine.was_step_applied()
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)  # the `latest` pointer is ours
+        if self.stage < 3 and self.is_main:
+            save_file(self.model_state(), folder / "model.safetensors")
+
+    def load(self, folder: Path) -> None:
+        state = json.loads((folder / checkpoint.STATE).read_text())
+        stage, world = state["config"]["deepspeed"]["zero_stage"], len(state["rng"])  # one RNG state per rank
+        if stage != self.stage:
+            raise UserError(f"checkpoint {folder} was written with deepspeed.zero_stage={stage}; resume it with "
+                            f"deepspeed.zero_stage={stage}, or use checkpoint.resume=never to start fresh")
+        if stage and world != self.world:
+            raise UserError(f"checkpoint {folder} was written by {world} processes and ZeRO-{stage} cannot re-shard "
+                            f"its optimizer state for {self.world}; resume it with {world} processes, or use "
+                            f"checkpoint.resume=never to start fresh")
+        if not (folder / TAG).is_dir():
+            raise UserError(f"checkpoint {folder} lacks the engine's files ({TAG}/); resume from another checkpoint, "
+                            f"or use checkpoint.resume=never to start fresh")
+        self.engine.load_checkpoint(str(folder), tag=TAG)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), enabled=self.stage == 3):
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}

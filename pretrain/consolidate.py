@@ -1,0 +1,56 @@
+"""python -m pretrain.consolidate CHECKPOINT_OR_RUN_DIR
+
+Writes model.safetensors (full fp32 weights, our parameter names) into a DeepSpeed checkpoint folder, by default
+the run's newest, from the ZeRO shards of every rank. ZeRO-3 checkpoints need this before fine-tuning, evaluation
+or export; lower stages write model.safetensors while training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import checkpoint
+from .errors import UserError
+
+
+def consolidate(path: str | Path) -> Path:
+    """The checkpoint's model.safetensors, written (atomically) unless it is there already."""
+    found = checkpoint.find(path)
+    if found is None:
+        raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
+    target = found / "model.safetensors"
+    if target.is_file():  # ZeRO stages 0-2 and the other backends write it while training
+        return target
+    from .backends.deepspeed_backend import TAG  # imports deepspeed, or says how to install it
+
+    if not (found / TAG).is_dir():
+        raise UserError(f"checkpoint {found} has neither model.safetensors nor the DeepSpeed shards ({TAG}/) to "
+                        f"write it from; consolidate another checkpoint of the run")
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory(dir=found, prefix=".consolidate-") as tmp:
+        convert_zero_checkpoint_to_fp32_state_dict(str(found), tmp, max_shard_size=None, safe_serialization=True,
+                                                   tag=TAG)
+        os.replace(Path(tmp) / target.name, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.consolidate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR",
+                        help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"full weights: {consolidate(args.path)}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The deepspeed backend for real: 2 processes on the CPU (gloo), ZeRO stages 1-3 against the torch backend,
+SIGKILL and resume, a ZeRO-3 checkpoint consolidated, fine-tuned with the torch backend and exported to HF."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ports import free_port
+from safetensors.torch import load_file
+from test_training import losses, overrides, run
+
+from pretrain import checkpoint, export
+from pretrain.errors import UserError
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+STEPS, EVERY, KILL_AT = 8, 4, 6
+
+KILL_AFTER_STEP = f"""
+import os, signal, sys
+from pretrain import run
+from pretrain.metrics import Metrics
+log = Metrics.log
+def log_then_die(self, step, scalars, prefix="train"):
+    log(self, step, scalars, prefix)
+    if step == {KILL_AT}:
+        os.kill(os.getpid(), signal.SIGKILL)
+Metrics.log = log_then_die
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+NONFINITE = """
+import json, math, sys, torch
+from torch import nn
+from pretrain.backends.deepspeed_backend import DeepSpeedBackend
+from pretrain.config import Config
+
+config = Config(run_dir=sys.argv[1])
+config.data.batch_size = 2
+report = {}
+for stage in range(4):
+    config.deepspeed.zero_stage = stage
+    backend = DeepSpeedBackend(config)
+    torch.manual_seed(0)
+    backend.setup(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)))
+    seen = []
+    for poisoned in (True, False):  # rank 1's loss is NaN, then every rank's is finite
+        before = backend.model_state()
+        with backend.micro_step(sync=True):
+            loss = backend.model(torch.ones(1, 4)).sum()
+            backend.backward(loss * math.nan if poisoned and backend.rank == 1 else loss)
+        norm, updated = backend.step(1e-2)
+        changed = any(not torch.equal(before[k], v) for k, v in backend.model_state().items())
+        seen.append([math.isfinite(norm.item()), updated, changed])
+    report[stage] = backend.gather(seen)
+if backend.is_main:
+    print(json.dumps(report))
+"""
+
+
+def args(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
+    """Global batch 16 = 2 ranks x 2 accumulated micro-batches of 4; one data worker per rank."""
+    values = {"data.workers": 1, "optim.grad_accum": 2, "schedule.total_steps": STEPS, "checkpoint.every": EVERY,
+              **extra}
+    return overrides(shards, run_dir, **values)
+
+
+def ds_args(shards: dict[str, str], run_dir: Path, stage: int, **extra) -> list[str]:
+    return args(shards, run_dir, backend="deepspeed", **{"deepspeed.zero_stage": stage}, **extra)
+
+
+def torchrun(argv: list[str], script: tuple[str, ...] = ("-m", "pretrain.run")):
+    result = run(argv, launcher=(*TORCHRUN, *script), env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint.find(run_dir) / "model.safetensors")
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(small_shards, tmp_path_factory) -> Path:
+    """The torch backend (DDP) over 2 processes."""
+    run_dir = tmp_path_factory.mktemp("torch")
+    torchrun(args(small_shards, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def zero(small_shards, tmp_path_factory) -> dict[int, Path]:
+    """The same run with ZeRO stages 1, 2 and 3; stage 1 under the deepspeed launcher, the others under torchrun."""
+    runs = {stage: tmp_path_factory.mktemp(f"zero{stage}") for stage in (1, 2, 3)}
+    launcher = (str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                "--module", "pretrain.run")
+    result = run(ds_args(small_shards, runs[1], 1), launcher=launcher, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in (2, 3):
+        torchrun(ds_args(small_shards, runs[stage], stage))
+    return runs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_matches_the_torch_backend(stage, zero, reference):
+    expected, got = losses(reference), losses(zero[stage])
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    config = json.loads((zero[stage] / "deepspeed_config.json").read_text())
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
+    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == stage
+    root = zero[stage] / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000000004", "step_000000008"]
+    if stage < 3:
+        for name, w in weights(reference).items():
+            torch.testing.assert_close(weights(zero[stage])[name], w, atol=1e-4, rtol=0)
+    else:
+        assert not (root / "step_000000008/model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sigkill_then_resume_continues_the_same_losses(stage, zero, small_shards, tmp_path):
+    script = tmp_path / "kill_after_step.py"
+    script.write_text(KILL_AFTER_STEP)
+    argv = ds_args(small_shards, tmp_path / "run", stage)
+    died = run(argv, launcher=(*TORCHRUN, str(script)), env=ENV)
+    assert died.returncode != 0 and max(losses(tmp_path / "run")) == KILL_AT
+    assert checkpoint.find(tmp_path / "run").name == "step_000000004"
+    resumed = torchrun(argv)
+    assert "at step 4" in resumed.stdout
+    assert losses(tmp_path / "run") == losses(zero[stage])
+
+
+def test_zero3_checkpoint_consolidated_finetuned_with_torch_and_exported(zero, reference, small_shards, tmp_path):
+    from transformers import ViTForImageClassification
+
+    with pytest.raises(UserError, match="python -m pretrain.consolidate"):
+        checkpoint.init_weights(zero[3])
+    consolidate = run([str(zero[3])], launcher=(sys.executable, "-m", "pretrain.consolidate"), env=ENV)
+    assert consolidate.returncode == 0 and "model.safetensors" in consolidate.stdout, consolidate.stderr[-3000:]
+    for name, w in weights(reference).items():
+        torch.testing.assert_close(weights(zero[3])[name], w, atol=1e-4, rtol=0)
+
+    finetune = tmp_path / "finetune"
+    result = run(["recipes/demo_finetune.yaml", f"data.train={small_shards['train']}", "data.val=",
+                  f"init_from={zero[3]}", f"run_dir={finetune}", "model.name=vit_mu8", "schedule.total_steps=4",
+                  "schedule.warmup_steps=2", "data.workers=1"], env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert export.main([str(finetune), "--format", "hf", str(tmp_path / "hf")]) == 0
+    model, _ = checkpoint.load_model(finetune)
+    hf = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.rand(2, 3, 48, 48) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-4, rtol=0)
+
+
+def test_a_nonfinite_gradient_is_skipped_on_every_rank(tmp_path):
+    script = tmp_path / "nonfinite.py"
+    script.write_text(NONFINITE)
+    report = json.loads(torchrun([str(tmp_path)], script=(str(script),)).stdout.splitlines()[-1])
+    skipped_then_updated = [[False, False, False], [True, True, True]]  # [finite norm, updated, weights changed]
+    assert report == {str(stage): [skipped_then_updated] * 2 for stage in range(4)}
+
+
+def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero, small_shards, tmp_path):
+    folder = checkpoint.find(zero[3])
+    cases = [({}, "was written by the deepspeed backend, which alone can resume it; set backend=deepspeed"),
+             ({"backend": "deepspeed", "deepspeed.zero_stage": 2}, "resume it with deepspeed.zero_stage=3"),
+             ({"backend": "deepspeed", "deepspeed.zero_stage": 3}, "resume it with 2 processes")]
+    for extra, says in cases:
+        result = run(args(small_shards, tmp_path, **{"checkpoint.resume": folder}, **extra), env=ENV)
+        assert says in one_error_line(result)
+
+
+def test_deepspeed_missing_names_the_extra(small_shards, tmp_path):
+    code = "import sys; sys.modules['deepspeed'] = None; from pretrain import run; sys.exit(run.main(sys.argv[1:]))"
+    result = run(args(small_shards, tmp_path, backend="deepspeed"), launcher=(sys.executable, "-c", code), env=ENV)
+    assert "pip install vit-pretrain[gpu]" in one_error_line(result)
