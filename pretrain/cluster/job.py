@@ -1,0 +1,124 @@
+"""What a Slurm job and a Kubernetes Job share: the resolved recipe, the processes per node, the grace
+period before a kill, the job's name, and the record of the submission kept in the run directory.
+
+A submission leaves ``RUN_DIR/job/``: the rendered job (sbatch script or manifests), the resolved
+recipe where the scheduler reads it, the scheduler's output, and ``job.json``, through which
+``pretrain.submit status / logs / cancel RUN_DIR`` find the job again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint
+from ..config import Config
+from ..errors import UserError
+from ..models.zoo import build_model, count_params
+from ..train.loop import micro_batch
+
+RECORD = "job.json"
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and two optimizer moments
+WRITE_BYTES_PER_S = 100e6  # a network file system, conservatively
+STEP_AND_EXIT_S = 120  # finishing the step in flight, agreeing to stop, exiting
+
+
+@dataclass
+class Job:
+    """A recipe and what it asks of the cluster; 0 for cpus_per_node and grace_seconds means "estimate"."""
+
+    config: Config
+    recipe_source: str  # how the user named it: the recipe file and the overrides
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_node: int = 0
+    grace_seconds: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_node < 0 or self.grace_seconds < 0:
+            raise UserError("--nodes must be at least 1, and --gpus-per-node, --cpus-per-node and --grace-seconds "
+                            "cannot be negative")
+        self.name = self.name or job_name(self.config.run_dir)
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", self.name):
+            raise UserError(f"job name '{self.name}' is not a DNS label of at most 40 characters (a-z, 0-9, '-'; "
+                            f"starting with a letter); pass another --name")
+        self.cpus_per_node = self.cpus_per_node or self.nproc_per_node * (1 + self.config.data.workers)
+        self.grace_seconds = self.grace_seconds or grace_seconds(self.config)
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Trainer processes per node: one per GPU, one on a CPU-only node, one per TPU VM host (xla)."""
+        return 1 if self.config.backend == "xla" else max(self.gpus_per_node, 1)
+
+    @property
+    def final_checkpoint(self) -> str:
+        """The name of the checkpoint folder a complete run ends with."""
+        return checkpoint.folder_name(self.config.schedule.total_steps)
+
+    def check_batch_split(self) -> None:
+        """Refuse at submission, not hours later in the queue, a batch that does not split over the ranks
+        (xla: SPMD splits the global batch over the chips itself)."""
+        if self.config.backend != "xla":
+            micro_batch(self.config, self.nodes * self.nproc_per_node)
+
+
+def job_name(run_dir: str) -> str:
+    """A DNS label naming the job after its run directory: runs/vit_l16_i21k -> vit-l16-i21k."""
+    parts = [p for p in Path(run_dir).parts if p not in ("/", "runs", ".", "..")]
+    name = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"vit-{name}".strip("-")
+    return name[-40:].strip("-")
+
+
+def grace_seconds(config: Config) -> int:
+    """Seconds a trainer needs between the warning signal and a written checkpoint: the step in flight
+    plus the checkpoint's bytes at a conservative write speed, rounded up to a whole minute."""
+    with torch.device("meta"):
+        params = count_params(build_model(config.model))
+    seconds = STEP_AND_EXIT_S + params * CHECKPOINT_BYTES_PER_PARAM / WRITE_BYTES_PER_S
+    return int(math.ceil(seconds / 60) * 60)
+
+
+def job_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "job"
+
+
+def save_record(run_dir: str | Path, record: dict[str, Any]) -> None:
+    path = job_dir(run_dir) / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def find_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The record of the last job submitted with this run directory, if any."""
+    path = job_dir(run_dir) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_record(run_dir: str | Path) -> dict[str, Any]:
+    record = find_record(run_dir)
+    if record is None:
+        raise UserError(f"{run_dir} has no submitted job ({job_dir(run_dir) / RECORD} does not exist); submit one "
+                        f"with python -m pretrain.submit slurm|k8s RECIPE run_dir={run_dir}")
+    return record
+
+
+def tool(args: list[str], what: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    """Run a scheduler's command-line tool; a missing tool or a failure is one sentence."""
+    try:
+        result = subprocess.run(args, check=False, capture_output=True, text=True, **kw)
+    except FileNotFoundError:
+        raise UserError(f"{args[0]} not found; {what}") from None
+    if check and result.returncode != 0:
+        lines = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").splitlines()
+        raise UserError(f"{' '.join(args[:2])} failed: {lines[-1]}")
+    return result

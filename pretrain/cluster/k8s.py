@@ -1,0 +1,163 @@
+"""Kubernetes: core objects only, so that every manifest can be schema-checked offline.
+
+- k8s/job-config.yaml: a ConfigMap with the resolved recipe and launch.sh (the pods' entry point)
+- k8s/train-gpu.yaml: a headless Service and an Indexed Job, torchrun on every node (torch, deepspeed)
+- k8s/train-tpu.yaml: the same for a GKE TPU slice, one trainer per TPU VM host (xla)
+- k8s/tensorboard.yaml: a TensorBoard Deployment and Service reading the run directory
+
+The pods run in /workspace and mount the runs volume (a PersistentVolumeClaim) at /workspace/runs, so
+a recipe's run_dir=runs/NAME means the same folder in every pod and in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+
+from .. import recipe
+from ..errors import UserError
+from . import templates
+from .job import Job, job_dir, tool
+
+WORKDIR = PurePosixPath("/workspace")
+RUNS_MOUNT = WORKDIR / "runs"
+RENDEZVOUS_PORT = 29500
+MISSING = "install kubectl and point it at the cluster (kubectl config use-context ...)"
+RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before the Job fails
+
+
+def pod_run_dir(run_dir: str) -> PurePosixPath:
+    """Where the pods see the run directory; it must lie on the runs volume."""
+    path = WORKDIR / run_dir
+    if path != RUNS_MOUNT and RUNS_MOUNT not in path.parents:
+        raise UserError(f"run_dir '{run_dir}' is not on the runs volume, which the pods mount at {RUNS_MOUNT}; "
+                        f"use run_dir=runs/NAME")
+    return path
+
+
+def tpu_hosts(topology: str, chips_per_host: int) -> int:
+    """TPU VM hosts of a slice: 2x2x4 chips at 4 chips a host are 4 hosts."""
+    if not re.fullmatch(r"\d+(x\d+)+", topology):
+        raise UserError(f"--tpu-topology '{topology}' is not of the form 2x2x4 (v4, v5p) or 4x4 (v5e, v6e)")
+    chips = math.prod(int(d) for d in topology.split("x"))
+    if chips_per_host < 1 or chips % chips_per_host:
+        raise UserError(f"--tpu-topology {topology} has {chips} chips, which {chips_per_host} chips a host "
+                        f"do not divide; check --tpu-chips-per-host")
+    return chips // chips_per_host
+
+
+def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-runs", memory: str = "",
+           tpu_accelerator: str = "tpu-v5p-slice", tpu_topology: str = "2x2x2",
+           tpu_chips_per_host: int = 4) -> str:
+    """The manifests for ``job``, one YAML stream: ConfigMap, training Service and Job, TensorBoard."""
+    if not image:
+        raise UserError("k8s needs --image: a container image with this repository installed "
+                        "(pip install '.[gpu]' for GPUs, '.[tpu]' for TPUs)")
+    run_dir = pod_run_dir(job.config.run_dir)
+    tpu = job.config.backend == "xla"
+    hosts = tpu_hosts(tpu_topology, tpu_chips_per_host) if tpu else job.nodes
+    if job.nodes != hosts:
+        raise UserError(f"a {tpu_topology} slice has {hosts} TPU VM hosts ({tpu_chips_per_host} chips each) but "
+                        f"--nodes is {job.nodes}; pass --nodes {hosts}")
+    job.check_batch_split()
+    nproc = job.nproc_per_node
+    values = {
+        "name": job.name, "namespace": namespace, "image": image, "pvc": pvc, "runs_mount": RUNS_MOUNT,
+        "nodes": job.nodes, "nproc_per_node": nproc, "gpus_per_node": job.gpus_per_node,
+        "cpus_per_node": job.cpus_per_node, "memory": memory or f"{32 * nproc}Gi", "backend": job.config.backend,
+        "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
+        "rendezvous_port": RENDEZVOUS_PORT, "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
+        "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,
+        "tb_logdir": run_dir, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
+    }
+    names = ["k8s/job-config.yaml", "k8s/train-tpu.yaml" if tpu else "k8s/train-gpu.yaml", "k8s/tensorboard.yaml"]
+    return "---\n".join(templates.render(name, values) for name in names)
+
+
+def objects(manifests: str) -> list[dict[str, Any]]:
+    try:
+        return [doc for doc in yaml.safe_load_all(manifests) if doc]
+    except yaml.YAMLError as e:
+        raise UserError(f"the rendered manifests are not valid YAML: {e}") from None
+
+
+def validate(manifests: str, version: str = "") -> None:
+    """Check every object against the Kubernetes schema of ``version`` (default: the newest known), strictly:
+    a misspelled or misplaced field fails too."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise UserError("kubernetes-validate is not installed; pip install kubernetes-validate") from None
+    version = version or kubernetes_validate.latest_version()
+    for obj in objects(manifests):
+        what = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path) or "(top level)"
+            raise UserError(f"{what} does not validate against Kubernetes {e.version}: {where}: {e.message}") from None
+        except kubernetes_validate.SchemaNotFoundError as e:
+            raise UserError(f"{what}: {e.message}") from None
+
+
+def submit(job: Job, manifests: str) -> dict[str, Any]:
+    """Write the manifests into the run's job folder (here, on this machine) and kubectl apply them."""
+    folder = job_dir(job.config.run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifests.yaml"
+    path.write_text(manifests)
+    namespace = objects(manifests)[0]["metadata"]["namespace"]
+    tool(["kubectl", "apply", "--filename", str(path)], MISSING)
+    return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
+            "manifests": str(path), "run_dir": job.config.run_dir}
+
+
+def _job(record: dict[str, Any]) -> dict[str, Any] | None:
+    got = tool(["kubectl", "get", "job", record["name"], "--namespace", record["namespace"], "--output", "yaml",
+                "--ignore-not-found"], MISSING)
+    return yaml.safe_load(got.stdout) if got.stdout.strip() else None
+
+
+def is_active(record: dict[str, Any]) -> bool:
+    job = _job(record)
+    return job is not None and not _finished(job)
+
+
+def _finished(job: dict[str, Any]) -> str:
+    done = [c["type"] for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
+    return next((c for c in done if c in ("Complete", "Failed")), "")
+
+
+def status(record: dict[str, Any]) -> str:
+    job = _job(record)
+    where = f"Kubernetes Job {record['namespace']}/{record['name']}"
+    if job is None:
+        return f"{where}: not found (cancelled, or the cluster is another one)"
+    s = job.get("status", {})
+    state = _finished(job) or ("Running" if s.get("active") else "Pending")
+    return (f"{where}: {state}, {s.get('active', 0)} pod(s) active, {s.get('succeeded', 0)} of {record['nodes']} "
+            f"succeeded, {s.get('failed', 0)} failed\n"
+            f"TensorBoard: kubectl port-forward -n {record['namespace']} service/{record['name']}-tensorboard "
+            f"6006:6006, then http://localhost:6006")
+
+
+def logs(record: dict[str, Any], follow: bool) -> int:
+    """Every training pod's output, each line prefixed with its pod; kubectl's exit status."""
+    args = ["kubectl", "logs", "--namespace", record["namespace"], "--selector", f"job-name={record['name']}",
+            "--prefix", "--tail=-1", f"--max-log-requests={record['nodes']}", *(["--follow"] if follow else [])]
+    try:
+        return subprocess.run(args, check=False).returncode
+    except FileNotFoundError:
+        raise UserError(f"kubectl not found; {MISSING}") from None
+
+
+def cancel(record: dict[str, Any]) -> str:
+    tool(["kubectl", "delete", "--namespace", record["namespace"], "--filename", record["manifests"],
+          "--ignore-not-found", "--wait=false"], MISSING)
+    return (f"deleted Job {record['namespace']}/{record['name']} and its Service, ConfigMap and TensorBoard; the "
+            f"checkpoints stay on the runs volume, and submitting the same recipe again resumes from the latest")

@@ -1,0 +1,115 @@
+"""Slurm: the sbatch script rendered from slurm/train.sbatch, sent with sbatch, followed with scontrol.
+
+The job runs the recipe as resolved at submission (``RUN_DIR/job/recipe.yaml``), so a requeued job
+trains exactly what was submitted; its output goes to ``RUN_DIR/job/slurm-JOBID.out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint, recipe
+from ..errors import UserError
+from . import templates
+from .job import Job, job_dir, tool
+
+TEMPLATE = "slurm/train.sbatch"
+MISSING = "install the Slurm client tools (Debian: apt-get install slurm-client) or submit from a login node"
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+          "RESIZING", "STAGE_OUT", "SIGNALING"}
+
+
+def prepare(job: Job) -> Job:
+    """The job with an absolute run directory: the script, its output and the trainers agree on one path."""
+    if job.config.backend == "xla":
+        raise UserError("backend xla runs on TPU VMs, which Slurm does not schedule here; submit it with "
+                        "python -m pretrain.submit k8s (a GKE TPU slice)")
+    job.check_batch_split()
+    config = dataclasses.replace(job.config, run_dir=str(Path(job.config.run_dir).resolve()))
+    return dataclasses.replace(job, config=config)
+
+
+def render(job: Job, partition: str = "", time: str = "") -> str:
+    """The sbatch script for ``job`` (prepared)."""
+    run_dir = Path(job.config.run_dir)
+    values = {
+        "job_name": job.name, "nodes": job.nodes, "nproc_per_node": job.nproc_per_node,
+        "gpus_per_node": job.gpus_per_node, "cpus_per_node": job.cpus_per_node, "partition": partition,
+        "time": time, "grace_seconds": job.grace_seconds, "backend": job.config.backend,
+        "recipe_source": job.recipe_source, "recipe": job_dir(run_dir) / "recipe.yaml", "run_dir": run_dir,
+        "job_dir": job_dir(run_dir), "workdir": Path.cwd(), "python": sys.executable,
+        "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
+    }
+    script = templates.render(TEMPLATE, values)
+    syntax = tool(["bash", "-n"], "the sbatch script is a bash script", check=False, input=script)
+    if syntax.returncode != 0:
+        raise UserError(f"the rendered {TEMPLATE} is not a valid bash script: {syntax.stderr.strip().splitlines()[-1]}")
+    return script
+
+
+def submit(job: Job, script: str) -> dict[str, Any]:
+    """Write the script and the resolved recipe into the run's job folder, sbatch it; the job record."""
+    folder = job_dir(job.config.run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe.save(job.config, folder / "recipe.yaml")
+    path = folder / "train.sbatch"
+    path.write_text(script)
+    job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
+    return {"scheduler": "slurm", "job_id": job_id, "script": str(path),
+            "output": str(folder / f"slurm-{job_id}.out"), "run_dir": job.config.run_dir}
+
+
+def fields(record: dict[str, Any]) -> dict[str, str]:
+    """scontrol's view of the job (kept by slurmctld for MinJobAge after the end), else sacct's; {} if neither."""
+    shown = tool(["scontrol", "--oneliner", "show", "job", record["job_id"]], MISSING, check=False)
+    if shown.returncode == 0:
+        return dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    accounted = tool(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", record["job_id"],
+                      "--format", "State,ExitCode,Elapsed,NodeList"], MISSING, check=False)
+    lines = accounted.stdout.strip().splitlines() if accounted.returncode == 0 else []
+    if not lines:
+        return {}
+    state, exit_code, elapsed, nodes = lines[0].split("|")
+    return {"JobState": state.split()[0], "ExitCode": exit_code, "RunTime": elapsed, "NodeList": nodes}
+
+
+def is_active(record: dict[str, Any]) -> bool:
+    return fields(record).get("JobState") in ACTIVE
+
+
+def status(record: dict[str, Any]) -> str:
+    job = fields(record)
+    if not job:
+        return f"Slurm job {record['job_id']}: no longer known to Slurm; its output is {record['output']}"
+    lines = [f"Slurm job {record['job_id']}: {job['JobState']}"
+             + (f" ({job['Reason']})" if job.get("Reason", "None") != "None" else "")
+             + f", run time {job.get('RunTime', '?')}, nodes {job.get('NodeList', '?')}"
+             + (f", restarts {job['Restarts']}" if job.get("Restarts", "0") != "0" else "")
+             + (f", exit code {job['ExitCode']}" if job["JobState"] not in ACTIVE else ""),
+             f"output: {record['output']}"]
+    latest = checkpoint.find(record["run_dir"])
+    if latest is not None:
+        lines.append(f"latest checkpoint: {latest}")
+    return "\n".join(lines)
+
+
+def logs(record: dict[str, Any], follow: bool) -> int:
+    """The job's output file (every start of a requeued job appends to it); with ``follow``, as it grows."""
+    output = Path(record["output"])
+    if follow:
+        return subprocess.run(["tail", "-n", "+1", "-F", str(output)], check=False).returncode
+    if not output.is_file():
+        raise UserError(f"Slurm job {record['job_id']} has written no output yet ({output}); see its state with "
+                        f"python -m pretrain.submit status {record['run_dir']}")
+    sys.stdout.write(output.read_text())
+    return 0
+
+
+def cancel(record: dict[str, Any]) -> str:
+    tool(["scancel", record["job_id"]], MISSING)
+    return (f"cancelled Slurm job {record['job_id']}; its checkpoints stay in {record['run_dir']}, and submitting the "
+            f"same recipe again resumes from the latest")

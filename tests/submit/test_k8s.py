@@ -1,0 +1,172 @@
+"""pretrain.submit k8s: every rendered manifest passes `kubernetes-validate --strict` for the oldest and the
+newest Kubernetes it knows, a broken value fails it, and the pods' entry point (launch.sh) turns SIGTERM
+into a checkpoint and a restart, run here with real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+
+from pretrain import recipe, submit
+from pretrain.cluster import k8s
+from pretrain.cluster.job import Job
+from pretrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+VALIDATOR = str(Path(sys.executable).parent / "kubernetes-validate")
+VERSIONS = [all_versions()[0], all_versions()[-1]]
+IMAGE = "ghcr.io/acme/vit-pretrain:1.0"
+VARIANTS = {
+    "gpu": ["recipes/vit_b16_i21k.yaml", "--nodes", "4"],
+    "deepspeed": ["recipes/vit_l16_i21k.yaml", "backend=deepspeed", "deepspeed.zero_stage=3", "--nodes", "2"],
+    "cpu": ["recipes/demo.yaml", "--gpus-per-node", "0", "--nodes", "2", "--namespace", "research"],
+    "tpu": ["recipes/vit_h14_jft.yaml", "backend=xla", "--nodes", "4", "--tpu-accelerator", "tpu-v5p-slice",
+            "--tpu-topology", "2x2x4"],
+}
+
+
+def dry_run(capsys, args: list[str]) -> str:
+    code = submit.main(["k8s", *args, "--image", IMAGE, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def by_kind(manifests: str) -> dict[str, dict]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in yaml.safe_load_all(manifests)}
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
+    return subprocess.run([VALIDATOR, "--strict", "--kubernetes-version", version, str(path)], check=False,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, Path]:
+    """Each variant's manifests, rendered by the command line into a file."""
+    folder = tmp_path_factory.mktemp("manifests")
+    paths = {}
+    for name, args in VARIANTS.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert submit.main(["k8s", *args, "--image", IMAGE, "--dry-run"]) == 0
+        paths[name] = folder / f"{name}.yaml"
+        paths[name].write_text(out.getvalue())
+    return paths
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_manifest_passes_strict_validation(rendered, variant, version):
+    result = kubernetes_validate(rendered[variant], version)
+    objects = len(by_kind(rendered[variant].read_text()))
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.count("passed for resource") == objects == 5 and "WARN" not in result.stdout
+
+
+def test_a_broken_value_fails_the_validator(tmp_path, capsys):
+    job = Job(recipe.load("recipes/vit_b16_i21k.yaml"), "recipes/vit_b16_i21k.yaml", nodes=2)
+    broken = k8s.render(job, IMAGE, memory="{size: 64Gi}")  # a mapping where a quantity belongs
+    path = tmp_path / "broken.yaml"
+    path.write_text(broken)
+    result = kubernetes_validate(path, VERSIONS[-1])
+    assert result.returncode == 1 and "did not validate for resource job/vit-b16-i21k" in result.stdout
+    with pytest.raises(UserError, match=r"Job/vit-b16-i21k does not validate .*resources\.(requests|limits)\.memory"):
+        k8s.validate(broken)
+    misspelled = k8s.render(job, IMAGE).replace("terminationGracePeriodSeconds", "terminationGracePeriodSecond")
+    with pytest.raises(UserError, match="terminationGracePeriodSecond"):
+        k8s.validate(misspelled)
+    code = submit.main(["k8s", "recipes/vit_b16_i21k.yaml", "--image", IMAGE, "--namespace", "[prod]", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ConfigMap/vit-b16-i21k does not validate") and err.count("\n") == 1
+
+
+def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
+    objects = by_kind(dry_run(capsys, VARIANTS["gpu"]))
+    service, job = objects["Service/vit-b16-i21k"], objects["Job/vit-b16-i21k"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": "vit-b16-i21k"}
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "vit-b16-i21k" and pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] == 180  # ViT-B/16: 2 minutes + 1 GB at 100 MB/s, whole minutes
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    trainer = pod["containers"][0]
+    assert trainer["command"] == ["bash", "/etc/pretrain/launch.sh"]
+    assert trainer["args"][:7] == ["torchrun", "--nnodes=4", "--node-rank=$(NODE_RANK)", "--nproc-per-node=8",
+                                   "--master-addr=vit-b16-i21k-0.vit-b16-i21k.default.svc", "--master-port=29500",
+                                   "-m"]
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[1]["onExitCodes"]["values"] == [75] and rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    config = objects["ConfigMap/vit-b16-i21k"]["data"]
+    shipped = recipe.from_dict(yaml.safe_load(config["recipe.yaml"]), "configmap")
+    assert shipped == recipe.load("recipes/vit_b16_i21k.yaml")
+    assert config["launch.sh"].strip() == (ROOT / "k8s/launch.sh").read_text().strip()
+    tensorboard = objects["Deployment/vit-b16-i21k-tensorboard"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--logdir=/workspace/runs/vit_b16_i21k" in tensorboard["command"]
+    assert objects["Service/vit-b16-i21k-tensorboard"]["spec"]["ports"][0]["port"] == 6006
+
+
+def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
+    objects = by_kind(dry_run(capsys, VARIANTS["tpu"]))
+    pod = objects["Job/vit-h14-jft"]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                   "cloud.google.com/gke-tpu-topology": "2x2x4"}
+    trainer = pod["containers"][0]
+    assert trainer["args"] == ["python", "-m", "pretrain.run", "/etc/pretrain/recipe.yaml"]
+    assert {"name": "PJRT_DEVICE", "value": "TPU"} in trainer["env"]
+    assert trainer["resources"]["limits"]["google.com/tpu"] == 4
+    assert yaml.safe_load(objects["ConfigMap/vit-h14-jft"]["data"]["recipe.yaml"])["backend"] == "xla"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run_dir=/ckpt/demo", "--image", IMAGE], "run_dir '/ckpt/demo' is not on the runs volume"),
+    (["backend=xla", "--nodes", "3", "--image", IMAGE], "a 2x2x2 slice has 2 TPU VM hosts"),
+    (["--name", "Demo_1", "--image", IMAGE], "job name 'Demo_1' is not a DNS label"),
+    ([], "k8s needs --image"),
+])
+def test_mistakes_are_one_sentence(capsys, args, message):
+    assert submit.main(["k8s", "recipes/demo.yaml", *args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(small_shards, tmp_path):
+    """The pod's entry point with torchrun and two trainers, as Kubernetes runs it: SIGTERM to it alone."""
+    overrides = {"model.name": "vit_mu8", "data.train": small_shards["train"], "data.val": "", "data.batch_size": 16,
+                 "data.workers": 1, "schedule.total_steps": 30, "schedule.warmup_steps": 5, "log.every": 1,
+                 "log.eval_every": 0, "log.fewshot_every": 0, "checkpoint.every": 100, "run_dir": str(tmp_path)}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = ["bash", "k8s/launch.sh", torchrun, "--standalone", "--nproc-per-node=2", "-m", "pretrain.run",
+               "recipes/demo.yaml", *(f"{k}={v}" for k, v in overrides.items())]
+    env = {**os.environ, "PRETRAIN_FINAL_CHECKPOINT": str(tmp_path / "checkpoints/step_000000030"),
+           "OMP_NUM_THREADS": "1"}
+    pod = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.time() < deadline and pod.poll() is None, pod.communicate()[0]
+        time.sleep(0.1)
+    pod.send_signal(signal.SIGTERM)
+    out = pod.communicate(timeout=120)[0]
+    assert pod.returncode == 75, out
+    assert "preempted: checkpoint written at step" in out and "exiting 75 to be started again" in out
+    stopped = int(out.split("preempted: checkpoint written at step ")[1].split(";")[0])
+    assert (tmp_path / f"checkpoints/step_{stopped:09d}/state.json").is_file() and stopped < 30
+
+    restarted = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert f"at step {stopped}" in restarted.stdout
+    assert (tmp_path / "checkpoints/step_000000030/state.json").is_file()

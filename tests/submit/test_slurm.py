@@ -1,0 +1,183 @@
+"""pretrain.submit slurm against a real two-node Slurm on loopback: a job trains with one process per node
+(gloo), USR1 before the time limit makes it checkpoint, requeue and resume to the same weights, and
+status / logs / cancel find the job from its run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pretrain.submit import main as submit_main
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 40
+FINAL = "checkpoints/step_000000040/model.safetensors"
+
+
+def submit_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.submit", *args], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def submit(slurm, shards: dict[str, str], run_dir: Path, steps: int = STEPS, backend: str = "torch") -> str:
+    """Submit a tiny pre-training on both nodes (one CPU trainer each); the Slurm job id."""
+    overrides = {"model.name": "vit_mu8", "data.train": shards["train"], "data.val": "", "data.batch_size": 16,
+                 "data.workers": 1, "schedule.total_steps": steps, "schedule.warmup_steps": 5, "log.every": 1,
+                 "log.eval_every": 0, "log.fewshot_every": 0, "checkpoint.every": 20, "run_dir": str(run_dir),
+                 "backend": backend}
+    result = submit_cli(["slurm", "recipes/demo.yaml", *(f"{k}={v}" for k, v in overrides.items()), "--nodes", "2",
+                         "--gpus-per-node", "0"], slurm.env)
+    assert result.returncode == 0, result.stderr
+    return json.loads((run_dir / "job/job.json").read_text())["job_id"]
+
+
+def job_fields(slurm, job_id: str) -> dict[str, str]:
+    out = slurm.run(["scontrol", "--oneliner", "show", "job", job_id]).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def wait_for(what: str, ready, timeout: float = 180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = ready()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_for_state(slurm, job_id: str, state: str, timeout: float = 180) -> dict[str, str]:
+    def reached():
+        fields = job_fields(slurm, job_id)
+        if fields.get("JobState") in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} - {state}:
+            raise AssertionError(f"job {job_id} is {fields['JobState']} ({fields.get('Reason')})\n{slurm.logs()}")
+        return fields if fields.get("JobState") == state else None
+
+    return wait_for(f"job {job_id} to be {state}", reached, timeout)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if '"train"' in line]
+
+
+@pytest.fixture(scope="module")
+def finished_run(slurm, small_shards, tmp_path_factory) -> Path:
+    """A run that went through uninterrupted: its run directory."""
+    run_dir = tmp_path_factory.mktemp("slurm_run")
+    job_id = submit(slurm, small_shards, run_dir)
+    fields = wait_for_state(slurm, job_id, "COMPLETED")
+    assert fields["ExitCode"] == "0:0"
+    return run_dir
+
+
+def test_a_two_node_job_writes_checkpoints_and_tensorboard_events(finished_run):
+    output = (finished_run / "job").glob("slurm-*.out")
+    log = next(output).read_text()
+    assert "start 1, on n[1-2]" in log and "trainers finished with exit status 0" in log
+    assert sorted(p.name for p in (finished_run / "checkpoints").glob("step_*")) == ["step_000000020", "step_000000040"]
+    events = EventAccumulator(str(finished_run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert (finished_run / "job/recipe.yaml").is_file() and (finished_run / "job/train.sbatch").is_file()
+
+
+def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: str = "torch") -> int:
+    """A job that gets the time limit's warning mid-run and is requeued; the step it stopped at."""
+    job_id = submit(slurm, shards, run_dir, backend=backend)
+    wait_for("step 8", lambda: max(logged_steps(run_dir), default=0) >= 8, timeout=300)
+    # What --signal=B:USR1@GRACE does at the time limit: USR1 to the batch script alone.
+    assert slurm.run(["scancel", "--batch", "--signal=USR1", job_id]).returncode == 0
+    requeued = wait_for_state(slurm, job_id, "PENDING")
+    assert requeued["Restarts"] == "1"
+    # Skip the requeue delay (BeginTime) once the nodes are done with the first run, and a second later:
+    # slurmd refuses a launch credential issued in the same whole second as the first run's revocation.
+    wait_for("idle nodes", lambda: slurm.run(["sinfo", "-h", "-o", "%t"]).stdout.split() == ["idle"])
+    time.sleep(1.5)
+    slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    wait_for_state(slurm, job_id, "COMPLETED", timeout=300)
+
+    log = (run_dir / f"job/slurm-{job_id}.out").read_text()
+    stopped = int(log.split("preempted: checkpoint written at step ")[1].split(";")[0])
+    assert 8 <= stopped < STEPS
+    assert "requeueing job" in log and "start 2, on n[1-2]" in log
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped:09d} at step {stopped}" in log
+    return stopped
+
+
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_exactly(slurm, small_shards, finished_run,
+                                                                            tmp_path):
+    preempt_and_resume(slurm, small_shards, tmp_path)
+    assert (tmp_path / FINAL).read_bytes() == (finished_run / FINAL).read_bytes(), "final weights differ"
+
+
+def test_the_deepspeed_backend_is_requeued_and_resumed_too(slurm, small_shards, finished_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    preempt_and_resume(slurm, small_shards, tmp_path, backend="deepspeed")
+    ours, reference = load_file(tmp_path / FINAL), load_file(finished_run / FINAL)
+    for name, weight in reference.items():  # ZeRO reduces in another order: equal up to rounding
+        assert torch.allclose(ours[name], weight, atol=1e-3), name
+
+
+def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small_shards, tmp_path, monkeypatch,
+                                                                   capsys):
+    job_id = submit(slurm, small_shards, tmp_path, steps=10_000)
+    wait_for_state(slurm, job_id, "RUNNING")
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+
+    def cli(args: list[str], code: int = 0) -> str:
+        assert submit_main(args) == code
+        out, err = capsys.readouterr()
+        return out + err
+
+    assert cli(["status", str(tmp_path)]).startswith(f"Slurm job {job_id}: RUNNING")
+    again = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}", "--gpus-per-node", "0"], code=2)
+    assert "already has a job in the queue or running; cancel it first" in again
+    wait_for("output", lambda: (tmp_path / f"job/slurm-{job_id}.out").exists())
+    assert f"job {job_id}, start 1" in cli(["logs", str(tmp_path)])
+    assert f"cancelled Slurm job {job_id}" in cli(["cancel", str(tmp_path)])
+    wait_for_state(slurm, job_id, "CANCELLED", timeout=60)
+    assert f"Slurm job {job_id}: CANCELLED" in cli(["status", str(tmp_path)])
+
+
+def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
+    def error(args: list[str]) -> str:
+        assert submit_main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert error(["slurm", "recipes/demo.yaml", "optim.lrr=1", "--dry-run"]).startswith(
+        "error: command line: unknown key 'optim.lrr'; did you mean 'optim.lr'?")
+    assert error(["slurm", "recipes/demo.yaml", "backend=xla", "--dry-run"]).startswith(
+        "error: backend xla runs on TPU VMs")
+    assert error(["slurm", "recipes/demo.yaml", "--nodes", "3", "--dry-run"]).startswith(
+        "error: data.batch_size 128 does not split over 24 ranks")
+    assert error(["status", str(tmp_path)]).startswith(f"error: {tmp_path} has no submitted job")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "bash").symlink_to(shutil.which("bash"))  # bash for the syntax check, and no sbatch
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/run", "--gpus-per-node", "0"]).startswith(
+        "error: sbatch not found; install the Slurm client tools")
+
+
+def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
+    assert submit_main(["slurm", "recipes/vit_b16_i21k.yaml", "--nodes", "4", "--partition", "gpu", "--time",
+                        "24:00:00", "--grace-seconds", "300", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=40", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
+                 "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"]:
+        assert line + "\n" in script
+    assert "--nproc-per-node=8" in script and "trap forward_usr1 USR1" in script
