@@ -18,6 +18,7 @@ import fsspec
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from pretrain.cli import OneLineParser, command
 from pretrain.errors import UserError
 
 from .manifest import REPORT, Manifest, Shard, load
@@ -181,18 +182,15 @@ def show(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[1])
     parser.add_argument("output", help="the shard folder (local path or fsspec URL) or its manifest.json")
     parser.add_argument("--keys", type=int, default=10, metavar="N", help="show the first N keys and their labels")
     parser.add_argument("--grid", metavar="PNG", help="draw the first samples with their class names into this PNG")
     parser.add_argument("--grid-samples", type=int, default=16, metavar="N", help="samples in the grid")
     parser.add_argument("--recount", action="store_true", help="count the labels in the shards anew")
-    try:
-        return show(parser.parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return show(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

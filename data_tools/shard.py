@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import numpy as np
 from tqdm import tqdm
 
+from pretrain.cli import OneLineParser, command
 from pretrain.errors import UserError
 
 from . import sources
@@ -224,8 +225,9 @@ def shard(args: argparse.Namespace) -> Manifest:
     return manifest
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[1])
+    p = OneLineParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[1])
     p.add_argument("source", help="ImageFolder tree, folder of per-class .tar files, or image list (.csv / .jsonl)")
     p.add_argument("output", help="output folder or fsspec URL (gs://bucket/shards, s3://..., memory://...)")
     p.add_argument("--kind", choices=["auto", "imagefolder", "i21k", "list"], default="auto", help="layout of SOURCE (default: detect)")
@@ -240,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)
-    try:
-        shard(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    shard(args)
     return 0
 
 

@@ -7,7 +7,6 @@ Prints one line per problem and a summary; exit status 0 if clean, 1 if damaged,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import multiprocessing
@@ -25,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.errors import UserError
+from pretrain.cli import OneLineParser, command
 
 from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
 from .storage import Location, as_tuple
@@ -232,18 +231,15 @@ def verify(where: Location, manifest: Manifest, decode: bool, workers: int) -> t
     return lines, problems, sum(r.samples for r in reports)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m data_tools.verify", description=__doc__.split("\n\n")[1])
     parser.add_argument("output", help="the shard folder (local path or fsspec URL) or its manifest.json")
     parser.add_argument("--decode", action="store_true", help="also decode every image with PIL (slower)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading shards in parallel")
     args = parser.parse_args(argv)
-    try:
-        where, manifest = load(args.output)
-        lines, problems, samples = verify(where, manifest, args.decode, args.workers)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    where, manifest = load(args.output)
+    lines, problems, samples = verify(where, manifest, args.decode, args.workers)
     for line in lines:
         print(line)
     verdict = plural(problems, "problem") if problems else "OK"

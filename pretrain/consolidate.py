@@ -7,13 +7,13 @@ or export; lower stages write model.safetensors while training.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from . import checkpoint
+from .cli import OneLineParser, command
 from .errors import UserError
 
 
@@ -39,16 +39,13 @@ def consolidate(path: str | Path) -> Path:
     return target
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.consolidate", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m pretrain.consolidate", description=__doc__.split("\n\n")[1])
     parser.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR",
                         help="a checkpoints/step_* folder, or a run directory (its newest checkpoint)")
     args = parser.parse_args(argv)
-    try:
-        print(f"full weights: {consolidate(args.path)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"full weights: {consolidate(args.path)}")
     return 0
 
 

@@ -17,6 +17,7 @@ from .backends.base import Backend
 from .config import Config
 from .data import shards
 from .data.stream import EvalStream, loader
+from .cli import OneLineParser, command
 from .errors import UserError
 from .train.losses import hits, loss_fn
 
@@ -50,13 +51,6 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     samples, top1, top5, loss, bad = backend.all_reduce_sum(totals).tolist()
     samples = max(samples, 1)
     return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": samples, "bad_samples": bad}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose command-line errors are a ``UserError`` (one sentence, no usage block)."""
-
-    def error(self, message: str):
-        raise UserError(f"{message}; see {self.prog} --help")
 
 
 def _data_spec(arg: str) -> str:
@@ -94,6 +88,7 @@ def _check_classes(num_classes: int, path: str, spec: str) -> None:
                         f"evaluate it on data of the classes it was trained on")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     """python -m pretrain.evaluate RUN_OR_CHECKPOINT data=SPEC [--fewshot-train SPEC] [--batch N]: one JSON line."""
     parser = OneLineParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[1])
@@ -104,14 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fewshot-train", metavar="SPEC",
                         help="also few-shot linear accuracy, drawing its training samples from SPEC")
     parser.add_argument("--batch", type=int, metavar="N", help="eval batch size (default: the run's)")
-    try:
-        args = parser.parse_args(argv)
-        if args.batch is not None and args.batch < 1:
-            raise UserError(f"--batch must be at least 1, got {args.batch}")
-        print(json.dumps(evaluate_checkpoint(args.run, args.data, args.fewshot_train, args.batch)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    print(json.dumps(evaluate_checkpoint(args.run, args.data, args.fewshot_train, args.batch)))
     return 0
 
 

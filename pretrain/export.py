@@ -22,8 +22,8 @@ import torch
 from . import checkpoint
 from .config import Config
 from .data import shards
+from .cli import OneLineParser, command
 from .errors import UserError
-from .evaluate import OneLineParser
 from .models.convert import to_hf
 from .models.vit import VisionTransformer
 
@@ -76,6 +76,7 @@ def export_onnx(model: VisionTransformer, out: Path) -> str:
             f"(batch, 3, {model.image_size}, {model.image_size}) -> logits (batch, {outputs})")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     parser = OneLineParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[1])
@@ -84,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=("hf", "onnx"),
                         help="hf: a transformers folder; onnx: one file")
     parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
-    try:
-        args = parser.parse_args(argv)
-        model, config = checkpoint.load_model(args.run)
-        print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, args.out))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    model, config = checkpoint.load_model(args.run)
+    print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, args.out))
     return 0
 
 

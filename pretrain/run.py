@@ -13,7 +13,7 @@ import torch
 
 from . import recipe
 from .config import Config
-from .errors import UserError
+from .cli import OneLineParser, command
 from .models.zoo import build_model, count_params, forward_flops
 
 
@@ -48,8 +48,9 @@ def si(x: float) -> str:
     return f"{x:.3g} "
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.run", description=__doc__.split("\n\n")[1])
+    parser = OneLineParser(prog="python -m pretrain.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/vit_b16_i21k.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run_dir=/tmp/x")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model's size, then exit")
@@ -64,18 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.recipe:
         parser.error("a recipe is required, e.g. python -m pretrain.run recipes/demo.yaml --dry-run")
-    try:
-        config = recipe.load(args.recipe, args.overrides)
-        if args.dry_run:
-            print(recipe.to_yaml(config), end="")
-            print("\n".join("# " + line for line in summary(config).splitlines()))
-            return 0
-        from .train.loop import train
+    config = recipe.load(args.recipe, args.overrides)
+    if args.dry_run:
+        print(recipe.to_yaml(config), end="")
+        print("\n".join("# " + line for line in summary(config).splitlines()))
+        return 0
+    from .train.loop import train
 
-        train(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    train(config)
     return 0
 
 

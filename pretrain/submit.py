@@ -15,13 +15,14 @@ import sys
 from . import recipe
 from .cluster import job as jobs
 from .cluster import k8s, slurm
+from .cli import OneLineParser, command
 from .errors import UserError
 
 SCHEDULERS = {"slurm": slurm, "k8s": k8s}
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m pretrain.submit", description=__doc__.split("\n\n")[1])
+def parser() -> OneLineParser:
+    top = OneLineParser(prog="python -m pretrain.submit", description=__doc__.split("\n\n")[1])
     sub = top.add_subparsers(dest="command", required=True)
     for name, text in [("slurm", "submit to Slurm with sbatch"), ("k8s", "apply to Kubernetes with kubectl")]:
         p = sub.add_parser(name, help=text, description=text)
@@ -97,22 +98,19 @@ def submit(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        if args.command in SCHEDULERS:
-            return submit(args)
-        record = jobs.load_record(args.run_dir)
-        scheduler = SCHEDULERS[record["scheduler"]]
-        if args.command == "status":
-            print(scheduler.status(record))
-        elif args.command == "logs":
-            return scheduler.logs(record, args.follow)
-        else:
-            print(scheduler.cancel(record))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command in SCHEDULERS:
+        return submit(args)
+    record = jobs.load_record(args.run_dir)
+    scheduler = SCHEDULERS[record["scheduler"]]
+    if args.command == "status":
+        print(scheduler.status(record))
+    elif args.command == "logs":
+        return scheduler.logs(record, args.follow)
+    else:
+        print(scheduler.cancel(record))
     return 0
 
 

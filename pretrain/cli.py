@@ -1,0 +1,31 @@
+"""What every command line shares: a bad input ends in one sentence on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+
+from .errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose command-line errors are a ``UserError`` (one sentence, no usage block)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Wraps a command's ``main(argv)``: a ``UserError`` becomes ``error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
