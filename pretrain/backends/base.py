@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
@@ -89,14 +90,20 @@ class Backend(ABC):
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (on every rank)."""
-        return [obj]
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any."""
         return flag
 
     def barrier(self) -> None:
-        pass
+        if self.world > 1:
+            dist.barrier()
 
     def close(self) -> None:
-        pass
+        if dist.is_initialized():
+            dist.destroy_process_group()

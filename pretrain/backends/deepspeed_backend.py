@@ -64,7 +64,7 @@ def ds_config(config: Config, world: int) -> dict:
 
 
 class DeepSpeedBackend(TorchBackend):
-    """The collectives (all_reduce_sum, gather, any, barrier, close) are the torch backend's: DeepSpeed runs on
+    """The collectives (all_reduce_sum, any) are the torch backend's: DeepSpeed runs on
     torch.distributed's process group."""
 
     def __init__(self, config: Config):

@@ -221,12 +221,6 @@ class XlaBackend(Backend):
         """SPMD values are global already and the same on every host: their sum over the hosts."""
         return t if self.world == 1 else t * self.world
 
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
 
     def any(self, flag: bool) -> bool:
         """On the hosts' CPUs (gloo): agreeing on a preemption never waits for the devices."""
@@ -235,11 +229,3 @@ class XlaBackend(Backend):
         t = torch.tensor([float(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
