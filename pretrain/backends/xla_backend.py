@@ -47,6 +47,7 @@ from ..errors import UserError
 from ..models.vit import Block
 from ..train.optim import param_groups
 from .base import Backend
+from .xla_plan import mesh_axis
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ def count(metric: str) -> int:
 
 def compiles() -> int:
     return count("CompileTime")
-
-
-def mesh_axis(sharding: str) -> str:
-    """FSDPv2 needs its mesh axis named ``fsdp``; plain data parallelism calls it ``data``."""
-    return "fsdp" if sharding == "fsdpv2" else "data"
 
 
 @contextlib.contextmanager

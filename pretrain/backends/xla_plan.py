@@ -26,6 +26,11 @@ CHIPS = {"v4": Chip(32, 2), "v5p": Chip(95, 2), "v5litepod": Chip(16, 1), "v6e":
 SLICES = ("v4-256", "v5p-128")  # what the dry-run plans for
 
 
+def mesh_axis(sharding: str) -> str:
+    """FSDPv2 needs its mesh axis named ``fsdp``; plain data parallelism calls it ``data``."""
+    return "fsdp" if sharding == "fsdpv2" else "data"
+
+
 def chips(slice_name: str) -> tuple[Chip, int]:
     """'v4-256' -> (the v4 chip, 128 chips)."""
     kind, size = slice_name.rsplit("-", 1)
@@ -47,7 +52,7 @@ def plan(config: Config, model: VisionTransformer, params: int) -> list[str]:
     sharded = config.xla.sharding == "fsdpv2"
     moments = 2 if config.optim.name == "adamw" else 1
     micro = config.data.batch_size // config.optim.grad_accum
-    lines = [(f"xla.sharding {config.xla.sharding}: a 1-D mesh (axis {'fsdp' if sharded else 'data'}) of every "
+    lines = [(f"xla.sharding {config.xla.sharding}: a 1-D mesh (axis {mesh_axis(config.xla.sharding)}) of every "
               f"chip; GiB per device: fp32 params, grads, {config.optim.name} state, bf16 activations, before XLA's "
               f"buffers"),
              (f"{'slice':9} {'mesh':7} {'hosts':>5} {'batch/dev':>9} {'params':>7} {'grads':>6} {'optim':>6} "
