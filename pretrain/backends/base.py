@@ -97,8 +97,15 @@ class Backend(ABC):
         return out
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any."""
-        return flag
+        """True on every rank if ``flag`` is true on any; reduced on the hosts' CPUs (gloo), so asking every step
+        never waits for the devices."""
+        if self.world == 1:
+            return flag
+        if not hasattr(self, "_host_group"):  # the first call is on every rank at once, as new_group needs
+            self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
+        return bool(t.item())
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
 from ..train.loop import micro_batch
-from ..train.optim import build_optimizer
+from ..train.optim import build_optimizer, clip_and_flag, set_lr
 from .base import Backend
 from .torch_backend import TorchBackend
 
@@ -89,7 +88,7 @@ class DeepSpeedBackend(TorchBackend):
                             "set log.fewshot_every=0 and probe a consolidated checkpoint with python -m "
                             "pretrain.evaluate --fewshot-train")
         model.to(self.device)
-        self.optimizer = build_optimizer(model, self.config.optim, self.device)
+        self.optimizer = build_optimizer(model, self.config.optim)
         config = ds_config(self.config, self.world)
         if self.is_main:
             run_dir = Path(self.config.run_dir)
@@ -106,18 +105,15 @@ class DeepSpeedBackend(TorchBackend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop has divided the loss by grad_accum
 
-    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
-        for group in self.optimizer.param_groups:  # the torch optimizer's groups, which ZeRO steps
-            group["lr"] = lr
-        if self.stage == 0:
-            clip = self.config.optim.clip_grad_norm
-            norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip if clip > 0 else math.inf)
-            if not torch.isfinite(norm):  # gradients are all-reduced: every rank agrees
-                self.engine.zero_grad()  # torch optimizers leave parameters without a gradient alone
-                return norm, False
+    def step(self, lr: float) -> tuple[torch.Tensor, bool | torch.Tensor]:
+        set_lr(self.optimizer, lr)  # the torch optimizer's groups, which ZeRO steps
+        if self.stage == 0:  # as the torch backend: clip, and skip a non-finite update on the device
+            norm, found_inf = clip_and_flag(self.module, self.config.optim.clip_grad_norm)
+            self.optimizer.found_inf = found_inf
             self.engine.step()
-            return norm, True
-        self.engine.step()  # ZeRO computes the norm over all ranks, clips, and skips a non-finite step
+            return norm, found_inf == 0
+        # ZeRO computes the norm over all ranks, clips, and skips a non-finite step; it reads the norm on the host
+        self.engine.step()
         return torch.tensor(float(self.engine.get_global_grad_norm())), self.engine.was_step_applied()
 
     def save(self, folder: Path) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..train.optim import build_optimizer
+from ..train.optim import build_optimizer, clip_and_flag, set_lr
 from .base import Backend
 
 
@@ -33,7 +33,7 @@ class TorchBackend(Backend):
     def setup(self, model: nn.Module) -> None:
         self.module = model.to(self.device)
         self.model = DistributedDataParallel(self.module) if self.world > 1 else self.module
-        self.optimizer = build_optimizer(self.module, self.config.optim, self.device)
+        self.optimizer = build_optimizer(self.module, self.config.optim)
 
     def micro_step(self, sync: bool):
         if self.world > 1 and not sync:
@@ -43,17 +43,15 @@ class TorchBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, lr: float) -> tuple[torch.Tensor, bool]:
-        clip = self.config.optim.clip_grad_norm
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        finite = bool(torch.isfinite(norm))  # DDP: gradients are all-reduced, so every rank agrees
-        if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip and update without waiting for the device: a non-finite norm skips the update there (DDP: the
+        gradients are all-reduced, so every rank skips alike)."""
+        norm, found_inf = clip_and_flag(self.module, self.config.optim.clip_grad_norm)
+        set_lr(self.optimizer, lr)
+        self.optimizer.found_inf = found_inf  # read by the fused step (the attribute torch.amp.GradScaler sets)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, finite
+        return norm, found_inf == 0
 
     def save(self, folder: Path) -> None:
         if self.is_main:
@@ -72,11 +70,3 @@ class TorchBackend(Backend):
         if self.world > 1:
             dist.all_reduce(t)
         return t
-
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())

@@ -45,7 +45,7 @@ from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullySha
 
 from ..errors import UserError
 from ..models.vit import Block
-from ..train.optim import param_groups
+from ..train.optim import clip_and_flag, param_groups, set_lr
 from .base import Backend
 from .xla_plan import mesh_axis
 
@@ -138,12 +138,8 @@ class XlaBackend(Backend):
 
     def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip and update on the device; ``updated`` is a device tensor (a non-finite norm skips the update)."""
-        clip = self.config.optim.clip_grad_norm
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        found_inf = (~torch.isfinite(norm)).float()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        norm, found_inf = clip_and_flag(self.module, self.config.optim.clip_grad_norm)
+        set_lr(self.optimizer, lr)
         self.optimizer.step(found_inf=found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         self.stepped = True
@@ -216,12 +212,3 @@ class XlaBackend(Backend):
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """SPMD values are global already and the same on every host: their sum over the hosts."""
         return t if self.world == 1 else t * self.world
-
-
-    def any(self, flag: bool) -> bool:
-        """On the hosts' CPUs (gloo): agreeing on a preemption never waits for the devices."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())

@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
+from .device_decode import JpegBatch
 from .shards import read_shard
-from .transforms import BadSample, eval_view, image_and_labels, labels_tensor, train_view
+from .transforms import BadSample, HostBatch, eval_view, image_and_labels, labels_tensor
 
 
 @dataclass
@@ -55,10 +56,11 @@ class StreamState:
 
 class TrainStream(IterableDataset):
     def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, rank: int, world: int,
-                 min_scale: float, resume: StreamState | None = None):
+                 min_scale: float, resume: StreamState | None = None, decode: str = "host"):
         super().__init__()
         self.urls, self.image_size, self.micro_batch, self.seed = urls, image_size, micro_batch, seed
         self.rank, self.world, self.min_scale, self.resume = rank, world, min_scale, resume
+        self.views = JpegBatch if decode == "device" else HostBatch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -77,7 +79,7 @@ class TrainStream(IterableDataset):
                             f"lower data.workers or reshard into more shards (data_tools.shard --shard-samples)")
 
     def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
-        images, labels, bad, damaged = [], [], 0, []
+        views, labels, bad, damaged = self.views(self.image_size, self.min_scale), [], 0, []
         while True:
             mine = np.random.default_rng([self.seed, state.epoch]).permutation(len(self.urls))[index::readers]
             while state.cursor < len(mine):
@@ -90,16 +92,14 @@ class TrainStream(IterableDataset):
                     i = int(order[state.offset])
                     state.offset += 1
                     try:
-                        img, ids = image_and_labels(samples[i])
+                        labels.append(views.add(samples[i], [self.seed, state.epoch, shard, i]))
                     except BadSample:
                         bad += 1
                         continue
-                    images.append(train_view(img, self.image_size, self.min_scale, [self.seed, state.epoch, shard, i]))
-                    labels.append(ids)
-                    if len(images) == self.micro_batch:
-                        yield {"image": torch.stack(images), "labels": labels_tensor(labels), "reader": reader,
+                    if len(views) == self.micro_batch:
+                        yield {**views.take(), "labels": labels_tensor(labels), "reader": reader,
                                "state": asdict(state), "bad_samples": bad, "damaged_shards": damaged}
-                        images, labels, bad, damaged = [], [], 0, []
+                        labels, bad, damaged = [], 0, []
                 state.cursor, state.offset = state.cursor + 1, 0
             state.epoch, state.cursor = state.epoch + 1, 0
 

@@ -8,6 +8,7 @@ seed per sample (run seed, epoch, shard, index), so a resumed stream augments ex
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,33 +26,61 @@ class BadSample(Exception):
     pass
 
 
-def image_and_labels(sample: dict) -> tuple[Image.Image, list[int]]:
-    """The decoded RGB image and label ids of a raw webdataset sample; BadSample if either is missing."""
+def open_sample(sample: dict) -> tuple[Image.Image, bytes, list[int]]:
+    """A raw webdataset sample's image, opened (its header read, its pixels not yet decoded), the image's encoded
+    bytes and the label ids; BadSample if either member is missing or unreadable."""
+    key = sample.get("__key__")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise BadSample(f"{sample.get('__key__')}: no image member")
+        raise BadSample(f"{key}: no image member")
     try:
         labels = label_ids(sample)
     except (KeyError, ValueError):
-        raise BadSample(f"{sample.get('__key__')}: no readable label member (.cls or .labels.json)") from None
+        raise BadSample(f"{key}: no readable label member (.cls or .labels.json)") from None
     try:
-        img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
-        return img.convert("RGB"), labels
+        return Image.open(io.BytesIO(sample[ext])), sample[ext], labels
     except Exception as e:  # PIL raises many types for damaged images
-        raise BadSample(f"{sample.get('__key__')}: image does not decode ({type(e).__name__})") from None
+        raise BadSample(f"{key}: image does not decode ({type(e).__name__})") from None
 
 
-def train_view(img: Image.Image, size: int, min_scale: float, seed: list[int]) -> torch.Tensor:
-    """Random resized crop (scale [min_scale, 1], ratio [3/4, 4/3]) to size x size, random flip."""
+def decode(img: Image.Image) -> Image.Image:
+    """The pixels of an opened image, as RGB; BadSample if they do not decode."""
+    try:
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:
+        raise BadSample(f"image does not decode ({type(e).__name__})") from None
+
+
+def image_and_labels(sample: dict) -> tuple[Image.Image, list[int]]:
+    """The decoded RGB image and label ids of a raw webdataset sample; BadSample if either is missing."""
+    img, _, labels = open_sample(sample)
+    return decode(img), labels
+
+
+class Crop(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def crop_params(img: Image.Image, min_scale: float, seed: list[int]) -> Crop:
+    """The Inception crop (scale [min_scale, 1], ratio [3/4, 4/3]) and flip of one sample; needs only the image's
+    size, so an image opened but not decoded will do."""
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):  # torchvision samples from torch's global RNG
         torch.manual_seed(int(rng.integers(2**63)))
         top, left, h, w = T.RandomResizedCrop.get_params(img, [min_scale, 1.0], [3 / 4, 4 / 3])
-    out = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-    if rng.random() < 0.5:
-        out = F.hflip(out)
-    return F.pil_to_tensor(out)
+    return Crop(top, left, h, w, bool(rng.random() < 0.5))
+
+
+def train_view(img: Image.Image, size: int, min_scale: float, seed: list[int]) -> torch.Tensor:
+    """The sample's crop of ``img``, resized to size x size (bilinear, antialiased), maybe flipped."""
+    c = crop_params(img, min_scale, seed)
+    out = F.resized_crop(img, c.top, c.left, c.height, c.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    return F.pil_to_tensor(F.hflip(out) if c.flip else out)
 
 
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:
@@ -66,3 +95,24 @@ def labels_tensor(batch_labels: list[list[int]]) -> torch.Tensor:
     for i, ls in enumerate(batch_labels):
         out[i, : len(ls)] = torch.tensor(ls)
     return out
+
+
+class HostBatch:
+    """A worker's micro-batch in the making, decoded and augmented in the worker (``data.decode: host``)."""
+
+    def __init__(self, size: int, min_scale: float):
+        self.size, self.min_scale, self.images = size, min_scale, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def add(self, sample: dict, seed: list[int]) -> list[int]:
+        """Take one sample; its label ids. BadSample if it has no readable image or label."""
+        img, labels = image_and_labels(sample)
+        self.images.append(train_view(img, self.size, self.min_scale, seed))
+        return labels
+
+    def take(self) -> dict:
+        out = {"image": torch.stack(self.images)}
+        self.images = []
+        return out

@@ -18,6 +18,7 @@ from ..backends import create as create_backend
 from ..backends.base import Backend
 from ..config import Config
 from ..data import shards
+from ..data.device_decode import device_views
 from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
@@ -102,9 +103,30 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> None:
               align_corners=config.model.posemb_align_corners, drop_heads=True)
 
 
+def compile_in_place(model: VisionTransformer, config: Config) -> None:
+    """config.compile: each encoder block through ``nn.Module.compile``, so parameter names (checkpoints) stay.
+
+    Under autocast the compiled block keeps bf16 matmuls and fuses the fp32 LayerNorm, GELU, bias, residual and
+    casts around them; attention stays scaled_dot_product_attention (flash or cuDNN on a GPU). The blocks are
+    alike, so one compilation serves them all.
+    """
+    if not config.compile or config.backend == "xla":
+        return
+    for block in model.blocks:
+        block.compile()
+
+
+def new_window(device: torch.device) -> dict:
+    """What the steps between two log steps add up: loss (on the device), steps, images, seconds of data wait."""
+    return {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+
+
 class Trainer:
     def __init__(self, config: Config, backend: Backend | None = None):
         self.config = config
+        if config.data.decode == "device" and config.backend == "xla":
+            raise UserError("data.decode=device decodes JPEGs on a GPU, and torch-xla devices do not decode them; "
+                            "use data.decode=host")
         self.backend = backend or create_backend(config)
         self.run_dir = Path(config.run_dir)
         self.train_set = shards.resolve(config.data.train)
@@ -117,6 +139,7 @@ class Trainer:
         found = resume_point(config)
         if found is None and config.stage == "finetune":
             start_from_pretrained(model, config)
+        compile_in_place(model, config)
         self.backend.setup(model)
         self.micro = micro_batch(config, self.backend.world)
         self.step = 0
@@ -134,7 +157,7 @@ class Trainer:
         self.skips = Skips(skipped_steps, config.max_nonfinite)
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
-                             self.backend.world, config.data.crop_min_scale, stream_state)
+                             self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode)
         self.batches = loader(stream, config.data.workers, self.backend.device.type == "cuda")
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,18 +179,12 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend
         preemption = Preemption()
-        window = {"loss": torch.zeros((), device=backend.device), "steps": 0, "images": 0, "wait": 0.0,
-                  "start": time.perf_counter()}
+        window = new_window(backend.device)
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
                 self._evaluate()
             while self.step < cfg.schedule.total_steps:
-                loss, updated, norm = self._train_step(window)
-                self.skips.add(updated, self.step)
-                self.step += 1
-                window["loss"] += loss
-                window["steps"] += 1
-                backend.mark_step()
+                norm = self.train_step(window)
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
@@ -187,11 +204,26 @@ class Trainer:
                 self.last_eval = self._evaluate()
             return self.last_eval
         finally:
-            self.batches.close()
             preemption.restore()
-            self.metrics.close()
+            self.close()
 
-    def _train_step(self, window: dict) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    def close(self) -> None:
+        """Stop the data workers and close the TensorBoard and metrics files (not the backend's processes)."""
+        self.batches.close()
+        self.metrics.close()
+
+    def train_step(self, window: dict) -> torch.Tensor:
+        """One optimizer step: its micro-batches, forward, backward and update; the loss, image count and data wait
+        accumulate in ``window``. Returns the gradient norm, a device tensor (nothing here waits for the device)."""
+        loss, updated, norm = self._micro_batches(window)
+        self.skips.add(updated, self.step)
+        self.step += 1
+        window["loss"] += loss
+        window["steps"] += 1
+        self.backend.mark_step()
+        return norm
+
+    def _micro_batches(self, window: dict) -> tuple[torch.Tensor, bool | torch.Tensor, torch.Tensor]:
         cfg, backend = self.config, self.backend
         accum = cfg.optim.grad_accum
         total = torch.zeros((), device=backend.device)
@@ -199,6 +231,9 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(self.batches)
             window["wait"] += time.perf_counter() - waited
+            if "jpeg" in batch:  # data.decode: device
+                image, failed = device_views(batch, cfg.model.image_size, backend.device)
+                batch = {**batch, "image": image, "bad_samples": batch["bad_samples"] + failed}
             self.tracker.consumed(batch)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
@@ -225,7 +260,7 @@ class Trainer:
                    "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards),
                    **backend.log_scalars()}
         self.metrics.log(self.step, scalars)
-        window.update(loss=torch.zeros((), device=backend.device), steps=0, images=0, wait=0.0, start=time.perf_counter())
+        window.update(new_window(backend.device))
 
     def _evaluate(self) -> dict[str, float]:
         result = evaluate(self.backend, self.config, self.config.data.val)

@@ -22,12 +22,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """A fused optimizer (CUDA and CPU): a few kernels for all parameters, and it takes ``found_inf``."""
     groups = param_groups(model, cfg.weight_decay)
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.name == "adamw":  # PyTorch AdamW: decoupled decay, multiplied by the lr
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fast)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+
+
+def clip_and_flag(module: nn.Module, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients at global norm ``clip`` (0: no clipping); (norm, found_inf) as device tensors.
+
+    ``found_inf`` is 1.0 where the norm is not finite: handed to the optimizer's step, the update is skipped on
+    the device, so the host never waits to decide.
+    """
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    return norm, (~torch.isfinite(norm)).float()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def lr_at(step: int, peak: float, cfg: ScheduleConfig) -> float:

@@ -59,7 +59,7 @@ for stage in range(4):
             backend.backward(loss * math.nan if poisoned and backend.rank == 1 else loss)
         norm, updated = backend.step(1e-2)
         changed = any(not torch.equal(before[k], v) for k, v in backend.model_state().items())
-        seen.append([math.isfinite(norm.item()), updated, changed])
+        seen.append([math.isfinite(norm.item()), bool(updated), changed])
     report[stage] = backend.gather(seen)
 if backend.is_main:
     print(json.dumps(report))
@@ -74,7 +74,9 @@ def args(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
 
 
 def ds_args(shards: dict[str, str], run_dir: Path, stage: int, **extra) -> list[str]:
-    return args(shards, run_dir, backend="deepspeed", **{"deepspeed.zero_stage": stage}, **extra)
+    """ZeRO-3 runs with compiled blocks (which ZeRO-3's parameter gathering leaves to eager code)."""
+    return args(shards, run_dir, backend="deepspeed", **{"deepspeed.zero_stage": stage},
+                **({"compile": "true"} if stage == 3 else {}), **extra)
 
 
 def torchrun(argv: list[str], script: tuple[str, ...] = ("-m", "pretrain.run")):
@@ -120,7 +122,7 @@ def test_zero_stage_matches_the_torch_backend(stage, zero, reference):
     expected, got = losses(reference), losses(zero[stage])
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
+        assert got[step] == pytest.approx(loss, rel=1e-5 if stage < 3 else 1e-4), step
     config = json.loads((zero[stage] / "deepspeed_config.json").read_text())
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == stage

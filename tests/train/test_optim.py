@@ -107,7 +107,7 @@ def test_adamw_decay_is_decoupled_and_multiplied_by_lr():
     layer = nn.Linear(4, 3)
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.5)
-    opt = build_optimizer(layer, cfg, torch.device("cpu"))
+    opt = build_optimizer(layer, cfg)
     assert isinstance(opt, torch.optim.AdamW)
     layer.weight.grad, layer.bias.grad = torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)
     opt.step()

@@ -1,0 +1,32 @@
+"""The benchmarks run on the CPU with a tiny model, so they keep working between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_runs_our_step_and_the_references_and_prints_json_lines():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "model.name=vit_mu8", "data.batch_size=16",
+         "data.workers=2", "--images", "48", "--steps", "2", "--warmup", "1", "--compare", "timm", "hf",
+         "--loss-check", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    runs = {(r["run"], r.get("data")): r for r in lines}
+    assert set(runs) == {("matmul", None), ("ours", "synthetic"), ("ours", "shards"), ("timm", "synthetic"),
+                         ("hf", "synthetic"), ("summary", None), ("loss_check", None)}
+    assert runs[("matmul", None)]["tflops"] > 0
+    for key in [("ours", "synthetic"), ("ours", "shards"), ("timm", "synthetic"), ("hf", "synthetic")]:
+        r = runs[key]
+        assert r["img_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] < 1.5, r
+        assert r["model"] == "vit_mu8" and r["batch"] == 16
+    assert 0 <= runs[("ours", "shards")]["data_wait"] < 1
+    assert runs[("summary", None)]["vs_timm"] > 0 and runs[("summary", None)]["vs_hf"] > 0
+    check = runs[("loss_check", None)]
+    assert check["steps"] == 3 and check["relative_difference"] < 1e-4 and 3 < check["loss"] < 5  # ln(50 classes)
