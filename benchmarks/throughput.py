@@ -15,7 +15,7 @@ sdpa attention) with fused AdamW, the same autocast and clipping, on random tens
 Each run prints one JSON line: img/s, TFLOP/s (3x forward FLOPs counted by torch), MFU against a dense matmul
 measured in this process (bf16 on a GPU, fp32 on the CPU) and against the data sheet, peak memory, and for ours
 the share of time spent waiting for data. ``--loss-check N`` trains N steps from the same start with the recipe
-and with its plain path (compile=false) and prints both final losses.
+and with its plain path (compile=false, data.decode=host) and prints both final losses.
 """
 
 from __future__ import annotations
@@ -186,10 +186,12 @@ def reference(kind: str, config: Config, steps: int, warmup: int, peak: tuple[fl
 
 
 def loss_check(config: Config, steps: int) -> dict:
-    """Final losses (mean of the last 10 steps) of N steps with the recipe and with compile=false, same start."""
+    """Final losses (mean of the last 10 steps) of N steps with the recipe and with its plain path (eager, decoded
+    on the host), from the same start."""
     finals = {}
-    for name, cfg in (("recipe", config), ("plain", recipe.from_dict({**recipe.to_dict(config), "compile": False},
-                                                                      "loss check"))):
+    plain = recipe.to_dict(config)
+    plain["compile"], plain["data"]["decode"] = False, "host"
+    for name, cfg in (("recipe", config), ("plain", recipe.from_dict(plain, "loss check"))):
         trainer = Trainer(cfg)
         try:
             losses = []
@@ -227,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", help="training shards to read (default: generate --images JPEGs)")
     parser.add_argument("--images", type=int, default=4096, help="ImageNet-like JPEGs to generate without --shards")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator, workers); at least 1")
-    parser.add_argument("--loss-check", type=int, default=0, metavar="N", help="also compare N-step losses with compile=false")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed steps first (compilation, allocator, workers); at least 1")
+    parser.add_argument("--loss-check", type=int, default=0, metavar="N",
+                        help="also compare N-step losses with the plain path (compile=false, data.decode=host)")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--steps and --warmup must be at least 1")

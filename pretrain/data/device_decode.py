@@ -98,6 +98,7 @@ def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Te
         views[row] = host[i]
     failed = sum(v is None for v in views)
     if failed:
-        stand_in = next((v for v in views if v is not None), torch.zeros(3, size, size, dtype=torch.uint8, device=device))
+        blank = torch.zeros(3, size, size, dtype=torch.uint8, device=device)
+        stand_in = next((v for v in views if v is not None), blank)
         views = [stand_in if v is None else v for v in views]
     return torch.stack(views), failed
