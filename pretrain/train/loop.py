@@ -116,6 +116,9 @@ def compile_in_place(model: VisionTransformer, config: Config) -> None:
         block.compile()
 
 
+DATA_WAIT_HINT = 0.1  # share of the time a step may wait for data before the run says how to feed it
+
+
 def new_window(device: torch.device) -> dict:
     """What the steps between two log steps add up: loss (on the device), steps, images, seconds of data wait."""
     return {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
@@ -155,6 +158,7 @@ class Trainer:
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}", flush=True)
         self.skips = Skips(skipped_steps, config.max_nonfinite)
+        self.hinted = False
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
                              self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode)
@@ -260,7 +264,18 @@ class Trainer:
                    "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards),
                    **backend.log_scalars()}
         self.metrics.log(self.step, scalars)
+        self._hint_data_wait(scalars["data_wait"])
         window.update(new_window(backend.device))
+
+    def _hint_data_wait(self, share: float) -> None:
+        """Once per run, past the first log window (which holds the workers' start): say how to feed the step."""
+        data = self.config.data
+        if self.hinted or share < DATA_WAIT_HINT or self.step <= self.config.log.every or not self.backend.is_main:
+            return
+        self.hinted = True
+        fix = "set data.decode=device" if data.decode == "host" else "use more CPUs per process"
+        print(f"hint: the step waits for data {share:.0%} of the time; raise data.workers (now {data.workers}) or {fix}",
+              flush=True)
 
     def _evaluate(self) -> dict[str, float]:
         result = evaluate(self.backend, self.config, self.config.data.val)

@@ -97,3 +97,11 @@ def test_device_decode_trains_like_the_host_path_and_resumes_exactly(small_shard
 def test_device_decode_under_xla_is_one_sentence(small_shards, tmp_path):
     result = run(overrides(small_shards, tmp_path, backend="xla", **{"data.decode": "device"}))
     assert result.returncode == 2 and result.stderr.startswith("error: data.decode=device decodes JPEGs on a GPU")
+
+
+def test_a_step_starved_of_data_says_how_to_feed_it(small_shards, tmp_path):
+    """With data.workers=0 the training process decodes every image itself: nearly all of its time is waiting."""
+    result = run(overrides(small_shards, tmp_path, **{"data.workers": 0, "schedule.total_steps": 6, "log.every": 2}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    hints = [line for line in result.stdout.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1 and "raise data.workers (now 0) or set data.decode=device" in hints[0], result.stdout
