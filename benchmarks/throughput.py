@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -127,8 +128,7 @@ def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, 
             out["zero_stage"] = config.deepspeed.zero_stage
         return out
     finally:
-        trainer.close()
-        trainer.backend.close()
+        trainer.close()  # the backend's process group stays: DeepSpeed keeps using the first one in a process
 
 
 def reference_model(kind: str, config: Config) -> tuple[torch.nn.Module, callable]:
@@ -202,7 +202,6 @@ def loss_check(config: Config, steps: int) -> dict:
             finals[name] = torch.stack(losses[-10:]).mean().item()
         finally:
             trainer.close()
-            trainer.backend.close()
         release(device())
     return {"run": "loss_check", "steps": steps, "loss": finals["recipe"], "loss_plain": finals["plain"],
             "relative_difference": abs(finals["recipe"] - finals["plain"]) / abs(finals["plain"])}
@@ -266,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"run": "summary", **head, "ours": mine["data"], **ratios}), flush=True)
         if args.loss_check:
             print(json.dumps({**head, **loss_check(config, args.loss_check)}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

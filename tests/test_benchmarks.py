@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,20 @@ def test_throughput_runs_our_step_and_the_references_and_prints_json_lines():
     assert runs[("summary", None)]["vs_timm"] > 0 and runs[("summary", None)]["vs_hf"] > 0
     check = runs[("loss_check", None)]
     assert check["steps"] == 3 and check["relative_difference"] < 1e-4 and 3 < check["loss"] < 5  # ln(50 classes)
+
+
+def test_throughput_runs_the_deepspeed_backend_several_times_in_one_process():
+    """DeepSpeed keeps the first process group it sees: every run of the benchmark (both data modes, the loss
+    check) shares it."""
+    pytest.importorskip("deepspeed")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "model.name=vit_mu8", "data.batch_size=16",
+         "data.workers=2", "backend=deepspeed", "deepspeed.zero_stage=1", "--images", "48", "--steps", "2",
+         "--warmup", "1", "--compare", "--loss-check", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ours = [r for r in lines if r["run"] == "ours"]
+    assert [r["data"] for r in ours] == ["synthetic", "shards"]
+    assert all(r["backend"] == "deepspeed" and r["zero_stage"] == 1 and r["img_per_s"] > 0 for r in ours)
+    assert [r["relative_difference"] for r in lines if r["run"] == "loss_check"] == [0.0]
