@@ -133,7 +133,8 @@ def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, 
 
 def reference_model(kind: str, config: Config) -> tuple[torch.nn.Module, callable]:
     """(model, forward returning logits) of the recipe's architecture in timm or transformers."""
-    size, patch, m = parse_name(config.model.name).size, parse_name(config.model.name).patch_size, config.model
+    arch, m = parse_name(config.model.name), config.model
+    size, patch = arch.size, arch.patch_size
     if kind.startswith("timm"):
         from timm.models.vision_transformer import VisionTransformer
 
