@@ -106,7 +106,7 @@ def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, 
         if data == "synthetic":
             batch = next(trainer.batches)
             trainer.batches.close()
-            if dev.type == "cuda":
+            if dev.type == "cuda" and not batch["image"].is_cuda:
                 batch["image"] = batch["image"].pin_memory()  # as the loader hands it over
             trainer.batches = Repeat(batch)
         window = new_window(dev)

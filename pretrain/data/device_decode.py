@@ -2,19 +2,22 @@
 
 For when the CPUs cannot keep up with the accelerator: a worker opens each image's header, draws the sample's
 crop and flip exactly as the host path does (``transforms.crop_params``, same seed), and passes on the JPEG bytes
-with them. The training process decodes the batch at once (``torchvision.io.decode_jpeg``: nvJPEG on a GPU) and
-crops, resizes (bilinear, antialiased) and flips there. Images the device decoder does not take (PNG and other
-formats, CMYK JPEGs) are decoded and cropped by the worker, as on the host path.
+with them. A thread of the training process (``DeviceDecoded``) decodes the next batch at once
+(``torchvision.io.decode_jpeg``: nvJPEG on a GPU) and crops, resizes (bilinear, antialiased) and flips there while
+the current batch trains. Images the device decoder does not take (PNG and other formats, CMYK JPEGs) are decoded
+and cropped by the worker, as on the host path.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from PIL import Image
+from torch.nn.functional import interpolate
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from .transforms import BadSample, Crop, crop_params, decode, open_sample, train_view
@@ -80,25 +83,81 @@ def _decode_each(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.
 def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """The micro-batch's (B, 3, size, size) uint8 views on ``device``, and how many of its JPEGs did not decode.
 
-    A JPEG that decodes neither on the device nor with PIL is replaced by another view of the batch (the batch
-    keeps its size, and so the compiled step its shapes) and counted as a bad sample.
+    Two kernels an image (a float copy of the crop, an antialiased bilinear resize) and one more when it flips:
+    on a GPU the host's share of the work is launching them. A JPEG that decodes neither on the device nor with
+    PIL is replaced by another view of the batch (the batch keeps its size, and so the compiled step its shapes)
+    and counted as a bad sample.
     """
     jpegs = batch["jpeg"]
     try:
         decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else []
     except RuntimeError:
         decoded = _decode_each(jpegs, device)
-    views: list[torch.Tensor | None] = [None] * (len(jpegs) + len(batch["host_rows"]))
-    for img, (top, left, h, w, flip), row in zip(decoded, batch["crop"].tolist(), batch["jpeg_rows"].tolist()):
-        if img is not None:
-            view = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
-            views[row] = F.hflip(view) if flip else view
-    host = batch["host_image"].to(device, non_blocking=True)
-    for i, row in enumerate(batch["host_rows"].tolist()):
-        views[row] = host[i]
-    failed = sum(v is None for v in views)
+    resized: list[torch.Tensor | None] = []
+    for img, (top, left, h, w, flip) in zip(decoded, batch["crop"].tolist()):
+        if img is None:
+            resized.append(None)
+            continue
+        view = interpolate(img[None, :, top : top + h, left : left + w].float(), size=(size, size), mode="bilinear",
+                           antialias=True)
+        resized.append(view.flip(-1) if flip else view)
+    failed = sum(v is None for v in resized)
     if failed:
-        blank = torch.zeros(3, size, size, dtype=torch.uint8, device=device)
-        stand_in = next((v for v in views if v is not None), blank)
-        views = [stand_in if v is None else v for v in views]
-    return torch.stack(views), failed
+        blank = torch.zeros(1, 3, size, size, device=device)
+        stand_in = next((v for v in resized if v is not None), blank)
+        resized = [stand_in if v is None else v for v in resized]
+    views = torch.cat(resized).round_().clamp_(0, 255).to(torch.uint8) if resized else None
+    if len(batch["host_rows"]):
+        out = torch.empty(len(resized) + len(batch["host_rows"]), 3, size, size, dtype=torch.uint8, device=device)
+        out[batch["host_rows"].to(device, non_blocking=True)] = batch["host_image"].to(device, non_blocking=True)
+        if views is not None:
+            out[batch["jpeg_rows"].to(device, non_blocking=True)] = views
+        views = out
+    return views, failed
+
+
+class DeviceDecoded:
+    """The training process's side of ``data.decode: device``: batches of JPEGs in, batches of views out.
+
+    A thread of its own decodes and augments the next micro-batch while the current one trains: nvJPEG releases
+    the GIL and runs on the GPU's JPEG engines, so the decode overlaps the step. On a GPU the thread works on a
+    stream of its own, and the step's stream waits for it through an event.
+    """
+
+    def __init__(self, batches: Iterator[dict], size: int, device: torch.device):
+        self.batches, self.size, self.device = batches, size, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="device-decode")
+        self.pending: Future | None = None
+
+    def __iter__(self) -> DeviceDecoded:
+        return self
+
+    def __next__(self) -> dict:
+        current = self.pending or self.thread.submit(self._decode_next)
+        self.pending = self.thread.submit(self._decode_next)
+        batch, ready = current.result()
+        if ready is not None:
+            step_stream = torch.cuda.current_stream(self.device)
+            step_stream.wait_event(ready)
+            batch["image"].record_stream(step_stream)  # made on the decode stream, freed after the step's use
+        return batch
+
+    def _decode_next(self) -> tuple[dict, torch.cuda.Event | None]:
+        batch = next(self.batches)
+        if self.stream is None:
+            return self._views(batch), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            # nvJPEG writes on a stream of its own without waiting for the stream it allocated its output on
+            # (pytorch/vision#9606); with nothing queued on this one, no block the allocator hands out is in use.
+            self.stream.synchronize()
+            return self._views(batch), self.stream.record_event()
+
+    def _views(self, batch: dict) -> dict:
+        image, failed = device_views(batch, self.size, self.device)
+        return {**batch, "image": image, "bad_samples": batch["bad_samples"] + failed}
+
+    def close(self) -> None:
+        """Let the batch in hand finish (its JPEGs may be on the GPU's engines), then stop the data workers."""
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        self.batches.close()

@@ -18,7 +18,7 @@ from ..backends import create as create_backend
 from ..backends.base import Backend
 from ..config import Config
 from ..data import shards
-from ..data.device_decode import device_views
+from ..data.device_decode import DeviceDecoded
 from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
@@ -163,6 +163,8 @@ class Trainer:
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
                              self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode)
         self.batches = loader(stream, config.data.workers, self.backend.device.type == "cuda")
+        if config.data.decode == "device":
+            self.batches = DeviceDecoded(self.batches, config.model.image_size, self.backend.device)
         if self.backend.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             recipe.save(config, self.run_dir / "config.yaml")
@@ -235,9 +237,6 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(self.batches)
             window["wait"] += time.perf_counter() - waited
-            if "jpeg" in batch:  # data.decode: device
-                image, failed = device_views(batch, cfg.model.image_size, backend.device)
-                batch = {**batch, "image": image, "bad_samples": batch["bad_samples"] + failed}
             self.tracker.consumed(batch)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])

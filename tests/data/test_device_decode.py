@@ -4,6 +4,7 @@ crops, the training process decodes, and the views match the host path's."""
 from __future__ import annotations
 
 import io
+import time
 from itertools import islice
 
 import numpy as np
@@ -11,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.data.device_decode import JpegBatch, device_views
+from pretrain.data.device_decode import DeviceDecoded, JpegBatch, device_views
 from pretrain.data.shards import resolve
 from pretrain.data.stream import TrainStream, loader
 from pretrain.data.transforms import HostBatch
+from pretrain.errors import UserError
 
 SIZE, MICRO, MIN_SCALE = 32, 16, 0.35
 CPU = torch.device("cpu")
@@ -80,3 +82,44 @@ def test_a_batch_of_only_undecodable_jpegs_gives_zeros_and_counts_them(mixed):
     device.add(mixed[4], [0, 4])
     views, failed = device_views(device.take(), SIZE, CPU)
     assert failed == 1 and not views.any()
+
+
+class Source:
+    """Micro-batches of JPEGs, then an error, as the data workers would hand them over; it counts what is asked."""
+
+    def __init__(self, batches: list[dict], error: Exception):
+        self.batches, self.error, self.asked, self.closed = iter(batches), error, 0, False
+
+    def __next__(self) -> dict:
+        self.asked += 1
+        batch = next(self.batches, None)
+        if batch is None:
+            raise self.error
+        return batch
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_decode_thread_works_one_batch_ahead_in_order_and_passes_errors_on(mixed):
+    batches = []
+    for start in (0, 3):
+        jpegs = JpegBatch(SIZE, MIN_SCALE)
+        for i in range(start, start + 3):
+            jpegs.add(mixed[i], [1, i])
+        batches.append({**jpegs.take(), "bad_samples": 2})
+    expected = [device_views(b, SIZE, CPU) for b in batches]
+    source = Source(batches, UserError("shard 7 is damaged"))
+    decoded = DeviceDecoded(source, SIZE, CPU)
+    first = next(decoded)
+    assert torch.equal(first["image"], expected[0][0]) and first["bad_samples"] == 2
+    deadline = time.monotonic() + 10
+    while source.asked < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert source.asked == 2, "the next micro-batch is decoded while the current one trains"
+    second = next(decoded)
+    assert torch.equal(second["image"], expected[1][0]) and second["bad_samples"] == 2 + 1  # the garbage JPEG
+    with pytest.raises(UserError, match="shard 7 is damaged"):
+        next(decoded)
+    decoded.close()
+    assert source.closed
