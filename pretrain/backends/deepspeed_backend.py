@@ -112,9 +112,10 @@ class DeepSpeedBackend(TorchBackend):
             self.optimizer.found_inf = found_inf
             self.engine.step()
             return norm, found_inf == 0
-        # ZeRO computes the norm over all ranks, clips, and skips a non-finite step; it reads the norm on the host
+        # ZeRO computes the norm over all ranks, clips, and skips a non-finite step, reading the norm on the host
+        # before its update; the norm it returns stays on the device (a float after a skip) until a log step.
         self.engine.step()
-        return torch.tensor(float(self.engine.get_global_grad_norm())), self.engine.was_step_applied()
+        return torch.as_tensor(self.engine.get_global_grad_norm()), self.engine.was_step_applied()
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)  # the `latest` pointer is ours

@@ -89,6 +89,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint.find(run_dir) / "model.safetensors")
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if r["split"] == "train"}
+
+
 def one_error_line(result) -> str:
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -123,6 +128,9 @@ def test_zero_stage_matches_the_torch_backend(stage, zero, reference):
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5 if stage < 3 else 1e-4), step
+    norms = grad_norms(zero[stage])  # ZeRO's own norm, handed back as a tensor
+    for step, norm in grad_norms(reference).items():
+        assert norms[step] == pytest.approx(norm, rel=1e-3), step
     config = json.loads((zero[stage] / "deepspeed_config.json").read_text())
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == stage
