@@ -13,9 +13,10 @@ references train the same architecture (timm's VisionTransformer, transformers' 
 sdpa attention) with fused AdamW, the same autocast and clipping, on random tensors already on the device.
 
 Each run prints one JSON line: img/s, TFLOP/s (3x forward FLOPs counted by torch), MFU against a dense matmul
-measured in this process (bf16 on a GPU, fp32 on the CPU) and against the data sheet, peak memory, and for ours
+measured in this process (bf16 on a GPU, fp32 on the CPU; bf16 under precision=float8 too, as torchtitan counts,
+so float8's gain shows as MFU) and against the data sheet, peak memory, and for ours
 the share of time spent waiting for data. ``--loss-check N`` trains N steps from the same start with the recipe
-and with its plain path (compile=false, data.decode=host) and prints both final losses.
+and with its plain path (compile=false, data.decode=host, bf16 for float8) and prints both final losses.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def reference(kind: str, config: Config, steps: int, warmup: int, peak: tuple[fl
     micro = config.data.batch_size // accum
     x = torch.randn(micro, 3, config.model.image_size, config.model.image_size, device=dev)
     y = torch.randint(0, config.model.num_classes, (micro,), device=dev)
-    bf16 = config.precision == "bf16" and dev.type == "cuda"
+    bf16 = config.precision in ("bf16", "float8") and dev.type == "cuda"  # the references have no float8 path
 
     def step() -> None:
         for _ in range(accum):
@@ -188,10 +189,12 @@ def reference(kind: str, config: Config, steps: int, warmup: int, peak: tuple[fl
 
 def loss_check(config: Config, steps: int) -> dict:
     """Final losses (mean of the last 10 steps) of N steps with the recipe and with its plain path (eager, decoded
-    on the host), from the same start."""
+    on the host, bf16 in place of float8), from the same start."""
     finals = {}
     plain = recipe.to_dict(config)
     plain["compile"], plain["data"]["decode"] = False, "host"
+    if plain["precision"] == "float8":
+        plain["precision"] = "bf16"
     for name, cfg in (("recipe", config), ("plain", recipe.from_dict(plain, "loss check"))):
         trainer = Trainer(cfg)
         try:
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10,
                         help="untimed steps first (compilation, allocator, workers); at least 1")
     parser.add_argument("--loss-check", type=int, default=0, metavar="N",
-                        help="also compare N-step losses with the plain path (compile=false, data.decode=host)")
+                        help="also compare N-step losses with the plain path (eager, host decode, float8 as bf16)")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--steps and --warmup must be at least 1")

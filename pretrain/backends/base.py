@@ -82,7 +82,7 @@ class Backend(ABC):
         """The model's full weights in our parameter names, on the CPU (for export and fine-tuning)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        bf16 = self.config.precision == "bf16" and self.device.type in ("cuda", "xla")
+        bf16 = self.config.precision in ("bf16", "float8") and self.device.type in ("cuda", "xla")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, forward_flops
+from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
 
@@ -142,9 +143,10 @@ class Trainer:
         found = resume_point(config)
         if found is None and config.stage == "finetune":
             start_from_pretrained(model, config)
+        self.micro = micro_batch(config, self.backend.world)
+        use_float8(model, config, self.backend.device, self.micro)
         compile_in_place(model, config)
         self.backend.setup(model)
-        self.micro = micro_batch(config, self.backend.world)
         self.step = 0
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
