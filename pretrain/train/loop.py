@@ -145,6 +145,10 @@ class Trainer:
             start_from_pretrained(model, config)
         self.micro = micro_batch(config, self.backend.world)
         use_float8(model, config, self.backend.device, self.micro)
+        fp8_eager = config.precision == "float8" and not config.compile and self.backend.device.type == "cuda"
+        if fp8_eager and self.backend.is_main:
+            print("hint: precision=float8 without compile=true scales every matmul's operands in kernels of their own, "
+                  "which can cost more than float8 saves; set compile=true", flush=True)
         compile_in_place(model, config)
         self.backend.setup(model)
         self.step = 0
