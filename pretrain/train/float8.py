@@ -42,5 +42,4 @@ def use_float8(model: VisionTransformer, config: Config, device: torch.device, m
     tokens = model.num_prefix_tokens + model.grid[0] * model.grid[1]
     # The weight gradient's matmul runs over the micro-batch's tokens; pad them only where they do not align.
     settings = Float8LinearConfig(pad_inner_dim=(micro * tokens) % ALIGN != 0)
-
     convert_to_float8_training(model.blocks, config=settings)  # every zoo width and MLP size is a multiple of 16
