@@ -212,7 +212,7 @@ def shard(args: argparse.Namespace) -> Manifest:
         class_counts=[counts.get(i, 0) for i in range(len(corpus.classes))],
         skipped=len(skipped),
         options=run["options"],
-        tool=f"data_tools.shard {importlib.metadata.version('vit-pretrain')}",
+        tool=f"data_tools.shard {tool_version()}",
     )
     out.write_bytes(REPORT, "".join(json.dumps(s) + "\n" for s in skipped).encode())
     out.write_bytes(MANIFEST, manifest.to_json().encode())
@@ -223,6 +223,14 @@ def shard(args: argparse.Namespace) -> Manifest:
         f"{size / 1e9:.2f} GB to {out.url}; {len(skipped)} skipped" + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
     return manifest
+
+
+def tool_version() -> str:
+    """The installed package's version, or "source" when run from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version("vit-pretrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "source"
 
 
 @command
