@@ -81,9 +81,14 @@ class Backend(ABC):
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's full weights in our parameter names, on the CPU (for export and fine-tuning)."""
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast_dtype(self) -> torch.dtype | None:
+        """What the forward's matmuls run in under autocast: bf16 on GPUs and TPUs, None (no autocast) on the CPU."""
         bf16 = self.config.precision in ("bf16", "float8") and self.device.type in ("cuda", "xla")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return torch.bfloat16 if bf16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast_dtype()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t

@@ -10,7 +10,9 @@ CPU), as in the torch backend, rather than from DeepSpeed's bf16 mode. DeepSpeed
 themselves in bf16 and runs every op in bf16, LayerNorm and softmax included; autocast keeps fp32 weights and runs
 the matmuls in bf16. So the two backends compute the same thing (loss curves and checkpoints agree), checkpoints
 hold fp32 weights as trained, and the fp32 ZeRO path checks every step's gradient norm and skips a non-finite one.
-The price is fp32 gradient reduction and fp32 weights in memory (ZeRO still shards them).
+The price is fp32 gradient reduction and fp32 weights in memory (ZeRO still shards them). The engine's forward
+turns off an autocast it was not told of, so the config repeats ours in its ``torch_autocast`` section, with no
+module whose gradients it would then reduce in bf16.
 
 A checkpoint folder gets the engine's files in ``deepspeed/`` (each rank its own optimizer shard) and, below
 ZeRO-3, ``model.safetensors`` from rank 0; a ZeRO-3 checkpoint gets it from ``python -m pretrain.consolidate``.
@@ -46,8 +48,8 @@ TAG = "deepspeed"  # the engine's folder inside a checkpoint folder (its "tag")
 CONFIG_FILE = "deepspeed_config.json"
 
 
-def ds_config(config: Config, world: int) -> dict:
-    """The DeepSpeed config of a recipe."""
+def ds_config(config: Config, world: int, autocast: bool) -> dict:
+    """The DeepSpeed config of a recipe; ``autocast``: the loop runs the forward under bf16 autocast."""
     stage = config.deepspeed.zero_stage
     return {
         "train_batch_size": config.data.batch_size,
@@ -58,6 +60,7 @@ def ds_config(config: Config, world: int) -> dict:
         "gradient_clipping": config.optim.clip_grad_norm if stage else 0.0,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": False},  # bf16 is torch autocast: see the module docstring
+        "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,  # SGD: ZeRO shards any element-wise torch optimizer
     }
 
@@ -89,7 +92,7 @@ class DeepSpeedBackend(TorchBackend):
                             "pretrain.evaluate --fewshot-train")
         model.to(self.device)
         self.optimizer = build_optimizer(model, self.config.optim)
-        config = ds_config(self.config, self.world)
+        config = ds_config(self.config, self.world, self.autocast_dtype() is not None)
         if self.is_main:
             run_dir = Path(self.config.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)

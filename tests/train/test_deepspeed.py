@@ -187,6 +187,36 @@ def test_a_nonfinite_gradient_is_skipped_on_every_rank(tmp_path):
     assert report == {str(stage): [skipped_then_updated] * 2 for stage in range(4)}
 
 
+AUTOCAST = """
+import json, sys, torch
+from torch import nn
+from pretrain.backends.deepspeed_backend import DeepSpeedBackend
+from pretrain.config import Config
+
+config = Config(run_dir=sys.argv[1])
+config.data.batch_size = 2
+config.deepspeed.zero_stage = 1
+backend = DeepSpeedBackend(config)
+backend.autocast_dtype = lambda: torch.bfloat16  # as on a GPU: the loop's forward runs under bf16 autocast
+backend.setup(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
+seen = []
+backend.module[0].register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+with backend.micro_step(sync=True), backend.autocast():
+    backend.backward(backend.model(torch.ones(2, 4)).float().sum())
+comm = sorted({str(getattr(p, "comm_dtype", None)) for p in backend.module.parameters()})
+print(json.dumps({"linear_output": seen, "comm_dtypes": comm}))
+"""
+
+
+def test_the_engine_keeps_the_loops_autocast_and_reduces_gradients_in_fp32(tmp_path):
+    """DeepSpeed's forward turns off an autocast its config does not name: the linear layers would run in fp32."""
+    script = tmp_path / "autocast.py"
+    script.write_text(AUTOCAST)
+    result = run([str(tmp_path)], launcher=(sys.executable, str(script)), env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"linear_output": ["torch.bfloat16"], "comm_dtypes": ["None"]}
+
+
 def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero, small_shards, tmp_path):
     folder = checkpoint.find(zero[3])
     cases = [({}, "was written by the deepspeed backend, which alone can resume it; set backend=deepspeed"),
