@@ -6,6 +6,7 @@ import re
 from typing import NamedTuple
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
@@ -87,10 +88,11 @@ def forward_flops(model: VisionTransformer) -> int:
     """FLOPs (2 per multiply-add) of one image's forward pass, counted by torch on the meta device.
 
     ``model`` may live on the meta device (``with torch.device("meta"): build_model(...)``), so even
-    ViT-g is counted without allocating its weights.
+    ViT-g is counted without allocating its weights. Attention runs as PyTorch's math kernel here, whose matmuls the
+    counter sees (it has no formula for the CPU's fused attention, and would leave its FLOPs out).
     """
     device = next(model.parameters()).device
     x = torch.zeros(1, 3, model.image_size, model.image_size, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x)
     return counter.get_total_flops()

@@ -38,6 +38,12 @@ def test_forward_flops_of_vit_b16():
     assert forward_flops(meta_model("vit_b16")) == pytest.approx(expected, rel=1e-3)
 
 
+def test_forward_flops_count_the_attention_of_a_model_on_the_cpu():
+    # The trainer counts its model before moving it; the CPU's fused attention kernel has no FLOP formula.
+    on_cpu = build_model(ModelConfig(name="vit_ti16", image_size=64, head="linear"), num_classes=10)
+    assert forward_flops(on_cpu) == forward_flops(meta_model("vit_ti16", image_size=64, num_classes=10))
+
+
 def test_names():
     assert parse_name("vit_h14").size.width == 1280
     assert parse_name("vit_ti16").size.heads == 3
