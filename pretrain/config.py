@@ -110,6 +110,7 @@ class Config:
     seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.")
     precision: Literal["fp32", "bf16", "float8"] = doc("bf16", "bf16 autocast where the device supports it, else fp32; float8: bf16 plus float8 matmuls in the encoder blocks (torchao, Ada/Hopper GPUs; the CPU emulates them).")
     compile: bool = doc(False, "torch.compile each encoder block, in place (parameter names unchanged): one compilation serves every block, and DDP / ZeRO still overlap gradient reduction with the backward. The xla backend always compiles and ignores this.")
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = doc("auto", "The scaled_dot_product_attention kernels on a GPU: auto times flash, cuDNN and memory-efficient attention on the model's shape at start and keeps the fastest; or name one (math: plain PyTorch).")
     backend: Literal["torch", "deepspeed", "xla"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun; deepspeed: ZeRO (GPU clusters); xla: TPU (PJRT, SPMD).")
     max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
     model: ModelConfig = section(ModelConfig, "The network.")

@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, forward_flops
+from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
@@ -149,6 +150,8 @@ class Trainer:
         if fp8_eager and self.backend.is_main:
             print("hint: precision=float8 without compile=true scales every matmul's operands in kernels of their own, "
                   "which can cost more than float8 saves; set compile=true", flush=True)
+        choose_attention(model, config.attention, self.micro, self.backend.device, self.backend.autocast_dtype(),
+                         self.backend.is_main)
         compile_in_place(model, config)
         self.backend.setup(model)
         self.step = 0
