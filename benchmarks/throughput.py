@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py RECIPE [key=value ...] [--data synthetic shards] [--compare timm timm-compiled hf]
                                     [--shards PATH | --images N] [--steps 50] [--warmup 10] [--loss-check 200]
+                                    [--profile DIR]
 
     python benchmarks/throughput.py recipes/vit_b16_i21k.yaml data.batch_size=256 compile=true data.workers=16
 
@@ -100,7 +101,24 @@ class Repeat:
         pass
 
 
-def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, str]) -> dict:
+def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
+    """Write the kernels of ``steps`` more steps, by their own device time (CPU time on the CPU), to ``path``."""
+    dev = trainer.backend.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    window = new_window(dev)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            norm = trainer.train_step(window)
+        norm.item()
+        sync(dev)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
+def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, str],
+         profile: Path | None = None) -> dict:
     trainer = Trainer(config)
     dev = trainer.backend.device
     try:
@@ -127,6 +145,8 @@ def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, 
                "data_wait": round(window["wait"] / seconds, 4), "loss": round(window["loss"].item() / steps, 5)}
         if config.backend == "deepspeed":
             out["zero_stage"] = config.deepspeed.zero_stage
+        if profile:
+            profile_steps(trainer, 3, profile / f"ours-{data}.txt")
         return out
     finally:
         trainer.close()  # the backend's process group stays: DeepSpeed keeps using the first one in a process
@@ -236,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed steps first (compilation, allocator, workers); at least 1")
     parser.add_argument("--loss-check", type=int, default=0, metavar="N",
                         help="also compare N-step losses with the plain path (eager, host decode, float8 as bf16)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="write the kernel table of 3 more steps of ours to DIR/ours-{synthetic,shards}.txt")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--steps and --warmup must be at least 1")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         config = recipe.load(args.recipe, args.overrides)
@@ -255,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"run": "matmul", **head, "tflops": round(peak[0], 2), "dtype": peak[1]}), flush=True)
         results = {}
         for data in args.data:
-            results[f"ours-{data}"] = ours(config, data, args.steps, args.warmup, peak)
+            results[f"ours-{data}"] = ours(config, data, args.steps, args.warmup, peak, args.profile)
             release(dev)
             print(json.dumps({**head, **results[f"ours-{data}"]}), flush=True)
         if parse_name(config.model.name).backbone is None:

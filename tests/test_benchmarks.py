@@ -13,11 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_runs_our_step_and_the_references_and_prints_json_lines():
+def test_throughput_runs_our_step_and_the_references_and_prints_json_lines(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "model.name=vit_mu8", "data.batch_size=16",
          "data.workers=2", "--images", "48", "--steps", "2", "--warmup", "1", "--compare", "timm", "hf",
-         "--loss-check", "3"],
+         "--loss-check", "3", "--profile", str(tmp_path / "profile")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -33,6 +33,19 @@ def test_throughput_runs_our_step_and_the_references_and_prints_json_lines():
     assert runs[("summary", None)]["vs_timm"] > 0 and runs[("summary", None)]["vs_hf"] > 0
     check = runs[("loss_check", None)]
     assert check["steps"] == 3 and check["relative_difference"] < 1e-4 and 3 < check["loss"] < 5  # ln(50 classes)
+    for data in ("synthetic", "shards"):  # the kernel tables of 3 more steps, the matmuls among them
+        table = (tmp_path / "profile" / f"ours-{data}.txt").read_text()
+        assert "aten::addmm" in table and "Self CPU time total" in table
+
+
+def test_decode_throughput_times_both_paths():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/decode_throughput.py", "--images", "12", "--batch", "6", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["run"] for r in lines] == ["host", "device_decode_jpeg", "device_views"]
+    assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in lines)
 
 
 def test_throughput_runs_the_deepspeed_backend_several_times_in_one_process():

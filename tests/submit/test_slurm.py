@@ -177,7 +177,7 @@ def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
                         "24:00:00", "--grace-seconds", "300", "--dry-run"]) == 0
     script = capsys.readouterr().out
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=40", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
+                 "#SBATCH --cpus-per-task=104", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"]:
         assert line + "\n" in script
     assert "--nproc-per-node=8" in script and "trap forward_usr1 USR1" in script
