@@ -80,8 +80,8 @@ class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches, linearly projected.
 
     The weights are a strided convolution's (``proj``, as in timm, HF and the JAX checkpoints), applied as one matmul
-    over the flattened patches: the same function, and on a GPU a twentieth of the time of cuDNN's convolution of a
-    3-channel NCHW image.
+    over the flattened patches: the same function, without cuDNN's convolution of a 3-channel NCHW image (4.7 ms of
+    a 76 ms ViT-B/16 step on an H100, its layout conversions included).
     """
 
     def __init__(self, patch_size: int, width: int, in_chans: int = 3):
