@@ -11,7 +11,6 @@ device: the training process's side of ``data.decode=device`` on a micro-batch t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -19,27 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shard_throughput import photo_like_jpeg  # noqa: E402
 
 from pretrain.data.device_decode import JpegBatch, device_views  # noqa: E402
 from pretrain.data.transforms import HostBatch  # noqa: E402
 
 
 def samples(n: int) -> list[dict]:
-    """n webdataset samples of 500x375 noise-and-gradient JPEGs (~105 kB, like ImageNet's photos)."""
+    """n webdataset samples of ImageNet-like JPEGs."""
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500]
-    out = []
-    for i in range(n):
-        base = ((xx * (i % 7 + 1) + yy * (i % 5 + 1)) % 256).astype(np.uint8)
-        pixels = np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.integers(0, 24, (375, 500, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-        out.append({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": str(i % 50).encode()})
-    return out
+    return [{"__key__": f"{i:06d}", "jpg": photo_like_jpeg(i, rng), "cls": str(i % 50).encode()} for i in range(n)]
 
 
 def timed(fn, repeats: int) -> float:

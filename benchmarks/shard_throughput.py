@@ -24,19 +24,25 @@ import numpy as np
 from PIL import Image
 
 
+def photo_like_jpeg(i: int, rng: np.random.Generator) -> bytes:
+    """The i-th 500x375 noise-and-gradient JPEG (~105 kB, like ImageNet's photos)."""
+    yy, xx = np.mgrid[0:375, 0:500]
+    base = ((xx * (i % 7 + 1) + yy * (i % 5 + 1)) % 256).astype(np.uint8)
+    pixels = np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.integers(0, 24, (375, 500, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def make_tree(root: Path, images: int, classes: int = 50) -> int:
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500]
     total = 0
     for i in range(images):
         folder = root / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        base = ((xx * (i % 7 + 1) + yy * (i % 5 + 1)) % 256).astype(np.uint8)
-        pixels = np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.integers(0, 24, (375, 500, 3), dtype=np.uint8)
-        out = io.BytesIO()
-        Image.fromarray(pixels).save(out, "JPEG", quality=90)
-        (folder / f"img_{i}.JPEG").write_bytes(out.getvalue())
-        total += out.tell()
+        data = photo_like_jpeg(i, rng)
+        (folder / f"img_{i}.JPEG").write_bytes(data)
+        total += len(data)
     return total
 
 
