@@ -34,7 +34,7 @@ from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
 from ..train.loop import micro_batch
-from ..train.optim import build_optimizer, clip_and_flag, set_lr
+from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
 from .base import Backend
 from .torch_backend import TorchBackend
 
@@ -55,9 +55,9 @@ def ds_config(config: Config, world: int, autocast: bool) -> dict:
         "train_batch_size": config.data.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch(config, world),
         "gradient_accumulation_steps": config.optim.grad_accum,
-        # Stage 0 hands the plain gradients to our optimizer and neither reports their norm nor skips a
-        # non-finite one, so step() clips there; ZeRO clips inside its optimizer.
-        "gradient_clipping": config.optim.clip_grad_norm if stage else 0.0,
+        # Ours, inside the fused optimizer's step (DeepSpeedBackend.step): ZeRO-1/2's own clipping reads the norm
+        # on the host once per parameter group, and stage 0 neither reports the norm nor skips a non-finite step.
+        "gradient_clipping": 0.0,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": False},  # bf16 is torch autocast: see the module docstring
         "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
@@ -99,6 +99,13 @@ class DeepSpeedBackend(TorchBackend):
             (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model, self.module = self.engine, self.engine.module
+        if self.stage:
+            self.optimizer.register_step_pre_hook(self._clip_in_step)
+
+    def _clip_in_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        """ZeRO steps our optimizer on its flat fp32 partitions (once per parameter group) after computing the
+        global gradient norm over all ranks and skipping a non-finite step; its norm clips in the fused step."""
+        clip_in_step(optimizer, self.engine.optimizer._global_grad_norm, self.config.optim.clip_grad_norm)
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):
@@ -111,12 +118,12 @@ class DeepSpeedBackend(TorchBackend):
     def step(self, lr: float) -> tuple[torch.Tensor, bool | torch.Tensor]:
         set_lr(self.optimizer, lr)  # the torch optimizer's groups, which ZeRO steps
         if self.stage == 0:  # as the torch backend: clip, and skip a non-finite update on the device
-            norm, found_inf = clip_and_flag(self.module, self.config.optim.clip_grad_norm)
-            self.optimizer.found_inf = found_inf
+            norm = grad_norm(self.module)
+            found_inf = clip_in_step(self.optimizer, norm, self.config.optim.clip_grad_norm)
             self.engine.step()
             return norm, found_inf == 0
-        # ZeRO computes the norm over all ranks, clips, and skips a non-finite step, reading the norm on the host
-        # before its update; the norm it returns stays on the device (a float after a skip) until a log step.
+        # ZeRO computes the norm over all ranks and skips a non-finite step, reading the norm on the host once
+        # before its update (_clip_in_step clips); the norm stays on the device (a float after a skip).
         self.engine.step()
         return torch.as_tensor(self.engine.get_global_grad_norm()), self.engine.was_step_applied()
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..train.optim import build_optimizer, clip_and_flag, set_lr
+from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
 from .base import Backend
 
 
@@ -46,9 +46,9 @@ class TorchBackend(Backend):
     def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip and update without waiting for the device: a non-finite norm skips the update there (DDP: the
         gradients are all-reduced, so every rank skips alike)."""
-        norm, found_inf = clip_and_flag(self.module, self.config.optim.clip_grad_norm)
+        norm = grad_norm(self.module)
+        found_inf = clip_in_step(self.optimizer, norm, self.config.optim.clip_grad_norm)
         set_lr(self.optimizer, lr)
-        self.optimizer.found_inf = found_inf  # read by the fused step (the attribute torch.amp.GradScaler sets)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, found_inf == 0

@@ -30,12 +30,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
 
 
-def clip_and_flag(module: nn.Module, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip the gradients at global norm ``clip`` (0: no clipping); (norm, found_inf) as device tensors.
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the module's gradients, a device tensor."""
+    return nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
 
-    ``found_inf`` is 1.0 where the norm is not finite: handed to the optimizer's step, the update is skipped on
-    the device, so the host never waits to decide.
+
+def clip_in_step(optimizer: torch.optim.Optimizer, norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """Have the fused optimizer's next step clip at global norm ``clip`` (0: no clipping) and skip a non-finite
+    update, both on the device; returns ``found_inf``, 1.0 where the norm is not finite.
+
+    The fused kernels divide the gradients by ``grad_scale`` and skip the update where ``found_inf`` is set (the
+    attributes torch.amp.GradScaler sets), so clipping costs no pass over the gradients of its own and the host
+    never waits to decide. Dividing by max(1, (norm + 1e-6) / clip) is torch.nn.utils.clip_grad_norm_'s factor.
     """
+    norm = norm.float()  # the kernels take fp32 scalars; ZeRO-3's norm is fp64
+    found_inf = (~torch.isfinite(norm)).float()
+    optimizer.found_inf = found_inf
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0) if clip > 0 else None
+    return found_inf
+
+
+def clip_and_flag(module: nn.Module, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients in place at global norm ``clip`` (0: no clipping); (norm, found_inf) as device tensors,
+    for optimizers that take ``found_inf`` but no ``grad_scale`` (torch_xla's sync-free ones)."""
     params = [p for p in module.parameters() if p.grad is not None]
     norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
     return norm, (~torch.isfinite(norm)).float()

@@ -65,6 +65,35 @@ if backend.is_main:
     print(json.dumps(report))
 """
 
+HOST_READS = """
+import json, sys, torch
+from torch import nn
+sys.path.insert(0, sys.argv[2])
+from host_reads import HostReads
+from pretrain.backends.deepspeed_backend import DeepSpeedBackend
+from pretrain.config import Config
+
+config = Config(run_dir=sys.argv[1])
+config.data.batch_size = 2
+config.optim.clip_grad_norm = 0.1  # the steps clip
+report = {}
+for stage in range(4):
+    config.deepspeed.zero_stage = stage
+    backend = DeepSpeedBackend(config)
+    torch.manual_seed(0)
+    backend.setup(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)))  # two parameter groups
+    norms = []
+    for i in range(4):  # the last counted: the first builds the optimizer's state, ZeRO-3 traces the next two
+        with HostReads() if i == 3 else contextlib.nullcontext() as reads:
+            with backend.micro_step(sync=True):
+                backend.backward(backend.model(torch.randn(1, 4)).square().sum())
+            norm, updated = backend.step(1e-2)
+        norms.append(norm.item())
+    report[stage] = {"norms_above_clip": min(norms) > 0.1, "reads": reads.where}
+if backend.is_main:
+    print(json.dumps(report))
+""".replace("import json,", "import contextlib, json,")
+
 
 def args(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
     """Global batch 16 = 2 ranks x 2 accumulated micro-batches of 4; one data worker per rank."""
@@ -131,9 +160,10 @@ def test_zero_stage_matches_the_torch_backend(stage, zero, reference):
     norms = grad_norms(zero[stage])  # ZeRO's own norm, handed back as a tensor
     for step, norm in grad_norms(reference).items():
         assert norms[step] == pytest.approx(norm, rel=1e-3), step
+    assert max(norms.values()) > 1.0  # so the losses agree with clipping at work (ours, in the fused step)
     config = json.loads((zero[stage] / "deepspeed_config.json").read_text())
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
-    assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == stage
+    assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["stage"] == stage
     root = zero[stage] / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000000004", "step_000000008"]
     if stage < 3:
@@ -185,6 +215,19 @@ def test_a_nonfinite_gradient_is_skipped_on_every_rank(tmp_path):
     report = json.loads(torchrun([str(tmp_path)], script=(str(script),)).stdout.splitlines()[-1])
     skipped_then_updated = [[False, False, False], [True, True, True]]  # [finite norm, updated, weights changed]
     assert report == {str(stage): [skipped_then_updated] * 2 for stage in range(4)}
+
+
+def test_a_zero_step_reads_the_device_once_and_stage_0_never(tmp_path):
+    """ZeRO decides on the host whether to skip a step (one read of the norm); the clipping is ours, in the fused
+    step, because ZeRO-1/2's own reads the norm again for each parameter group."""
+    script = tmp_path / "host_reads.py"
+    script.write_text(HOST_READS)
+    report = json.loads(torchrun([str(tmp_path), str(ROOT / "tests")], script=(str(script),)).stdout.splitlines()[-1])
+    assert all(r["norms_above_clip"] for r in report.values())
+    assert report["0"]["reads"] == []
+    for stage in "123":
+        reads = report[stage]["reads"]
+        assert len(reads) == 1 and "deepspeed/runtime/" in reads[0], (stage, reads)
 
 
 AUTOCAST = """

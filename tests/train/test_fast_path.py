@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+from host_reads import HostReads
 from safetensors.torch import load_file
 from test_training import losses, overrides, run
 from torch import nn
 
+from pretrain import recipe
 from pretrain.backends.torch_backend import TorchBackend
 from pretrain.config import Config, ModelConfig
 from pretrain.models.zoo import build_model
+from pretrain.train.loop import Trainer, new_window
 
 
 def test_compiled_blocks_train_the_same_losses_and_weights_as_eager(small_shards, tmp_path):
@@ -65,6 +68,22 @@ def test_a_nonfinite_gradient_skips_the_update_on_the_device(bad):
     norm, updated = backend.step(1e-2)
     assert updated and torch.isfinite(norm)
     assert not torch.equal(backend.module.state_dict()["head.bias"], before["head.bias"])
+
+
+def test_training_steps_never_wait_for_the_device(small_shards, tmp_path):
+    """Between log steps (accumulated micro-batches, clipping, the update, the skip count) nothing reads a value
+    from the device, so on a GPU the host runs ahead and the kernels queue back to back."""
+    config = recipe.load("recipes/demo.yaml", overrides(small_shards, tmp_path, **{"optim.grad_accum": 2})[1:])
+    trainer = Trainer(config)
+    try:
+        window = new_window(trainer.backend.device)
+        trainer.train_step(window)  # the first builds the optimizer's state
+        with HostReads() as reads:
+            for _ in range(3):
+                trainer.train_step(window)
+    finally:
+        trainer.close()
+    assert reads.where == []
 
 
 def test_a_run_whose_loss_diverges_stops_with_one_sentence(small_shards, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from itertools import pairwise
 
 import pytest
@@ -10,7 +12,7 @@ from torch import nn
 
 from pretrain.config import ModelConfig, OptimConfig, ScheduleConfig
 from pretrain.models.zoo import build_model
-from pretrain.train.optim import build_optimizer, lr_at, param_groups
+from pretrain.train.optim import build_optimizer, clip_in_step, grad_norm, lr_at, param_groups
 
 PEAK = 1e-3
 
@@ -113,3 +115,27 @@ def test_adamw_decay_is_decoupled_and_multiplied_by_lr():
     opt.step()
     torch.testing.assert_close(layer.weight.detach(), weight * (1 - cfg.lr * cfg.weight_decay))
     torch.testing.assert_close(layer.bias.detach(), bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("clip", [0.0, 0.05, 100.0])
+def test_clipping_inside_the_fused_step_is_clip_grad_norm(name, clip):
+    """The fused step divides by clip_in_step's factor: the same weights as clipping the gradients first."""
+    torch.manual_seed(0)
+    inside = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
+    before = copy.deepcopy(inside)
+    cfg = OptimConfig(name=name, lr=0.1, weight_decay=0.1)
+    opt_inside, opt_before = build_optimizer(inside, cfg), build_optimizer(before, cfg)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model in (inside, before):
+            model.zero_grad()
+            model(x).square().sum().backward()
+        norm = grad_norm(inside)
+        assert norm > 0.05 and torch.isfinite(norm)
+        clip_in_step(opt_inside, norm, clip)
+        opt_inside.step()
+        torch.testing.assert_close(nn.utils.clip_grad_norm_(before.parameters(), clip or math.inf), norm)
+        opt_before.step()
+        for a, b in zip(inside.parameters(), before.parameters(), strict=True):
+            torch.testing.assert_close(a, b)
