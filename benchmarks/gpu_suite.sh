@@ -9,7 +9,7 @@
 # to copy back from a remote machine. SUITE_SECONDS (default 540) bounds the whole suite: a part that would
 # start with less than a minute left is skipped and says so.
 #
-# The comparisons with timm and HF train ViT-B/16 without dropout, as the references do (b16-dropout: the
+# The comparisons with timm and HF train ViT-B/16 and L/16 without dropout, as the references do (b16-dropout: the
 # recipe's 0.1).
 set -u
 OUT=${OUT:-gpu-suite}
@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 BENCH=/tmp/gpu-suite
 mkdir -p "$OUT" "$BENCH"
 deadline=$((SECONDS + ${SUITE_SECONDS:-540}))
-parts=${*:-b16 h14 deepspeed b16-device decode float8 loss b16-dropout}
+parts=${*:-b16 h14 deepspeed b16-device decode float8 loss b16-dropout l16}
 
 bench() {  # name, then the script and its arguments
     local name=$1 left=$((deadline - SECONDS))
@@ -52,7 +52,8 @@ for part in $parts; do
             --profile "$BENCH/profiles/float8" ;;
         loss) bench loss $T $B16 data.workers=14 --data synthetic --compare --loss-check 200 ;;
         b16-dropout) bench b16-dropout $T $B16 data.workers=14 --data synthetic --compare ;;
-        *) echo "unknown part $part (b16 h14 deepspeed b16-device decode float8 loss b16-dropout)"; exit 2 ;;
+        l16) bench l16 $T recipes/vit_l16_i21k.yaml data.batch_size=128 model.dropout=0 --data synthetic --compare timm ;;
+        *) echo "unknown part $part (b16 h14 deepspeed b16-device decode float8 loss b16-dropout l16)"; exit 2 ;;
     esac
 done
 if [ -d "$BENCH/profiles" ]; then
