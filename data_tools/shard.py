@@ -46,17 +46,21 @@ def parse_size(text: str) -> int:
 def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) -> Corpus:
     kind = sources.detect_kind(source) if kind == "auto" else kind
     if kind == "imagefolder":
-        return sources.list_imagefolder(source)
+        return sources.list_imagefolder(source, classes_file)
     if kind == "list":
         return sources.list_images_file(source, classes_file)
     tars = sources.list_i21k_tars(source)
+    stems = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
+    classes = sources.fixed_labels(stems, sources.read_classes(classes_file) if classes_file else None, classes_file,
+                                   "synset tar")
+    index = {name: label for label, name in enumerate(classes)}
+    labels = [index[stem] for stem in stems]
     items, refused = [], []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        listed = pool.map(sources.list_tar, tars, range(len(tars)), chunksize=16)
+        listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
         for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
             refused += bad
-    classes = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
     return Corpus("i21k", classes, False, items, refused)
 
 
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", help="ImageFolder tree, folder of per-class .tar files, or image list (.csv / .jsonl)")
     p.add_argument("output", help="output folder or fsspec URL (gs://bucket/shards, s3://..., memory://...)")
     p.add_argument("--kind", choices=["auto", "imagefolder", "i21k", "list"], default="auto", help="layout of SOURCE (default: detect)")
-    p.add_argument("--classes", help="class list, one name per line (image lists only)")
+    p.add_argument("--classes", help="the classes, in label order: a file with one name per line or a shard set "
+                   "(its manifest's); required for image lists, and for folders and tars it labels a split as the "
+                   "split it names, e.g. --classes shards/train for the validation images")
     p.add_argument("--name", default="train", help="shard name prefix: NAME-000000.tar (default: train)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shard-samples", type=int, default=0, help="samples per shard")

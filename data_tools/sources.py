@@ -20,6 +20,7 @@ from fsspec.spec import AbstractFileSystem
 
 from pretrain.errors import UserError
 
+from .manifest import load as load_manifest
 from .storage import Location
 
 
@@ -65,13 +66,43 @@ def sample_key(relative_path: str) -> str:
     return re.sub(r"[.\s]", "_", stem)
 
 
-def list_imagefolder(source: str) -> Corpus:
+def read_classes(spec: str) -> list[str]:
+    """``--classes``: a shard set (folder or manifest.json: its classes) or a text file, one name per line."""
+    fs, path = url_to_fs(spec)
+    if fs.isdir(path) or spec.rstrip("/").endswith(".json"):
+        classes = load_manifest(spec)[1].classes
+        if not classes:
+            raise UserError(f"--classes {spec}: its manifest names no classes")
+        return classes
+    if not fs.isfile(path):
+        raise UserError(f"--classes {spec} does not exist; give a file with one class name per line or a shard set")
+    with fs.open(path, "rt") as f:
+        return [c.strip() for c in f.read().splitlines() if c.strip()]
+
+
+def fixed_labels(found: list[str], classes: list[str] | None, classes_spec: str | None, what: str) -> list[str]:
+    """The classes to label by: ``found`` (sorted folder or tar names) or the ``--classes`` list, which must hold
+    every one found; labels then follow its order, as in the split it came from."""
+    if classes is None:
+        return found
+    known = set(classes)
+    unknown = [name for name in found if name not in known]
+    if unknown:
+        raise UserError(f"{what} '{unknown[0]}' is not among the {len(classes)} classes of --classes {classes_spec}"
+                        f"{f' ({len(unknown)} such)' if len(unknown) > 1 else ''}; fix the name or the class list")
+    return classes
+
+
+def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
     where = Location(source)
-    classes = [d for d in where.names() if where.fs.isdir(where.path(d))]
-    if not classes:
+    found = [d for d in where.names() if where.fs.isdir(where.path(d))]
+    if not found:
         raise UserError(f"{source} has no class folders; an ImageFolder tree is class_name/image.jpg")
-    items = []
+    classes = fixed_labels(found, read_classes(classes_spec) if classes_spec else None, classes_spec, "class folder")
+    items, present = [], set(found)
     for label, name in enumerate(classes):
+        if name not in present:
+            continue
         for path, info in sorted(where.fs.find(where.path(name), detail=True).items()):
             rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
             items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
@@ -117,9 +148,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     fs, list_path = url_to_fs(source)
     with fs.open(list_path, "rt") as f:
         lines = f.read().splitlines()
-    cfs, cpath = url_to_fs(classes_file)
-    with cfs.open(cpath, "rt") as f:
-        classes = [c.strip() for c in f.read().splitlines() if c.strip()]
+    classes = read_classes(classes_file)
     index = {c: i for i, c in enumerate(classes)}
     folder = Location(source).parent()
     items, seen = [], {}

@@ -63,7 +63,7 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     """Top-1 / top-5 / loss of the checkpoint at ``path`` on ``spec`` in this one process (a GPU if there
     is one), and few-shot accuracy with training samples from ``fewshot_train``."""
     model, config = checkpoint.load_model(path)
-    _check_classes(model.num_classes, path, spec)
+    _check_classes(model.num_classes, config.data.train, path, spec, fewshot_train)
     if batch:
         config.data.eval_batch_size = batch
     if config.backend == "deepspeed":  # one process needs no engine, which would rewrite the run's deepspeed_config.json
@@ -79,13 +79,22 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     return result
 
 
-def _check_classes(num_classes: int, path: str, spec: str) -> None:
+def _check_classes(num_classes: int, trained_on: str, path: str, spec: str, fewshot_train: str | None) -> None:
+    """The data must label by the classes the model was trained on: those of its training manifest where it can
+    be read, else as many."""
     if not num_classes:
         raise UserError(f"{path} has no classifier (model.num_classes 0), so it has no top-1 to evaluate on {spec}")
-    classes = shards.resolve(spec, "data").classes
-    if classes is not None and len(classes) != num_classes:
-        raise UserError(f"{path} has {num_classes} classes but {spec} has {len(classes)}; "
+    data = shards.resolve(spec, "data")
+    if data.classes is not None and len(data.classes) != num_classes:
+        raise UserError(f"{path} has {num_classes} classes but {spec} has {len(data.classes)}; "
                         f"evaluate it on data of the classes it was trained on")
+    try:
+        trained = shards.resolve(trained_on)
+    except UserError:  # moved or unreachable: the count above is what can be checked
+        trained = shards.ShardSet([], None, False, None)
+    shards.check_same_classes(trained, trained_on, data, spec)
+    if fewshot_train:
+        shards.check_same_classes(data, spec, shards.resolve(fewshot_train, "--fewshot-train"), fewshot_train)
 
 
 @command

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="hf: a transformers folder; onnx: one file")
     parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
     args = parser.parse_args(argv)
+    if args.format == "hf" and args.out.exists() and not args.out.is_dir():
+        raise UserError(f"{args.out} is a file; --format hf writes a folder, so give a folder's path")
+    if args.format == "onnx" and args.out.is_dir():
+        raise UserError(f"{args.out} is a folder; --format onnx writes one file, e.g. {args.out / 'model.onnx'}")
     model, config = checkpoint.load_model(args.run)
     print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, args.out))
     return 0

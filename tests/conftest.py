@@ -78,7 +78,12 @@ def small_shards(tmp_path_factory) -> dict[str, str]:
     synthetic.main([str(root / "images"), "--train-per-class", "40", "--val-per-class", "10", "--size", "36"])
     shard.main([str(root / "images/train"), str(root / "train"), "--shard-samples", "50", "--workers", "1"])
     shard.main([str(root / "images/val"), str(root / "val"), "--shard-samples", "50", "--workers", "1", "--name", "val"])
-    return {"train": str(root / "train"), "val": str(root / "val")}
+    # The same validation images labelled by the classes in reverse order: labels that mean other classes.
+    classes = sorted(p.name for p in (root / "images/val").iterdir())
+    (root / "reversed.txt").write_text("\n".join(reversed(classes)) + "\n")
+    shard.main([str(root / "images/val"), str(root / "val-reversed"), "--workers", "1", "--name", "val",
+                "--classes", str(root / "reversed.txt")])
+    return {"train": str(root / "train"), "val": str(root / "val"), "val_reversed": str(root / "val-reversed")}
 
 
 @pytest.fixture(scope="session")

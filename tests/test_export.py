@@ -113,9 +113,14 @@ def test_evaluate_cli_reproduces_the_runs_last_eval(runs, small_shards):
     (evaluate, ["{run}", "data={val}", "--shots", "5"], "unrecognized arguments: --shots 5"),
     (export, ["{missing}", "--format", "hf", "{out}"], "holds no complete checkpoint"),
     (export, ["{run}", "--format", "tflite", "{out}"], "invalid choice: 'tflite'"),
+    (evaluate, ["{run}", "data={val_reversed}"], "labels its samples by other classes than"),
+    (export, ["{run}", "--format", "onnx", "{out}"], "is a folder; --format onnx writes one file"),
+    (export, ["{run}", "--format", "hf", "{file}"], "is a file; --format hf writes a folder"),
 ])
 def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
-    names = {"missing": tmp_path / "missing", "run": runs["pretrain"], "val": small_shards["val"], "out": tmp_path}
+    (tmp_path / "model.onnx").write_bytes(b"")
+    names = {"missing": tmp_path / "missing", "run": runs["pretrain"], "val": small_shards["val"], "out": tmp_path,
+             "file": tmp_path / "model.onnx", "val_reversed": small_shards["val_reversed"]}
     assert cli.main([a.format(**names) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1

@@ -37,6 +37,21 @@ def resolve(spec: str, what: str = "data.train") -> ShardSet:
     return ShardSet([where.url_of(s.name) for s in manifest.shards], manifest.classes, manifest.multi_label, manifest.num_samples)
 
 
+def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet, other_spec: str) -> None:
+    """A sample's label is an index into its manifest's classes, so two shard sets agree on labels only when they
+    list the same classes in the same order (one without a manifest is not checked)."""
+    mine, theirs = reference.classes, other.classes
+    if mine is None or theirs is None or mine == theirs:
+        return
+    if len(mine) != len(theirs):
+        detail = f"{len(theirs)} classes against {len(mine)}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b)
+        detail = f"label {i} is '{theirs[i]}' there and '{mine[i]}' in {reference_spec}"
+    raise UserError(f"{other_spec} labels its samples by other classes than {reference_spec} ({detail}); shard it "
+                    f"again with python -m data_tools.shard ... --classes {reference_spec}")
+
+
 def read_shard(url: str) -> tuple[list[dict], str | None]:
     """All samples of one shard (raw bytes by extension) and, if it is damaged or missing, why.
 

@@ -14,9 +14,11 @@ Typical fine-tuning start: ``load_into(zoo.build_model(cfg), load_weights(path),
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UserError
@@ -26,7 +28,7 @@ from .convert_timm import from_timm, load_into, model_name, read_torch_file
 
 __all__ = ["from_hf", "from_jax_npz", "from_timm", "load_into", "load_weights", "model_name", "to_hf"]
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar")  # .pth.tar: what timm's train.py saves
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -44,13 +46,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return read_hf(path)[1]
     if not path.is_file():
         raise UserError(f"{path} does not exist")
-    if path.suffix == ".npz":
-        return from_jax_npz(path)
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    elif path.suffix in _TORCH_SUFFIXES:
-        state = read_torch_file(path)
-    else:
+    if not path.name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
         raise UserError(f"{path}: unknown weights format '{path.suffix}'; give a transformers model folder or a "
                         f".npz, .safetensors or {', '.join(_TORCH_SUFFIXES)} file")
+    try:
+        if path.suffix == ".npz":
+            return from_jax_npz(path)
+        state = load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    except (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} cannot be read as a {path.suffix} weights file ({e}); is it complete and of "
+                        f"that format?") from None
     return hf_to_ours(state) if is_hf(state) else from_timm(state)

@@ -7,6 +7,7 @@ that names the first offending key, instead of ``load_state_dict``'s wall of tex
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -40,12 +41,18 @@ _TIMM_UNSUPPORTED = (
 def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` file, never unpickling anything else (``weights_only=True``).
 
-    A dict that wraps the state dict under 'model' or 'state_dict' is unwrapped, and the 'module.'
-    (DistributedDataParallel) and '_orig_mod.' (torch.compile) prefixes are removed.
+    A dict that wraps the state dict under 'model' or 'state_dict' is unwrapped (a timm train.py checkpoint,
+    whose training arguments are let through), and the 'module.' (DistributedDataParallel) and '_orig_mod.'
+    (torch.compile) prefixes are removed.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the args in timm's train.py checkpoints
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError:  # "PytorchStreamReader failed reading zip archive"
+        raise UserError(f"{path} is not a readable torch.save file; is it complete and of that format?") from None
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of objects at all
+            raise UserError(f"{path} is not a readable torch.save file; is it complete and of that format?") from None
         raise UserError(f"{path} holds Python objects besides tensors, which are not unpickled since that could run "
                         "arbitrary code; save a plain state dict (or safetensors) instead") from e
     for wrapper in ("model", "state_dict"):

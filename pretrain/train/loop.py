@@ -186,10 +186,16 @@ class Trainer:
             raise UserError("log.fewshot_every needs data.val (the few-shot test set); set data.val=SHARDS or log.fewshot_every=0")
 
     def _check_classes(self) -> None:
-        classes = self.train_set.classes
+        data, classes = self.config.data, self.train_set.classes
         if classes is not None and len(classes) != self.config.model.num_classes:
-            raise UserError(f"model.num_classes is {self.config.model.num_classes} but {self.config.data.train} has "
+            raise UserError(f"model.num_classes is {self.config.model.num_classes} but {data.train} has "
                             f"{len(classes)} classes; set model.num_classes={len(classes)}")
+        if data.val:  # top-1 with the model's head, and the few-shot probe's test set
+            val = shards.resolve(data.val, "data.val")
+            shards.check_same_classes(self.train_set, data.train, val, data.val)
+            if data.fewshot_train:
+                shards.check_same_classes(val, data.val, shards.resolve(data.fewshot_train, "data.fewshot_train"),
+                                          data.fewshot_train)
 
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend

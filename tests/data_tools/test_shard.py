@@ -72,6 +72,36 @@ def test_imagenet21k_tar_of_tars(tmp_path):
     assert manifest.skipped == 2
 
 
+@pytest.mark.parametrize("kind", ["folder", "i21k"])
+def test_a_split_is_labelled_by_the_classes_of_another(tmp_path, kind, capsys):
+    """A validation split that lacks a class would otherwise number the others differently from the training
+    split: --classes TRAIN_SHARDS labels it by the training split's classes."""
+    make = image_folder if kind == "folder" else i21k_tars
+    make(tmp_path / "train", seed=0)
+    val_good = make(tmp_path / "val", seed=1)
+    missing = CLASSES[1]
+    if kind == "folder":
+        for f in (tmp_path / "val" / missing).iterdir():
+            f.unlink()
+        (tmp_path / "val" / missing).rmdir()
+    else:
+        (tmp_path / "val" / f"{missing}.tar").unlink()
+    assert main([str(tmp_path / "train"), str(tmp_path / "train-shards"), "--workers", "1"]) == 0
+    args = [str(tmp_path / "val"), str(tmp_path / "val-shards"), "--workers", "1", "--name", "val"]
+    assert main([*args, "--classes", str(tmp_path / "train-shards")]) == 0
+    manifest, samples = read_back(str(tmp_path / "val-shards"))
+    assert manifest.classes == CLASSES and manifest.class_counts[1] == 0
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == {k: v for k, v in val_good.items()
+                                                                 if not k.startswith(missing)}
+    (tmp_path / "two.txt").write_text(f"{CLASSES[0]}\n{CLASSES[1]}\n")
+    capsys.readouterr()
+    args[1] = str(tmp_path / "other-shards")
+    assert main([*args, "--classes", str(tmp_path / "two.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert f"'{CLASSES[2]}' is not among the 2 classes of --classes {tmp_path / 'two.txt'}" in err
+
+
 @pytest.mark.parametrize("jsonl", [False, True])
 def test_multi_label_list(tmp_path, jsonl):
     good = image_list(tmp_path, jsonl=jsonl)

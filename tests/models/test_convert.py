@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 
@@ -16,7 +17,14 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 
 from pretrain.errors import UserError
-from pretrain.models.convert import from_hf, from_jax_npz, from_timm, load_into, load_weights, to_hf
+from pretrain.models.convert import (
+    from_hf,
+    from_jax_npz,
+    from_timm,
+    load_into,
+    load_weights,
+    to_hf,
+)
 from pretrain.models.hybrid import HybridEmbed
 from pretrain.models.posemb import resample_posemb
 from pretrain.models.vit import PatchEmbed, VisionTransformer
@@ -344,8 +352,10 @@ def test_load_weights_detects_the_format(tmp_path):
     save_file(expected, tmp_path / "ours.safetensors")
     torch.save({"model": expected, "step": 7}, tmp_path / "ours.pth")
     torch.save({"state_dict": {"module." + k: v for k, v in expected.items()}}, tmp_path / "ddp.pt")
+    timm_train = {"arch": "vit", "state_dict": expected, "version": 2, "args": argparse.Namespace(lr=0.1)}
+    torch.save(timm_train, tmp_path / "model_best.pth.tar")  # as timm's train.py writes it
 
-    for path in ("hf", "hf/model.safetensors", "ours.safetensors", "ours.pth", "ddp.pt"):
+    for path in ("hf", "hf/model.safetensors", "ours.safetensors", "ours.pth", "ddp.pt", "model_best.pth.tar"):
         state = load_weights(tmp_path / path)
         assert state.keys() == expected.keys(), path
         assert all(torch.equal(state[k], v) for k, v in expected.items()), path
@@ -355,3 +365,15 @@ def test_load_weights_never_unpickles_objects(tmp_path):
     torch.save({"model": tiny().state_dict(), "rng": np.random.default_rng(0)}, tmp_path / "run.pth")
     with pytest.raises(UserError, match="Python objects"):
         load_weights(tmp_path / "run.pth")
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pth", "w.pth.tar", "w.npz"])
+def test_a_damaged_weights_file_is_one_sentence(tmp_path, name):
+    save_file(tiny().state_dict(), tmp_path / "w.safetensors")
+    torch.save(tiny().state_dict(), tmp_path / "w.pth")
+    (tmp_path / "w.pth.tar").write_bytes((tmp_path / "w.pth").read_bytes())
+    np.savez(tmp_path / "w.npz", x=np.zeros(3))
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[:200])  # a copy cut short
+    with pytest.raises(UserError, match=f"{name} .*is it complete"):
+        load_weights(path)

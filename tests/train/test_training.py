@@ -148,6 +148,15 @@ def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
     assert len(wrong.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("key", ["data.val", "data.fewshot_train"])
+def test_data_labelled_by_other_classes_is_one_sentence(small_shards, tmp_path, key):
+    extra = {"data.val": small_shards["val"], key: small_shards["val_reversed"], "log.fewshot_every": 2}
+    wrong = run(overrides(small_shards, tmp_path, **extra))
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr[-2000:]
+    assert wrong.stderr.startswith(f"error: {small_shards['val_reversed']} labels its samples by other classes than ")
+    assert "--classes" in wrong.stderr and not (tmp_path / "config.yaml").exists()
+
+
 def test_the_demo_recipe_learns(small_shards, tmp_path):
     args = ["recipes/demo.yaml", f"data.train={small_shards['train']}", f"data.val={small_shards['val']}",
             f"run_dir={tmp_path}", "schedule.total_steps=150", "schedule.warmup_steps=15", "log.eval_every=0"]
