@@ -22,6 +22,7 @@ from pretrain.cli import OneLineParser, command
 from pretrain.errors import UserError
 
 from .manifest import REPORT, Manifest, Shard, load
+from .pixels import to_rgb
 from .storage import Location
 from .manifest import label_ids
 from .verify import UNREADABLE, check_sample, image_extensions, read_samples, reason
@@ -123,7 +124,7 @@ def recount_lines(classes: list[str], listed: list[int], counted: list[int]) -> 
 def thumbnail(data: bytes) -> Image.Image | None:
     """The image shrunk to fit a tile, or None if it does not decode."""
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = to_rgb(Image.open(io.BytesIO(data)))
     except Exception:  # PIL raises a different type for each kind of bad data
         return None
     image.thumbnail((TILE, TILE))

@@ -180,6 +180,8 @@ def _drain(q, advance) -> None:
 
 def shard(args: argparse.Namespace) -> Manifest:
     out = Location(args.output)
+    if out.fs.isfile(out.root):
+        raise UserError(f"OUTPUT {args.output} is a file; give the folder (or URL) to write the shards into")
     corpus = list_corpus(args.source, args.kind, args.classes, args.workers)
     if not corpus.items:
         raise UserError(f"{args.source} holds no images to shard")

@@ -150,11 +150,16 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         lines = f.read().splitlines()
     classes = read_classes(classes_file)
     index = {c: i for i, c in enumerate(classes)}
+    spaced = next((c for c in classes if len(c.split()) > 1), None)
     folder = Location(source).parent()
     items, seen = [], {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if spaced and not line.lstrip().startswith("{"):
+            raise UserError(f"{source} line {lineno}: a CSV line separates its labels by spaces, so it cannot name "
+                            f"the class '{spaced}' of {classes_file}; write the list as JSON lines, "
+                            f'{{"path": "...", "labels": ["{spaced}"]}}')
         path, labels = _parse_line(line, source, lineno)
         if not labels:
             raise UserError(f"{source} line {lineno}: no labels for '{path}'; every image needs at least one label")

@@ -27,6 +27,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from pretrain.cli import OneLineParser, command
 
 from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
+from .pixels import to_rgb
 from .storage import Location, as_tuple
 
 MAX_LINES_PER_SHARD = 10  # a shard with a systematic fault would otherwise print one line per sample
@@ -83,7 +84,7 @@ def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str
         problems.append(f"{len(images)} image members ({', '.join(images) or 'none'}); expected exactly one")
     elif decode:
         try:
-            Image.open(io.BytesIO(sample[images[0]])).convert("RGB")
+            to_rgb(Image.open(io.BytesIO(sample[images[0]])))
         except Exception as e:  # PIL raises a different type for each kind of bad data
             problems.append(f"image does not decode ({type(e).__name__}: {e})")
     if len(labels) != 1:

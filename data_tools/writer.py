@@ -21,6 +21,7 @@ from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 from PIL import Image, UnidentifiedImageError
 
+from .pixels import to_rgb
 from .sources import Item
 from .storage import Location
 
@@ -121,9 +122,9 @@ def _resized(img: Image.Image, short: int, quality: int) -> bytes:
     if scale < 1:
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale first
-        img = img.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        img = to_rgb(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
-    img.convert("RGB").save(out, "JPEG", quality=quality)
+    to_rgb(img).save(out, "JPEG", quality=quality)
     return out.getvalue()
 
 

@@ -132,7 +132,10 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     try:
         backend.load(folder)
     except (RuntimeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for ...:" then each
+            lines = lines[1:]
+        first = lines[0] + (f" and {len(lines) - 1} more" if len(lines) > 1 else "")
         raise UserError(f"checkpoint {folder} does not fit this recipe's model or optimizer ({first}); "
                         f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh") from None
     rngs = state["rng"]

@@ -14,9 +14,10 @@ from .models.posemb import Interpolation
 from .models.vit import Head, Pool
 
 
-def doc(default: Any, text: str) -> Any:
-    """A field with an immutable default and its documentation (shown by ``--help-recipe``)."""
-    return field(default=default, metadata={"doc": text})
+def doc(default: Any, text: str, low: float | None = None, high: float | None = None) -> Any:
+    """A field with an immutable default, its documentation (shown by ``--help-recipe``) and, for a number, the
+    range a recipe's value must lie in (``low``/``high`` inclusive)."""
+    return field(default=default, metadata={"doc": text, "range": (low, high)})
 
 
 def section(cls: type, text: str) -> Any:
@@ -27,12 +28,12 @@ def section(cls: type, text: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = doc("vit_b16", "Zoo name: vit_{mu,ti,s,b,l,h,g}{patch size}, e.g. vit_h14; vit_r50_b16 is the hybrid.")
-    image_size: int = doc(224, "Input resolution in pixels (square); the token grid is image_size / patch size.")
-    num_classes: int = doc(1000, "Classifier outputs (21843 for ImageNet-21k); 0 leaves the classifier out.")
+    image_size: int = doc(224, "Input resolution in pixels (square); the token grid is image_size / patch size.", low=1)
+    num_classes: int = doc(1000, "Classifier outputs (21843 for ImageNet-21k); 0 leaves the classifier out.", low=0)
     head: Head = doc("prelogits", "prelogits: Linear(D, D) + tanh before the classifier (pre-training); linear: classifier only (fine-tuning).")
     pool: Pool = doc("cls", "Representation: cls reads the [CLS] token; gap averages all tokens (no [CLS] token).")
-    dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).")
-    attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.")
+    dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).", low=0, high=1)
+    attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.", low=0, high=1)
     norm_eps: float = doc(1e-6, "LayerNorm epsilon.")
     posemb_interp: Interpolation = doc("bilinear", "How position embeddings are resampled to a new grid: bilinear (the paper) or bicubic.")
     posemb_align_corners: bool = doc(True, "Resampling maps corner embeddings onto corners (the paper's scipy zoom); false: cell centres (timm, big_vision).")
@@ -42,11 +43,11 @@ class ModelConfig:
 class DataConfig:
     train: str = doc("", "Training shards: a manifest.json (path or fsspec URL), a folder holding one, or a brace pattern.")
     val: str = doc("", "Evaluation shards, given like train; empty: no evaluation.")
-    batch_size: int = doc(4096, "Global batch size: all devices together, counting gradient accumulation.")
-    workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).")
+    batch_size: int = doc(4096, "Global batch size: all devices together, counting gradient accumulation.", low=1)
+    workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).", low=0)
     decode: Literal["host", "device"] = doc("host", "Where training JPEGs are decoded and augmented: host, in the data workers; device, on the GPU (nvJPEG, then crop, resize and flip there) when the CPUs cannot keep up. The same crops either way.")
-    crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.")
-    eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.")
+    crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.", low=0, high=1)
+    eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.", low=0)
     fewshot_train: str = doc("", "Labelled shards the few-shot linear probe draws its 1/5/10/25 shots from (data.val is its test set); empty: data.train.")
     allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
@@ -54,41 +55,41 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = doc("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning).")
-    lr: float = doc(1e-3, "Peak learning rate, reached at the end of warm-up.")
+    lr: float = doc(1e-3, "Peak learning rate, reached at the end of warm-up.", low=0)
     betas: tuple[float, float] = doc((0.9, 0.999), "Adam b1, b2.")
-    momentum: float = doc(0.9, "SGD momentum.")
-    weight_decay: float = doc(0.1, "Decoupled weight decay (PyTorch AdamW: multiplied by the lr), on weight matrices only.")
-    clip_grad_norm: float = doc(1.0, "Clip gradients at this global L2 norm; 0 turns clipping off.")
-    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step; data.batch_size is split across them.")
+    momentum: float = doc(0.9, "SGD momentum.", low=0, high=1)
+    weight_decay: float = doc(0.1, "Decoupled weight decay (PyTorch AdamW: multiplied by the lr), on weight matrices only.", low=0)
+    clip_grad_norm: float = doc(1.0, "Clip gradients at this global L2 norm; 0 turns clipping off.", low=0)
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step; data.batch_size is split across them.", low=1)
 
 
 @dataclass
 class ScheduleConfig:
-    total_steps: int = doc(100_000, "Optimizer steps in the whole run, warm-up included.")
-    warmup_steps: int = doc(10_000, "Linear warm-up from 0 to optim.lr over this many steps.")
+    total_steps: int = doc(100_000, "Optimizer steps in the whole run, warm-up included.", low=1)
+    warmup_steps: int = doc(10_000, "Linear warm-up from 0 to optim.lr over this many steps.", low=0)
     decay: Literal["linear", "cosine"] = doc("linear", "Decay after warm-up, down to final_lr at total_steps.")
-    final_lr: float = doc(0.0, "Learning rate at the last step.")
+    final_lr: float = doc(0.0, "Learning rate at the last step.", low=0)
 
 
 @dataclass
 class LossConfig:
     kind: Literal["softmax", "sigmoid"] = doc("softmax", "softmax cross-entropy, or sigmoid cross-entropy for multi-label corpora (head bias starts at -10).")
-    label_smoothing: float = doc(0.0, "Label smoothing for softmax cross-entropy.")
+    label_smoothing: float = doc(0.0, "Label smoothing for softmax cross-entropy.", low=0, high=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = doc(1000, "Write a checkpoint every this many steps (and always at the end and on SIGTERM / SIGUSR1).")
-    keep_last: int = doc(3, "Keep the newest this many checkpoints.")
-    keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0: none.")
+    every: int = doc(1000, "Write a checkpoint every this many steps (and always at the end and on SIGTERM / SIGUSR1).", low=1)
+    keep_last: int = doc(3, "Keep the newest this many checkpoints.", low=1)
+    keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0: none.", low=0)
     resume: str = doc("auto", "auto: continue from the newest complete checkpoint in run_dir; never: start fresh; or a checkpoint path.")
 
 
 @dataclass
 class LogConfig:
-    every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.")
-    eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.")
-    fewshot_every: int = doc(0, "Few-shot linear eval (data.fewshot_train -> data.val) every this many steps and at the end; 0: never.")
+    every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.", low=1)
+    eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.", low=0)
+    fewshot_every: int = doc(0, "Few-shot linear eval (data.fewshot_train -> data.val) every this many steps and at the end; 0: never.", low=0)
     eval_at_start: bool = doc(False, "Also evaluate before the first step (a fine-tune's zero head: the pre-trained starting point).")
 
 
@@ -112,7 +113,7 @@ class Config:
     compile: bool = doc(False, "torch.compile each encoder block, in place (parameter names unchanged): one compilation serves every block, and DDP / ZeRO still overlap gradient reduction with the backward. The xla backend always compiles and ignores this.")
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = doc("auto", "The scaled_dot_product_attention kernels on a GPU: auto times flash, cuDNN and memory-efficient attention on the model's shape at start and keeps the fastest; or name one (math: plain PyTorch).")
     backend: Literal["torch", "deepspeed", "xla"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun; deepspeed: ZeRO (GPU clusters); xla: TPU (PJRT, SPMD).")
-    max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).", low=1)
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The data stream.")
     optim: OptimConfig = section(OptimConfig, "The optimizer.")

@@ -52,6 +52,19 @@ def to_dict(config: Config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def changes(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (before, after)} of the settings that differ."""
+
+    def flat(values: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in values.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+        return out
+
+    a, b = flat(to_dict(before)), flat(to_dict(after))
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
@@ -176,7 +189,19 @@ def _check(values: dict[str, Any], cls: type, source: str, prefix: str = "") -> 
                 raise RecipeError(f"{source}: '{full}' is a section of keys (e.g. {_all_keys(tp, full + '.')[0]}), not {value!r}")
             _check(value, tp, source, full + ".")
         else:
-            _coerce(value, tp, full, source)
+            _in_range(_coerce(value, tp, full, source), full, source)
+
+
+def _in_range(value: Any, key: str, source: str) -> None:
+    *path, name = key.split(".")
+    cls: Any = Config
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    low, high = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("range", (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        expected = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")
+        raise RecipeError(f"{source}: '{key}' must be {expected}, got {value!r}")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its type, default and meaning")
     # The deepspeed launcher passes --local_rank; the backends read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     if args.help_recipe:
         for key, tp, default, text in recipe.describe():

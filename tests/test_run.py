@@ -32,6 +32,8 @@ def test_overrides_reach_the_model(root, capsys):
     assert main([str(root / "recipes/vit_b16_i21k.yaml"), "model.image_size=384", "model.name=vit_l16", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "vit_l16" in out and "24x24 grid" in out
+    assert main([str(root / "recipes/vit_b16_i21k.yaml"), "--dry-run", "model.name=vit_l16"]) == 0  # after a flag
+    assert "vit_l16" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line_on_stderr(root):

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import checkpoint
@@ -35,6 +34,7 @@ from ..config import Config
 from ..errors import UserError
 from ..train.loop import micro_batch
 from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
+from ..weights_file import save_weights
 from .base import Backend
 from .torch_backend import TorchBackend
 
@@ -130,7 +130,7 @@ class DeepSpeedBackend(TorchBackend):
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)  # the `latest` pointer is ours
         if self.stage < 3 and self.is_main:
-            save_file(self.model_state(), folder / "model.safetensors")
+            save_weights(self.model_state(), folder / "model.safetensors")
 
     def load(self, folder: Path) -> None:
         state = json.loads((folder / checkpoint.STATE).read_text())

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
+from ..weights_file import save_weights
 from .base import Backend
 
 
@@ -55,7 +56,7 @@ class TorchBackend(Backend):
 
     def save(self, folder: Path) -> None:
         if self.is_main:
-            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, folder / "model.safetensors")
+            save_weights({k: v.contiguous() for k, v in self.module.state_dict().items()}, folder / "model.safetensors")
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:

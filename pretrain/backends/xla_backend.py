@@ -35,7 +35,6 @@ import torch_xla.core.xla_model as xm
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch_xla.amp import syncfree
@@ -46,6 +45,7 @@ from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullySha
 from ..errors import UserError
 from ..models.vit import Block
 from ..train.optim import clip_and_flag, param_groups, set_lr
+from ..weights_file import save_weights
 from .base import Backend
 from .xla_plan import mesh_axis
 
@@ -180,7 +180,7 @@ class XlaBackend(Backend):
                 return
             full = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in state["model"].items()}}
             dist_cp.load(full, storage_reader=dist_cp.FileSystemReader(folder / "sharded"), no_dist=True)
-        save_file(full["model"], folder / "model.safetensors")
+        save_weights(full["model"], folder / "model.safetensors")
 
     def load(self, folder: Path) -> None:
         self._create_optimizer_state()

@@ -7,6 +7,7 @@ trains exactly what was submitted; its output goes to ``RUN_DIR/job/slurm-JOBID.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,25 @@ def prepare(job: Job) -> Job:
     return dataclasses.replace(job, config=config)
 
 
+def time_limit_seconds(text: str) -> int:
+    """sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise UserError(f"--time {text} is not a Slurm time limit; give minutes, HH:MM:SS or D-HH[:MM[:SS]]")
+    days, a, b, c = (int(g) if g else 0 for g in m.groups())
+    if m[1]:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + a) * 60 + b) * 60 + c
+    if m[4]:  # hours:minutes:seconds
+        return (a * 60 + b) * 60 + c
+    return a * 60 + b  # minutes[:seconds]
+
+
 def render(job: Job, partition: str = "", time: str = "") -> str:
     """The sbatch script for ``job`` (prepared)."""
+    if time and time_limit_seconds(time) <= job.grace_seconds:
+        raise UserError(f"--time {time} is no longer than the {job.grace_seconds} s warning before it "
+                        f"(--grace-seconds), so the job would be told to stop before it trained; give a longer "
+                        f"--time or a shorter --grace-seconds")
     run_dir = Path(job.config.run_dir)
     values = {
         "job_name": job.name, "nodes": job.nodes, "nproc_per_node": job.nproc_per_node,

@@ -82,11 +82,13 @@ class TrainStream(IterableDataset):
         views, labels, bad, damaged = self.views(self.image_size, self.min_scale), [], 0, []
         while True:
             mine = np.random.default_rng([self.seed, state.epoch]).permutation(len(self.urls))[index::readers]
+            whole_epoch, read, errors = state.cursor == state.offset == 0, 0, []
             while state.cursor < len(mine):
                 shard = int(mine[state.cursor])
                 samples, error = read_shard(self.urls[shard])
                 if error:
                     damaged.append(error)
+                    errors.append(error)
                 order = np.random.default_rng([self.seed, state.epoch, shard]).permutation(len(samples))
                 while state.offset < len(order):
                     i = int(order[state.offset])
@@ -96,11 +98,18 @@ class TrainStream(IterableDataset):
                     except BadSample:
                         bad += 1
                         continue
+                    read += 1
                     if len(views) == self.micro_batch:
                         yield {**views.take(), "labels": labels_tensor(labels), "reader": reader,
                                "state": asdict(state), "bad_samples": bad, "damaged_shards": damaged}
                         labels, bad, damaged = [], 0, []
                 state.cursor, state.offset = state.cursor + 1, 0
+            if whole_epoch and not read:  # it would read on forever and the training process wait for it
+                cause = errors[0] if errors else f"{bad} samples, none a readable image with a label"
+                yield {"error": f"none of the {len(mine)} shards data reader {index} reads holds a usable sample "
+                                f"({cause}{f'; {len(errors)} shards alike' if len(errors) > 1 else ''}); "
+                                f"check data.train with python -m data_tools.verify"}
+                return
             state.epoch, state.cursor = state.epoch + 1, 0
 
 
@@ -110,13 +119,16 @@ class StreamTracker:
     def __init__(self, workers: int, world: int, resume: StreamState | None):
         self.state = resume or StreamState(max(workers, 1), world, {})
         self.bad_samples = 0
-        self.damaged_shards: list[str] = []
+        self.damaged_shards: dict[str, str] = {}  # url -> what is wrong with it, once however many epochs
 
-    def consumed(self, batch: dict) -> None:
+    def consumed(self, batch: dict) -> list[str]:
+        """Take in a consumed batch; what is wrong with the damaged shards it is the first to meet."""
         self.state.readers[batch["reader"]] = ReaderState(**batch["state"])
         self.state.next_reader = (batch["reader"] + 1) % self.state.workers
         self.bad_samples += batch["bad_samples"]
-        self.damaged_shards += batch["damaged_shards"]
+        new = [why for why in batch["damaged_shards"] if why.split(": ", 1)[0] not in self.damaged_shards]
+        self.damaged_shards |= {why.split(": ", 1)[0]: why for why in new}
+        return new
 
 
 def check_resumable(state: StreamState, workers: int, world: int, allow_resharding: bool) -> StreamState | None:
@@ -181,7 +193,10 @@ class Batches:
         return self
 
     def __next__(self) -> dict:
-        return next(self._batches)
+        batch = next(self._batches)
+        if "error" in batch:  # a reader's, in one sentence rather than a worker's traceback
+            raise UserError(batch["error"])
+        return batch
 
 
 def _stop_workers(batches) -> None:

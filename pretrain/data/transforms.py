@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from data_tools.manifest import IMAGE_EXTENSIONS, label_ids
+from data_tools.pixels import to_rgb
 
 EVAL_CROP = 0.875  # resize the shorter side to size / 0.875, then centre-crop size (the usual ImageNet eval)
 
@@ -47,7 +48,7 @@ def decode(img: Image.Image) -> Image.Image:
     """The pixels of an opened image, as RGB; BadSample if they do not decode."""
     try:
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
     except Exception as e:
         raise BadSample(f"image does not decode ({type(e).__name__})") from None
 

@@ -20,9 +20,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UserError
+from ..weights_file import save_weights
 from .convert_timm import load_into, model_name, read_torch_file
 from .vit import PatchEmbed, Size, VisionTransformer
 
@@ -84,7 +85,7 @@ def to_hf(model: VisionTransformer, folder: str | Path, id2label: dict[int, str]
         tensors[hf_name] = tensor.detach().to("cpu", copy=True).contiguous()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_weights(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = _hf_config(model, classifier, id2label)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model), indent=2) + "\n")

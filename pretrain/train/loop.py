@@ -94,6 +94,21 @@ def resume_point(config: Config) -> Path | None:
     return found
 
 
+def continue_checkpoint(config: Config, found: Path) -> str:
+    """A resumed run trains on from the checkpoint's weights, so its init_from stays the one the run started from
+    (config.yaml says so); returns a note naming the settings changed since the checkpoint was written, or ''."""
+    saved = checkpoint.saved_config(found)
+    changed = recipe.changes(saved, config)
+    changed.pop("checkpoint.resume", None)
+    if not changed:
+        return ""
+    if "init_from" in changed:
+        config.init_from = saved.init_from
+    listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changed.items())
+    unused = " (init_from is not used: the weights come from the checkpoint)" if "init_from" in changed else ""
+    return f"; settings changed since it was written: {listed}{unused}"
+
+
 def start_from_pretrained(model: VisionTransformer, config: Config) -> None:
     """The paper's fine-tuning start: pre-trained encoder, pre-logits dropped, a zero-initialised linear
     head, position embeddings resampled to the new grid."""
@@ -142,6 +157,7 @@ class Trainer:
         model = build_model(config.model, head_bias=head_bias)
         self.train_flops = 3 * forward_flops(model)  # forward + backward
         found = resume_point(config)
+        changed = continue_checkpoint(config, found) if found is not None else ""
         if found is None and config.stage == "finetune":
             start_from_pretrained(model, config)
         self.micro = micro_batch(config, self.backend.world)
@@ -165,7 +181,7 @@ class Trainer:
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
             if self.backend.is_main:
-                print(f"resumed from {found} at step {self.step}", flush=True)
+                print(f"resumed from {found} at step {self.step}{changed}", flush=True)
         self.skips = Skips(skipped_steps, config.max_nonfinite)
         self.hinted = False
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
@@ -252,7 +268,9 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(self.batches)
             window["wait"] += time.perf_counter() - waited
-            self.tracker.consumed(batch)
+            for why in self.tracker.consumed(batch):
+                print(f"warning: {why}; its readable samples train, the rest are skipped (python -m "
+                      f"data_tools.verify {cfg.data.train} checks every shard)", flush=True)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
             images, y = backend.to_device(batch)

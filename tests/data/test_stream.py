@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_tools import manifest as mf
 from pretrain.data.shards import read_shard, resolve
@@ -28,6 +30,7 @@ from pretrain.data.stream import (
     check_resumable,
     loader,
 )
+from pretrain.data.transforms import decode
 from pretrain.errors import UserError
 
 SIZE, MICRO, SEED, MIN_SCALE = 32, 16, 0, 0.35
@@ -299,6 +302,16 @@ def test_damaged_shards_are_counted_and_the_stream_goes_on(damaged):
     assert epoch0 < PER_EPOCH  # the truncated shard lost samples, the epoch is shorter
 
 
+def test_a_damaged_shard_is_named_once_however_many_epochs(damaged):
+    tracker, named = StreamTracker(0, 1, None), []
+    for batch in loader(train_stream(resolve(damaged["folder"]).urls), 0, pin=False):
+        named += tracker.consumed(batch)
+        if batch["state"]["epoch"] >= 3:
+            break
+    assert len(named) == 1 and named[0].startswith(damaged["truncated"])
+    assert list(tracker.damaged_shards) == [damaged["truncated"]]
+
+
 def test_read_shard_returns_the_samples_before_the_damage(damaged):
     samples, reason = read_shard(damaged["truncated"])
     original, _ = read_shard(damaged["original"])
@@ -346,3 +359,16 @@ def test_a_folder_resolves_through_its_manifest(small_shards):
 def test_a_missing_shard_set_is_a_user_error_naming_the_key(tmp_path, spec):
     with pytest.raises(UserError, match="data.train"):
         resolve(str(tmp_path / spec) if spec else "")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
+    """PIL's own convert("RGB") clips 16-bit values (mode I;16 from PNG, I from TIFF) to white; they are scaled
+    to 8 bits instead."""
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32)
+    img = Image.fromarray(ramp.astype(np.uint16)) if fmt == "PNG" else Image.fromarray(ramp.astype(np.int32), "I")
+    buffer = io.BytesIO()
+    img.save(buffer, fmt)
+    rgb = np.asarray(decode(Image.open(io.BytesIO(buffer.getvalue()))))
+    assert rgb.shape == (32, 32, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    assert abs(rgb.mean() - 127.5) < 1

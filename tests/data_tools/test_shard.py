@@ -128,6 +128,10 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert "line 2: label 'n01443538' is not in" in err and "did you mean 'n01443537'?" in err
     assert main([str(listing), str(tmp_path / "out")]) == 2
     assert "pass --classes FILE" in capsys.readouterr().err
+    (tmp_path / "spaced.txt").write_text("hot dog\nn01443537\n")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "spaced.txt")]) == 2
+    assert "line 1: a CSV line separates its labels by spaces, so it cannot name the class 'hot dog'" in \
+        capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -138,6 +142,8 @@ def test_output_is_never_overwritten(tmp_path, capsys):
     assert main([str(tmp_path / "src"), str(tmp_path / "busy")]) == 2
     assert "is not empty and holds no run of data_tools.shard" in capsys.readouterr().err
     assert (tmp_path / "busy" / "precious.txt").read_text() == "keep me"
+    assert main([str(tmp_path / "src"), str(tmp_path / "busy" / "precious.txt")]) == 2
+    assert "precious.txt is a file; give the folder" in capsys.readouterr().err
     out = str(tmp_path / "out")
     assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
     assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0

@@ -163,6 +163,10 @@ def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
         "error: backend xla runs on TPU VMs")
     assert error(["slurm", "recipes/demo.yaml", "--nodes", "3", "--dry-run"]).startswith(
         "error: data.batch_size 128 does not split over 24 ranks")
+    short = ["slurm", "recipes/demo.yaml", "--time", "00:02:00", "--grace-seconds", "180", "--dry-run"]
+    assert error(short).startswith("error: --time 00:02:00 is no longer than the 180 s warning before it (--grace-")
+    assert error(["slurm", "recipes/demo.yaml", "--time", "2h", "--dry-run"]).startswith(
+        "error: --time 2h is not a Slurm time limit")
     assert error(["status", str(tmp_path)]).startswith(f"error: {tmp_path} has no submitted job")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

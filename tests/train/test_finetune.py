@@ -49,6 +49,19 @@ def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretr
     torch.testing.assert_close(model.pos_embed[:, :1], pre.pos_embed[:, :1], atol=0.2, rtol=0)  # [CLS] moved little
 
 
+def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_shards, pretrained, tmp_path):
+    args = ["recipes/demo_finetune.yaml", f"run_dir={tmp_path}", f"data.train={small_shards['train']}", "data.val=",
+            "model.name=vit_mu8", "data.workers=1", "schedule.warmup_steps=1"]
+    assert run(*args, f"init_from={pretrained}", "schedule.total_steps=2").returncode == 0
+    again = run(*args, "init_from=elsewhere/weights.safetensors", "schedule.total_steps=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"at step 2; settings changed since it was written: init_from '{pretrained}' -> "
+            f"'elsewhere/weights.safetensors', schedule.total_steps 2 -> 3 (init_from is not used") in again.stdout
+    saved = checkpoint.saved_config(checkpoint.find(tmp_path))
+    assert saved.init_from == str(pretrained) and saved.schedule.total_steps == 3
+    assert f"init_from: {pretrained}" in (tmp_path / "config.yaml").read_text()
+
+
 def test_zero_head_start_equals_pretrained_features(pretrained):
     """Right after loading, the encoder is the pre-trained one (features equal) and the head outputs 0."""
     pre, config = checkpoint.load_model(pretrained)

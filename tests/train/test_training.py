@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -142,10 +144,17 @@ def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
 
 def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
     assert run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 2})).returncode == 0
+    files = checkpoint.find(tmp_path).iterdir()
+    assert len({stat.S_IMODE(f.stat().st_mode) for f in files}) == 1  # the weights as readable as the rest
     wrong = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "model.name": "vit_mu4"}))
     assert wrong.returncode == 2
     assert wrong.stderr.startswith("error: checkpoint ") and "is of model vit_mu8, the recipe builds vit_mu4" in wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1
+    other_grid = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "model.image_size": 48}))
+    assert other_grid.returncode == 2 and len(other_grid.stderr.strip().splitlines()) == 1
+    assert "does not fit this recipe's model or optimizer (size mismatch for pos_embed: copying a param with shape " \
+           "torch.Size([1, 17, 64]) from checkpoint, the shape in current model is torch.Size([1, 37, 64])" \
+           in other_grid.stderr
 
 
 @pytest.mark.parametrize("key", ["data.val", "data.fewshot_train"])
@@ -155,6 +164,18 @@ def test_data_labelled_by_other_classes_is_one_sentence(small_shards, tmp_path, 
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr[-2000:]
     assert wrong.stderr.startswith(f"error: {small_shards['val_reversed']} labels its samples by other classes than ")
     assert "--classes" in wrong.stderr and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_without_a_readable_sample_stop_the_run_in_one_sentence(small_shards, tmp_path, workers):
+    """Rather than a reader that reads on forever and a training process that waits for it."""
+    broken = tmp_path / "broken"
+    shutil.copytree(small_shards["train"], broken)
+    for tar in broken.glob("*.tar"):
+        tar.write_bytes(b"not a tar" * 100)
+    result = run(overrides({"train": str(broken)}, tmp_path / "run", **{"data.workers": workers}))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("error: none of the ") and "python -m data_tools.verify" in result.stderr
 
 
 def test_the_demo_recipe_learns(small_shards, tmp_path):
