@@ -173,10 +173,12 @@ class Trainer:
         self.step = 0
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
+        self.resumed_window = {"loss": 0.0, "steps": 0}
         stream_state = None
         if found is not None:
             state = checkpoint.load(found, self.backend, config.model.name)
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+            self.resumed_window = state.get("log_window", self.resumed_window)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
@@ -217,6 +219,9 @@ class Trainer:
         cfg, backend = self.config, self.backend
         preemption = Preemption()
         window = new_window(backend.device)
+        if self.resumed_window["steps"]:  # the log window the checkpoint cut through
+            window["loss"] += self.resumed_window["loss"] / backend.world
+            window["steps"] = self.resumed_window["steps"]
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
                 self._evaluate()
@@ -230,7 +235,7 @@ class Trainer:
                     self._fewshot()
                 stop = backend.any(preemption.requested)
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
-                    self._checkpoint()
+                    self._checkpoint(window)
                 if stop:
                     if backend.is_main:
                         print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume", flush=True)
@@ -323,9 +328,12 @@ class Trainer:
             self.metrics.log(self.step, result, prefix="fewshot")
         self.backend.barrier()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, window: dict) -> None:
+        """Also the loss of the steps since the last log step, so that a resumed run logs the same means."""
         data = self.backend.gather(self.tracker.state.to_dict())
-        state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step)}
+        log_window = {"loss": self.backend.all_reduce_sum(window["loss"].clone()).item(), "steps": window["steps"]}
+        state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
+                 "log_window": log_window}
         c = self.config.checkpoint
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
 

@@ -90,10 +90,10 @@ def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
 
 def test_finetune_needs_a_start(small_shards, tmp_path):
     result = run("recipes/demo_finetune.yaml", "init_from=", f"run_dir={tmp_path}", f"data.train={small_shards['train']}",
-                 "model.name=vit_mu8")
+                 f"data.val={small_shards['val']}", "model.name=vit_mu8")
     assert result.returncode == 2 and "stage: finetune needs init_from" in result.stderr
     result = run("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}",
-                 f"data.train={small_shards['train']}")
+                 f"data.train={small_shards['train']}", f"data.val={small_shards['val']}")
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 

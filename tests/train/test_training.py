@@ -95,6 +95,31 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(small_shards, 
     assert "at step 5" in resumed.stdout and max(losses(tmp_path)) == 12
 
 
+KILL_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+from pretrain import run
+from pretrain.train.loop import Trainer
+save = Trainer._checkpoint
+def save_then_die(self, window):
+    save(self, window)
+    os.kill(os.getpid(), signal.SIGKILL)
+Trainer._checkpoint = save_then_die
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_inside_a_log_window_resumes_to_the_same_logged_means(small_shards, tmp_path):
+    """Steps 5-8 are one log window; the run dies after the checkpoint at step 6 and logs step 8's mean as if not."""
+    steps = {"schedule.total_steps": 12, "log.every": 4, "checkpoint.every": 6}
+    clean = run(overrides(small_shards, tmp_path / "clean", **steps))
+    assert clean.returncode == 0, clean.stderr
+    args = overrides(small_shards, tmp_path / "killed", **steps)
+    assert run(args, launcher=(sys.executable, "-c", KILL_AFTER_FIRST_CHECKPOINT)).returncode != 0
+    assert checkpoint.find(tmp_path / "killed").name == "step_000000006"
+    assert run(args).returncode == 0
+    assert losses(tmp_path / "killed") == losses(tmp_path / "clean")
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_shards, tmp_path):
     args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 400, "checkpoint.every": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
