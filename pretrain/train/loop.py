@@ -331,7 +331,9 @@ class Trainer:
     def _checkpoint(self, window: dict) -> None:
         """Also the loss of the steps since the last log step, so that a resumed run logs the same means."""
         data = self.backend.gather(self.tracker.state.to_dict())
-        log_window = {"loss": self.backend.all_reduce_sum(window["loss"].clone()).item(), "steps": window["steps"]}
+        log_window = {"loss": 0.0, "steps": 0}
+        if window["steps"]:  # not at a log step: there the window is new, and under xla reading it would compile
+            log_window = {"loss": self.backend.all_reduce_sum(window["loss"].clone()).item(), "steps": window["steps"]}
         state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
                  "log_window": log_window}
         c = self.config.checkpoint
