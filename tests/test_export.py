@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTForImageClassification, ViTImageProcessor, ViTModel
+from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel
 
 from pretrain import checkpoint, evaluate, export
 from pretrain.config import Config
@@ -52,7 +52,7 @@ def test_finetuned_run_to_hf_classifier(runs, small_shards, tmp_path, capsys):
         torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-4, rtol=0)
     classes = shards.resolve(small_shards["train"]).classes
     assert hf.config.id2label == dict(enumerate(classes))
-    processor = ViTImageProcessor.from_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
     pixels = processor(Image.new("RGB", (60, 40), (255, 0, 0)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 48, 48) and pixels[0, 0].eq(1).all() and pixels[0, 1].eq(-1).all()
 

@@ -86,9 +86,16 @@ def train_view(img: Image.Image, size: int, min_scale: float, seed: list[int]) -
     return F.pil_to_tensor(F.hflip(out) if c.flip else out)
 
 
+def eval_resize(size: int) -> int:
+    """The shorter side an image is resized to before its centre ``size`` x ``size`` crop is evaluated."""
+    return round(size / EVAL_CROP)
+
+
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:
-    img = F.resize(img, round(size / EVAL_CROP), InterpolationMode.BILINEAR, antialias=True)
-    return F.pil_to_tensor(F.center_crop(img, [size, size]))
+    """The centre crop, its offsets rounded down as Hugging Face's image processors do (torchvision rounds half to
+    even), so that an exported model's processor feeds it exactly these pixels."""
+    img = F.resize(img, eval_resize(size), InterpolationMode.BILINEAR, antialias=True)
+    return F.pil_to_tensor(F.crop(img, (img.height - size) // 2, (img.width - size) // 2, size, size))
 
 
 def labels_tensor(batch_labels: list[list[int]]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..data.transforms import eval_resize
 from ..errors import UserError
 from ..weights_file import save_weights
 from .convert_timm import load_into, model_name, read_torch_file
@@ -216,13 +217,18 @@ def _hf_config(model: VisionTransformer, classifier: bool, id2label: dict[int, s
 
 
 def _preprocessor_config(model: VisionTransformer) -> dict:
-    """ViTImageProcessor settings: resize to the model's resolution, then [0, 1] -> mean 0.5, std 0.5."""
+    """What ``pretrain.evaluate`` does to an image, as an image processor: the shorter side resized to size / 0.875,
+    the centre crop, then [0, 1] -> mean 0.5, std 0.5. ``ViTImageProcessor`` only resizes to a square; BiT's
+    processor (loaded by ``AutoImageProcessor`` and the pipelines for any model type) crops."""
     channels = model.patch_embed.proj.in_channels
     return {
-        "image_processor_type": "ViTImageProcessor",
+        "image_processor_type": "BitImageProcessor",
+        "do_convert_rgb": True,
         "do_resize": True,
-        "size": {"height": model.image_size, "width": model.image_size},
+        "size": {"shortest_edge": eval_resize(model.image_size)},
         "resample": 2,  # PIL bilinear
+        "do_center_crop": True,
+        "crop_size": {"height": model.image_size, "width": model.image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

@@ -12,10 +12,12 @@ import scipy.special
 import timm
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 
+from pretrain.data.transforms import eval_view
 from pretrain.errors import UserError
 from pretrain.models.convert import (
     from_hf,
@@ -101,16 +103,21 @@ def test_to_hf_classifier_loads_in_transformers(tmp_path):
         assert max_diff(encoder(pixel_values=x).last_hidden_state, ours.forward_features(x)) < TOL
 
 
-def test_to_hf_writes_the_image_processor(tmp_path):
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_to_hf_writes_the_image_processor_of_our_evaluation(tmp_path, backend):
+    """AutoImageProcessor (what the pipelines load) gives the model the pixels pretrain.evaluate gives it."""
     to_hf(tiny(), tmp_path)
-    processor = transformers.ViTImageProcessor.from_pretrained(tmp_path)
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+    noise = np.random.default_rng(0).integers(0, 256, (25, 37, 3), dtype=np.uint8)
+    for width, height in [(111, 75), (75, 80), (36, 36)]:  # (75, 80): a margin of 7, its offset 3 (HF) not 4
+        image = Image.fromarray(noise).resize((width, height), Image.BICUBIC)
 
-    pixels = processor(images=image, return_tensors="pt").pixel_values[0]
+        pixels = processor(images=image, return_tensors="pt").pixel_values[0]
 
-    assert list(processor.image_mean) == list(processor.image_std) == [0.5] * 3
-    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
-    assert max_diff(pixels, expected) < 1e-5
+        expected = eval_view(image, 32).float() / 127.5 - 1
+        assert pixels.shape == expected.shape == (3, 32, 32)
+        # the PIL backend resizes with PIL, as evaluate does; torchvision's antialiased resize rounds differently
+        assert max_diff(pixels, expected) <= (1e-6 if backend == "pil" else 2.01 / 255)
 
 
 def test_prelogits_model_exports_as_vit_model_with_its_pooler(tmp_path, caplog):
