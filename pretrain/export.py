@@ -25,6 +25,7 @@ from .data import shards
 from .cli import OneLineParser, command
 from .errors import UserError
 from .models.convert import to_hf
+from .models.hybrid import fold_weight_standardisation
 from .models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def export_onnx(model: VisionTransformer, out: Path) -> str:
         # deprecation notice and the tracer's notes on the (static) token-grid check are noise here.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(model.eval(), (example,), str(out), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["pixel_values"], output_names=["logits"],
+        torch.onnx.export(fold_weight_standardisation(model).eval(), (example,), str(out), dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
     onnx.checker.check_model(str(out), full_check=True)  # a path, so that models over 2 GB are checked too
     outputs = model.num_classes or model.size.width

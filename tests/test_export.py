@@ -18,6 +18,8 @@ from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel
 from pretrain import checkpoint, evaluate, export
 from pretrain.config import Config
 from pretrain.data import shards
+from pretrain.models.hybrid import StdConv2dSame
+from pretrain.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +94,27 @@ def test_onnx_matches_with_a_dynamic_batch(runs, stage, tmp_path, capsys):
             expected = model(x).numpy()
         assert logits.shape == (batch, 10)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_hybrid_onnx_holds_each_weight_once(tmp_path):
+    """The standardised convolutions are exported with their standardised weights, not the raw ones and copies."""
+    config = Config()
+    config.model.name, config.model.image_size, config.model.num_classes = "vit_r50_mu16", 64, 10
+    model = build_model(config.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.3, 0.1)  # the standardisation must be done for the result to match
+    path = tmp_path / "hybrid.onnx"
+    export.export_onnx(model, path)
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert path.stat().st_size < 1.05 * weight_bytes
+    assert isinstance(model.patch_embed.backbone.stem.conv, StdConv2dSame)  # the caller's model is untouched
+    x = images(2, 64)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
 
 
 def test_evaluate_cli_reproduces_the_runs_last_eval(runs, small_shards):
