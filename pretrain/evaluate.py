@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import torch
@@ -21,6 +22,8 @@ from .cli import OneLineParser, command
 from .errors import UserError
 from .train.losses import hits, loss_fn
 
+log = logging.getLogger(__name__)
+
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to floats in [-1, 1]: (x / 255 - 0.5) / 0.5."""
@@ -32,18 +35,24 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     """One pass over ``spec`` (every sample once across ranks); metrics summed over ranks."""
     shard_set = shards.resolve(spec, "data.val")
     micro = config.data.eval_batch_size or max(config.data.batch_size // backend.world // config.optim.grad_accum, 1)
-    stream = EvalStream(shard_set.urls, config.model.image_size, micro, backend.rank, backend.world)
+    stream = EvalStream(shard_set, config.model.image_size, micro, backend.rank, backend.world)
     workers = min(config.data.workers, max(len(shard_set.urls) // backend.world, 1))
     model = backend.model
     was_training = model.training
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=backend.device)  # samples, top1, top5, loss sum, bad
     for batch in loader(stream, workers, backend.device.type == "cuda"):
+        for why in batch["damaged_shards"]:
+            log.warning("%s; its missing samples are counted in bad_samples, not evaluated (python -m "
+                        "data_tools.verify %s checks every shard)", why, spec)
+        n = len(batch["image"])
+        if not n:
+            totals[4] += batch["bad_samples"]
+            continue
         images, y = backend.to_device(batch)
         x = normalise(images)
         with backend.autocast():
             logits = model(x)
-        n = x.shape[0]
         totals += torch.stack([torch.tensor(n, device=totals.device), hits(logits, y, 1), hits(logits, y, 5),
                                loss_fn(logits, y, config.loss) * n, torch.tensor(batch["bad_samples"], device=totals.device)]).double()
         backend.mark_step()

@@ -43,11 +43,15 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
     multi-label sample, and samples without a label left out. ``model`` is moved to ``device``."""
     device = torch.device(device)
     shard_set = shards.resolve(spec, "few-shot data")
-    stream = EvalStream(shard_set.urls, image_size, batch, 0, 1)
+    stream = EvalStream(shard_set, image_size, batch, 0, 1)
     was_training = model.training
     model.to(device).eval()
     feats, labels = [], []
     for b in loader(stream, min(workers, len(shard_set.urls)), device.type == "cuda"):
+        for why in b["damaged_shards"]:
+            log.warning("%s; the few-shot probe goes on without its missing samples", why)
+        if not len(b["image"]):
+            continue
         feats.append(model.representation(normalise(b["image"].to(device))).float().cpu())
         labels.append(b["labels"][:, 0])
     model.train(was_training)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,17 @@ def test_evaluate_cli_reproduces_the_runs_last_eval(runs, small_shards):
     last = [r for r in records if r["split"] == "eval"][-1]
     assert printed["top1"] == last["top1"] and printed["samples"] == 100
     assert printed["loss"] == pytest.approx(last["loss"], rel=1e-5)
+
+
+def test_evaluate_counts_and_names_a_missing_shard(runs, small_shards, tmp_path, capsys, caplog):
+    shutil.copytree(small_shards["val"], tmp_path / "val")
+    gone = tmp_path / "val" / "val-000001.tar"
+    gone.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert evaluate.main([str(runs["pretrain"]), f"data={tmp_path / 'val'}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["samples"], printed["bad_samples"]) == (50, 50)  # the manifest's count of the lost shard
+    assert f"{gone}: cannot be read" in caplog.text and "counted in bad_samples" in caplog.text
 
 
 @pytest.mark.parametrize("cli, args, says", [

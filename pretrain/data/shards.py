@@ -21,7 +21,11 @@ class ShardSet:
     urls: list[str]
     classes: list[str] | None  # None: a brace pattern without a manifest
     multi_label: bool
-    num_samples: int | None
+    counts: list[int] | None  # samples in each shard, from the manifest
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.counts is None else sum(self.counts)
 
 
 def resolve(spec: str, what: str = "data.train") -> ShardSet:
@@ -34,7 +38,8 @@ def resolve(spec: str, what: str = "data.train") -> ShardSet:
         where, manifest = mf.load(spec)
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
-    return ShardSet([where.url_of(s.name) for s in manifest.shards], manifest.classes, manifest.multi_label, manifest.num_samples)
+    return ShardSet([where.url_of(s.name) for s in manifest.shards], manifest.classes, manifest.multi_label,
+                    [s.samples for s in manifest.shards])
 
 
 def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet, other_spec: str) -> None:
@@ -69,7 +74,7 @@ def read_shard(url: str) -> tuple[list[dict], str | None]:
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])):
             samples.append(sample)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = e.args[0] if e.args and isinstance(e.args[0], str) else e
+        reason = e.args[0].split(" @ <")[0] if e.args and isinstance(e.args[0], str) else e  # not the BytesIO's repr
         return samples, f"{url}: damaged after {len(samples)} samples ({reason})"
     if not _ends_with_end_of_archive(data):
         return samples, f"{url}: cut short after {len(samples)} samples (no end-of-archive blocks)"

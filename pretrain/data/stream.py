@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from .device_decode import JpegBatch
-from .shards import read_shard
+from .shards import ShardSet, read_shard
 from .transforms import BadSample, HostBatch, eval_view, image_and_labels, labels_tensor
 
 
@@ -144,19 +144,27 @@ def check_resumable(state: StreamState, workers: int, world: int, allow_reshardi
 
 
 class EvalStream(IterableDataset):
-    """Every sample of the shard set once (shards split over ranks and workers), in order."""
+    """Every sample of the shard set once (shards split over ranks and workers), in order.
 
-    def __init__(self, urls: list[str], image_size: int, batch: int, rank: int, world: int):
+    A damaged or missing shard is named in its batch's ``damaged_shards``, and the samples it lacks (by the
+    manifest's count; one when there is no manifest) are counted in ``bad_samples``. The last batch may hold no
+    image when only such counts are left to report.
+    """
+
+    def __init__(self, shard_set: ShardSet, image_size: int, batch: int, rank: int, world: int):
         super().__init__()
-        self.urls, self.image_size, self.batch, self.rank, self.world = urls, image_size, batch, rank, world
+        self.shard_set, self.image_size, self.batch, self.rank, self.world = shard_set, image_size, batch, rank, world
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        images, labels, bad = [], [], 0
-        for url in self.urls[self.rank * workers + worker :: self.world * workers]:
-            samples, error = read_shard(url)
-            bad += bool(error)
+        images, labels, bad, damaged = [], [], 0, []
+        counts = self.shard_set.counts
+        for i in range(self.rank * workers + worker, len(self.shard_set.urls), self.world * workers):
+            samples, error = read_shard(self.shard_set.urls[i])
+            if error:
+                bad += max(counts[i] - len(samples), 1) if counts else 1
+                damaged.append(error)
             for sample in samples:
                 try:
                     img, ids = image_and_labels(sample)
@@ -166,10 +174,17 @@ class EvalStream(IterableDataset):
                 images.append(eval_view(img, self.image_size))
                 labels.append(ids)
                 if len(images) == self.batch:
-                    yield {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad}
-                    images, labels, bad = [], [], 0
-        if images:
-            yield {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad}
+                    yield self._batch(images, labels, bad, damaged)
+                    images, labels, bad, damaged = [], [], 0, []
+        if images or bad:
+            yield self._batch(images, labels, bad, damaged)
+
+    def _batch(self, images: list[torch.Tensor], labels: list[list[int]], bad: int, damaged: list[str]) -> dict:
+        if not images:
+            return {"image": torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8),
+                    "labels": torch.empty(0, 1, dtype=torch.long), "bad_samples": bad, "damaged_shards": damaged}
+        return {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad,
+                "damaged_shards": damaged}
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:

@@ -253,7 +253,7 @@ def test_a_process_whose_workers_are_still_running_exits(urls):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_eval_stream_yields_every_sample_once(small_shards, workers):
     val = resolve(small_shards["val"], "data.val")
-    batches = take(EvalStream(val.urls, SIZE, MICRO, 0, 1), workers, 100)
+    batches = take(EvalStream(val, SIZE, MICRO, 0, 1), workers, 100)
     assert sum(len(b["labels"]) for b in batches) == 100
     assert label_counts(batches, 10) == mf.load(small_shards["val"])[1].class_counts == [10] * 10
     assert all(b["bad_samples"] == 0 for b in batches)
@@ -264,7 +264,7 @@ def test_eval_stream_yields_every_sample_once(small_shards, workers):
 def test_eval_stream_split_over_two_ranks(small_shards):
     """Each rank reads one of the two shards (50 samples: 3 batches of 16, then 2); together all 100."""
     val = resolve(small_shards["val"], "data.val")
-    per_rank = [take(EvalStream(val.urls, SIZE, MICRO, rank, 2), 0, 100) for rank in (0, 1)]
+    per_rank = [take(EvalStream(val, SIZE, MICRO, rank, 2), 0, 100) for rank in (0, 1)]
     assert [[len(b["labels"]) for b in batches] for batches in per_rank] == [[16, 16, 16, 2]] * 2
     assert label_counts(per_rank[0] + per_rank[1], 10) == [10] * 10
 
@@ -312,13 +312,34 @@ def test_a_damaged_shard_is_named_once_however_many_epochs(damaged):
     assert list(tracker.damaged_shards) == [damaged["truncated"]]
 
 
+def test_the_eval_stream_counts_what_damaged_shards_lack(damaged):
+    """The truncated shard's lost samples (its manifest count minus those read) are bad samples, and it is named."""
+    shard_set = resolve(damaged["folder"])
+    batches = take(EvalStream(shard_set, SIZE, MICRO, 0, 1), 0, 1000)
+    read = sum(len(b["labels"]) for b in batches)
+    assert read + sum(b["bad_samples"] for b in batches) == 400  # one garbled image, the rest lost to the cut
+    assert 300 < read < 399
+    assert [why for b in batches for why in b["damaged_shards"]] == [read_shard(damaged["truncated"])[1]]
+
+
+def test_a_rank_whose_only_shard_is_missing_reports_it_in_an_empty_batch(small_shards, tmp_path):
+    """Rank 1 of 2 reads only the second validation shard: gone, it yields no image but its 50 missing samples."""
+    shutil.copytree(small_shards["val"], tmp_path / "val")
+    shard_set = resolve(str(tmp_path / "val"))
+    Path(shard_set.urls[1]).unlink()
+    (batch,) = take(EvalStream(shard_set, SIZE, MICRO, 1, 2), 0, 10)
+    assert batch["image"].shape == (0, 3, SIZE, SIZE) and batch["bad_samples"] == 50
+    assert len(batch["damaged_shards"]) == 1 and batch["damaged_shards"][0].startswith(shard_set.urls[1])
+    assert sum(len(b["labels"]) for b in take(EvalStream(shard_set, SIZE, MICRO, 0, 2), 0, 10)) == 50
+
+
 def test_read_shard_returns_the_samples_before_the_damage(damaged):
     samples, reason = read_shard(damaged["truncated"])
     original, _ = read_shard(damaged["original"])
     assert 0 < len(samples) < len(original)
     assert [s["__key__"] for s in samples] == [s["__key__"] for s in original[: len(samples)]]
     assert all(s["jpg"] == o["jpg"] and s["cls"] == o["cls"] for s, o in zip(samples, original))
-    assert reason is not None and damaged["truncated"] in reason
+    assert reason == f"{damaged['truncated']}: damaged after {len(samples)} samples (unexpected end of data)"
 
 
 def test_read_shard_reports_a_shard_cut_at_a_member_boundary(small_shards, tmp_path):
