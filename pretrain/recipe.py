@@ -97,6 +97,10 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
                 f"{seen[-1]}: base recipe '{path}' does not exist; fix the base: line "
                 f"(it is a path relative to the recipe that names it)"
             )
+        if path.is_dir():
+            yamls = sorted(p.name for p in path.glob("*.yaml"))
+            listing = f" (it holds {', '.join(yamls[:6])}{', ...' if len(yamls) > 6 else ''})" if yamls else ""
+            raise RecipeError(f"recipe '{path}' is a folder{listing}; pass one YAML file, such as recipes/demo.yaml")
         raise RecipeError(f"recipe '{path}' does not exist; pass the path of a YAML file such as recipes/demo.yaml")
     values = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(values, dict):

@@ -97,6 +97,9 @@ def test_missing_base_and_loops(tmp_path):
         recipe.load(tmp_path / "a.yaml")
     with pytest.raises(RecipeError, match="recipe 'missing.yaml' does not exist"):
         recipe.load("missing.yaml")
+    write(tmp_path / "c.yaml", "seed: 1\n")
+    with pytest.raises(RecipeError, match=r"is a folder \(it holds a.yaml, b.yaml, c.yaml, child.yaml\); pass one YAML file"):
+        recipe.load(tmp_path)
 
 
 def test_error_in_a_base_names_the_base_file(tmp_path):
