@@ -197,7 +197,8 @@ def _label_id(label, index: dict[str, int], classes: list[str], source: str, lin
         return index[str(label)]
     near = difflib.get_close_matches(str(label), classes, n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    raise UserError(f"{source} line {lineno}: label '{label}' is not in {classes_file}{hint}")
+    shown = label if isinstance(label, str) else json.dumps(label)  # as written in the file: true, not True
+    raise UserError(f"{source} line {lineno}: label '{shown}' is not in {classes_file}{hint}")
 
 
 def _with_sizes(items: list[Item]) -> list[Item]:

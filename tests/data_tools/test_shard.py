@@ -132,6 +132,10 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "spaced.txt")]) == 2
     assert "line 1: a CSV line separates its labels by spaces, so it cannot name the class 'hot dog'" in \
         capsys.readouterr().err
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text('{"path": "images/im1.jpg", "labels": [true]}\n')
+    assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "list.jsonl line 1: label 'true' is not in" in capsys.readouterr().err  # as written, not Python's True
     assert not (tmp_path / "out").exists()
 
 
