@@ -17,7 +17,8 @@ Each run prints one JSON line: img/s, TFLOP/s (3x forward FLOPs counted by torch
 measured in this process (bf16 on a GPU, fp32 on the CPU; bf16 under precision=float8 too, as torchtitan counts,
 so float8's gain shows as MFU) and against the data sheet, peak memory, and for ours
 the share of time spent waiting for data. ``--loss-check N`` trains N steps from the same start with the recipe
-and with its plain path (compile=false, data.decode=host, bf16 for float8) and prints both final losses.
+and with its plain path (compile=false, data.decode=host, bf16 for float8, an fp32 residual stream) and prints both
+final losses.
 """
 
 from __future__ import annotations
@@ -209,10 +210,10 @@ def reference(kind: str, config: Config, steps: int, warmup: int, peak: tuple[fl
 
 def loss_check(config: Config, steps: int) -> dict:
     """Final losses (mean of the last 10 steps) of N steps with the recipe and with its plain path (eager, decoded
-    on the host, bf16 in place of float8), from the same start."""
+    on the host, bf16 in place of float8, an fp32 residual stream), from the same start."""
     finals = {}
     plain = recipe.to_dict(config)
-    plain["compile"], plain["data"]["decode"] = False, "host"
+    plain["compile"], plain["data"]["decode"], plain["model"]["bf16_residual"] = False, "host", False
     if plain["precision"] == "float8":
         plain["precision"] = "bf16"
     for name, cfg in (("recipe", config), ("plain", recipe.from_dict(plain, "loss check"))):
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10,
                         help="untimed steps first (compilation, allocator, workers); at least 1")
     parser.add_argument("--loss-check", type=int, default=0, metavar="N",
-                        help="also compare N-step losses with the plain path (eager, host decode, float8 as bf16)")
+                        help="also compare N-step losses with the plain path (eager, host decode, float8 as bf16, "
+                             "fp32 residual)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="write the kernel table of 3 more steps of ours to DIR/ours-{synthetic,shards}.txt")
     args = parser.parse_args(argv)

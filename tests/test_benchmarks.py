@@ -48,6 +48,16 @@ def test_decode_throughput_times_both_paths():
     assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in lines)
 
 
+def test_block_bytes_counts_less_for_a_bf16_residual_stream():
+    result = subprocess.run([sys.executable, "benchmarks/block_bytes.py", "--model", "vit_ti16", "--batch", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fp32, bf16 = (json.loads(line) for line in result.stdout.splitlines())
+    assert (fp32["residual"], bf16["residual"]) == ("float32", "bfloat16")
+    assert fp32["extern_bytes_per_token"] == bf16["extern_bytes_per_token"] > 0  # the same matmuls and attention
+    assert 0 < bf16["fused_bytes_per_token"] < 0.9 * fp32["fused_bytes_per_token"]
+
+
 def test_throughput_runs_the_deepspeed_backend_several_times_in_one_process():
     """DeepSpeed keeps the first process group it sees: every run of the benchmark (both data modes, the loss
     check) shares it."""

@@ -121,13 +121,14 @@ class VisionTransformer(nn.Module):
         attn_dropout: float = 0.0,
         norm_eps: float = 1e-6,
         head_bias: float = 0.0,
+        bf16_residual: bool = False,
     ):
         super().__init__()
         stride = patch_embed.stride
         if image_size % stride:
             raise ValueError(f"image size {image_size} is not a multiple of the patch stride {stride}")
         self.size, self.image_size, self.head_type, self.pool = size, image_size, head, pool
-        self.num_classes, self.norm_eps = num_classes, norm_eps
+        self.num_classes, self.norm_eps, self.bf16_residual = num_classes, norm_eps, bf16_residual
         self.grid = (image_size // stride, image_size // stride)
         self.num_prefix_tokens = 1 if pool == "cls" else 0
         d = size.width
@@ -185,6 +186,8 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
+        if self.bf16_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the blocks' adds then keep it
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

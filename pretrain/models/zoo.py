@@ -77,6 +77,7 @@ def build_model(cfg, num_classes: int | None = None, head_bias: float = 0.0) -> 
         attn_dropout=cfg.attn_dropout,
         norm_eps=cfg.norm_eps,
         head_bias=head_bias,
+        bf16_residual=cfg.bf16_residual,
     )
 
 

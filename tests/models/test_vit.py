@@ -88,3 +88,46 @@ def test_weight_standardisation():
     w = conv.weight.reshape(6, -1)
     expected = ((w - w.mean(1, keepdim=True)) / w.std(1, unbiased=False, keepdim=True)).reshape_as(conv.weight)
     torch.testing.assert_close(conv(x)[0, :, 2, 2], expected[:, :, 1, 1].sum(1), atol=1e-5, rtol=1e-5)
+
+
+def residual_dtypes(model, x: torch.Tensor) -> set[torch.dtype]:
+    """The dtypes of the residual stream, as it enters and leaves each block."""
+    seen: set[torch.dtype] = set()
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.update({args[0].dtype, out.dtype}))
+             for b in model.blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_bf16_residual_keeps_the_stream_in_bf16_under_autocast_only():
+    x = torch.randn(4, 3, 32, 32)
+    plain, bf16 = tiny(), tiny(bf16_residual=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert residual_dtypes(plain, x) == {torch.float32}  # the fp32 position embeddings promote it
+        assert residual_dtypes(bf16, x) == {torch.bfloat16}
+    assert residual_dtypes(bf16, x) == {torch.float32}
+    torch.testing.assert_close(bf16(x), plain(x), rtol=0, atol=0)  # without autocast it changes nothing
+
+
+def test_bf16_residual_trains_like_the_fp32_residual():
+    """60 steps of AdamW on a fixed batch under bf16 autocast: the loss curves stay together."""
+    x, y = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
+
+    def curve(**kw) -> torch.Tensor:
+        model = tiny(head="linear", **kw)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(60):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    fp32, bf16 = curve(), curve(bf16_residual=True)
+    assert fp32[-5:].mean() < 0.5 * fp32[:5].mean()  # it learns
+    assert ((bf16 - fp32).abs() / fp32).max() < 0.02
