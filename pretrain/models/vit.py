@@ -186,8 +186,9 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
-        if self.bf16_residual and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # the blocks' adds then keep it
+        device = x.device.type
+        if self.bf16_residual and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))  # the blocks' adds then keep it
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.models.hybrid import StdConv2dSame, pad_same
-from pretrain.models.zoo import build_model
+from pretrain.models.zoo import build_model, forward_flops
 
 
 def tiny(**kw):
@@ -109,6 +109,7 @@ def test_bf16_residual_keeps_the_stream_in_bf16_under_autocast_only():
         assert residual_dtypes(bf16, x) == {torch.bfloat16}
     assert residual_dtypes(bf16, x) == {torch.float32}
     torch.testing.assert_close(bf16(x), plain(x), rtol=0, atol=0)  # without autocast it changes nothing
+    assert forward_flops(bf16) == forward_flops(plain)  # counted on the meta device, which has no autocast
 
 
 def test_bf16_residual_trains_like_the_fp32_residual():
