@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 BENCH=/tmp/gpu-suite
 mkdir -p "$OUT" "$BENCH"
 deadline=$((SECONDS + ${SUITE_SECONDS:-540}))
-parts=${*:-b16 h14 deepspeed residual b16-device decode float8 loss b16-dropout l16}
+parts=${*:-b16 h14 deepspeed fp32-residual b16-device decode float8 loss b16-dropout l16}
 
 bench() {  # name, then the script and its arguments
     local name=$1 left=$((deadline - SECONDS))
@@ -45,8 +45,7 @@ for part in $parts; do
         h14) bench h14 $T $H14 --data synthetic --compare timm --profile "$BENCH/profiles/h14" ;;
         deepspeed) bench deepspeed $T $B16 model.dropout=0 data.workers=14 backend=deepspeed deepspeed.zero_stage=1 --compare \
             --profile "$BENCH/profiles/deepspeed" ;;
-        residual) bench residual $T $B16 model.dropout=0 model.bf16_residual=true data.workers=14 --compare \
-            --loss-check 200 --profile "$BENCH/profiles/residual" ;;
+        fp32-residual) bench fp32-residual $T $B16 model.dropout=0 model.bf16_residual=false data.workers=14 --compare ;;
         b16-device) bench b16-device $T $B16 model.dropout=0 data.decode=device data.workers=8 --data shards --compare \
             --profile "$BENCH/profiles/b16-device" ;;
         decode) bench decode benchmarks/decode_throughput.py --images 1024 ;;
@@ -55,7 +54,7 @@ for part in $parts; do
         loss) bench loss $T $B16 data.workers=14 --data synthetic --compare --loss-check 200 ;;
         b16-dropout) bench b16-dropout $T $B16 data.workers=14 --data synthetic --compare ;;
         l16) bench l16 $T recipes/vit_l16_i21k.yaml data.batch_size=128 model.dropout=0 --data synthetic --compare timm ;;
-        *) echo "unknown part $part (b16 h14 deepspeed residual b16-device decode float8 loss b16-dropout l16)"; exit 2 ;;
+        *) echo "unknown part $part (b16 h14 deepspeed fp32-residual b16-device decode float8 loss b16-dropout l16)"; exit 2 ;;
     esac
 done
 if [ -d "$BENCH/profiles" ]; then
