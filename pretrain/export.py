@@ -68,6 +68,8 @@ def export_onnx(model: VisionTransformer, out: Path) -> str:
         # deprecation notice and the tracer's notes on the (static) token-grid check are noise here.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The hybrid's 'SAME' padding: F.pad reverses its pads with a step -1 slice, computed at run time instead.
+        warnings.filterwarnings("ignore", "Constant folding - Only steps=1 can be constant folded")
         torch.onnx.export(fold_weight_standardisation(model).eval(), (example,), str(out), dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
