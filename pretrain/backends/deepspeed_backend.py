@@ -58,7 +58,9 @@ def ds_config(config: Config, world: int, autocast: bool) -> dict:
         # Ours, inside the fused optimizer's step (DeepSpeedBackend.step): ZeRO-1/2's own clipping reads the norm
         # on the host once per parameter group, and stage 0 neither reports the norm nor skips a non-finite step.
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage},
+        # ZeRO-1/2: the norm and the skip are ours too; its own norm waits for the device (a read, and a blocking
+        # copy of a constant to the device per parameter group), after which the GPU idles while the host works.
+        "zero_optimization": {"stage": stage, **({"compute_grad_norm": False} if stage in (1, 2) else {})},
         "bf16": {"enabled": False},  # bf16 is torch autocast: see the module docstring
         "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,  # SGD: ZeRO shards any element-wise torch optimizer
@@ -99,13 +101,25 @@ class DeepSpeedBackend(TorchBackend):
             (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model, self.module = self.engine, self.engine.module
-        if self.stage:
+        if self.stage == 3:
             self.optimizer.register_step_pre_hook(self._clip_in_step)
 
     def _clip_in_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-        """ZeRO steps our optimizer on its flat fp32 partitions (once per parameter group) after computing the
+        """ZeRO-3 steps our optimizer on its flat fp32 partitions (once per parameter group) after computing the
         global gradient norm over all ranks and skipping a non-finite step; its norm clips in the fused step."""
         clip_in_step(optimizer, self.engine.optimizer._global_grad_norm, self.config.optim.clip_grad_norm)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, on the device: stage 0 over the module's gradients; ZeRO-1/2 over the part of
+        them this rank's optimizer steps (what ZeRO's own norm reads), summed over the ranks."""
+        if self.stage == 0:
+            return grad_norm(self.module)
+        zero = self.engine.optimizer
+        grads = [g for group in zero.averaged_gradients.values() for g in group or ()
+                 if not getattr(g, "_zero_padding", False)]
+        squares = nn.utils.get_total_norm(grads).square() if grads else torch.zeros((), device=self.device)
+        dist.all_reduce(squares, group=zero.dp_process_group)
+        return squares.sqrt()
 
     @contextlib.contextmanager
     def micro_step(self, sync: bool):
@@ -117,12 +131,12 @@ class DeepSpeedBackend(TorchBackend):
 
     def step(self, lr: float) -> tuple[torch.Tensor, bool | torch.Tensor]:
         set_lr(self.optimizer, lr)  # the torch optimizer's groups, which ZeRO steps
-        if self.stage == 0:  # as the torch backend: clip, and skip a non-finite update on the device
-            norm = grad_norm(self.module)
+        if self.stage < 3:  # as the torch backend: clip, and skip a non-finite update on the device
+            norm = self._grad_norm()
             found_inf = clip_in_step(self.optimizer, norm, self.config.optim.clip_grad_norm)
             self.engine.step()
             return norm, found_inf == 0
-        # ZeRO computes the norm over all ranks and skips a non-finite step, reading the norm on the host once
+        # ZeRO-3 computes the norm over all ranks and skips a non-finite step, reading the norm on the host once
         # before its update (_clip_in_step clips); the norm stays on the device (a float after a skip).
         self.engine.step()
         return torch.as_tensor(self.engine.get_global_grad_norm()), self.engine.was_step_applied()

@@ -217,17 +217,18 @@ def test_a_nonfinite_gradient_is_skipped_on_every_rank(tmp_path):
     assert report == {str(stage): [skipped_then_updated] * 2 for stage in range(4)}
 
 
-def test_a_zero_step_reads_the_device_once_and_stage_0_never(tmp_path):
-    """ZeRO decides on the host whether to skip a step (one read of the norm); the clipping is ours, in the fused
-    step, because ZeRO-1/2's own reads the norm again for each parameter group."""
+def test_a_zero_1_or_2_step_never_reads_the_device_and_zero_3_once(tmp_path):
+    """Below ZeRO-3 the norm, the clipping and the skip of a non-finite step are ours, on the device (ZeRO-1/2's
+    own norm reads it once a step and its clipping once more per parameter group); ZeRO-3 decides on the host
+    whether to skip, one read of its norm."""
     script = tmp_path / "host_reads.py"
     script.write_text(HOST_READS)
     report = json.loads(torchrun([str(tmp_path), str(ROOT / "tests")], script=(str(script),)).stdout.splitlines()[-1])
     assert all(r["norms_above_clip"] for r in report.values())
-    assert report["0"]["reads"] == []
-    for stage in "123":
-        reads = report[stage]["reads"]
-        assert len(reads) == 1 and "deepspeed/runtime/" in reads[0], (stage, reads)
+    for stage in "012":
+        assert report[stage]["reads"] == [], (stage, report[stage]["reads"])
+    reads = report["3"]["reads"]
+    assert len(reads) == 1 and "deepspeed/runtime/" in reads[0], reads
 
 
 AUTOCAST = """
