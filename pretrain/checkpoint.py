@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import recipe
@@ -118,9 +120,24 @@ def find(path: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+DAMAGED = (OSError, json.JSONDecodeError, SafetensorError, EOFError, pickle.UnpicklingError)
+
+
+def damaged(folder: Path, e: Exception) -> UserError:
+    """One sentence for a checkpoint whose files cannot be read, naming the checkpoint before it."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    older = [p for p in sorted(folder.parent.glob("step_*")) if p.name < folder.name and (p / STATE).is_file()]
+    use = (f"use the one before it, {older[-1]} (to resume from it: checkpoint.resume={older[-1]})" if older
+           else "start fresh with checkpoint.resume=never")
+    return UserError(f"checkpoint {folder} is damaged ({type(e).__name__}: {reason}); {use}")
+
+
 def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
-    state = json.loads((folder / STATE).read_text())
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except DAMAGED as e:
+        raise damaged(folder, e) from None
     saved = state.get("config", {}).get("model", {}).get("name")
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; "
@@ -131,6 +148,8 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
                         f"set backend={written_by}, or checkpoint.resume=never to start fresh")
     try:
         backend.load(folder)
+    except DAMAGED as e:
+        raise damaged(folder, e) from None
     except (RuntimeError, KeyError, ValueError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for ...:" then each
@@ -146,7 +165,11 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
 
 def saved_config(folder: Path) -> Config:
     """The resolved recipe a checkpoint was trained with."""
-    return recipe.from_dict(json.loads((folder / STATE).read_text())["config"], str(folder / STATE))
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except DAMAGED as e:
+        raise damaged(folder, e) from None
+    return recipe.from_dict(state["config"], str(folder / STATE))
 
 
 def weights_file(folder: Path) -> Path:
@@ -162,7 +185,10 @@ def init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     found = find(path) if Path(path).is_dir() else None
     if found is not None:
-        return load_file(weights_file(found))
+        try:
+            return load_file(weights_file(found))
+        except DAMAGED as e:
+            raise damaged(found, e) from None
     if not Path(path).exists():
         raise UserError(f"init_from={path} does not exist; give a run directory, a checkpoint, an HF folder or a weights file")
     return load_weights(path)
@@ -174,6 +200,10 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
     if found is None:
         raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
     config = saved_config(found)
+    try:
+        weights = load_file(weights_file(found))
+    except DAMAGED as e:
+        raise damaged(found, e) from None
     model = build_model(config.model)
-    model.load_state_dict(load_file(weights_file(found)))
+    model.load_state_dict(weights)
     return model.eval(), config

@@ -43,8 +43,7 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     totals = torch.zeros(5, dtype=torch.float64, device=backend.device)  # samples, top1, top5, loss sum, bad
     for batch in loader(stream, workers, backend.device.type == "cuda"):
         for why in batch["damaged_shards"]:
-            log.warning("%s; its missing samples are counted in bad_samples, not evaluated (python -m "
-                        "data_tools.verify %s checks every shard)", why, spec)
+            log.warning("%s; its missing samples are counted in bad_samples, not evaluated (%s)", why, check_hint(spec))
         n = len(batch["image"])
         if not n:
             totals[4] += batch["bad_samples"]
@@ -58,8 +57,15 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
         backend.mark_step()
     model.train(was_training)
     samples, top1, top5, loss, bad = backend.all_reduce_sum(totals).tolist()
-    samples = max(samples, 1)
+    if not samples:
+        raise UserError(f"no sample of {spec} could be evaluated ({int(bad)} bad or missing); {check_hint(spec)}")
     return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": samples, "bad_samples": bad}
+
+
+def check_hint(spec: str) -> str:
+    if "{" in spec:  # a brace pattern has no manifest for data_tools.verify to check against
+        return f"check that the shards of {spec} exist and are complete tar files"
+    return f"python -m data_tools.verify {spec} checks every shard"
 
 
 def _data_spec(arg: str) -> str:
@@ -99,7 +105,9 @@ def _check_classes(num_classes: int, trained_on: str, path: str, spec: str, fews
                         f"evaluate it on data of the classes it was trained on")
     try:
         trained = shards.resolve(trained_on)
-    except UserError:  # moved or unreachable: the count above is what can be checked
+    except UserError:  # moved, unreachable, or a path relative to where the run was started
+        log.warning("the training shards %s cannot be read from here, so only the number of classes of %s is "
+                    "checked, not their names and order", trained_on, spec)
         trained = shards.ShardSet([], None, False, None)
     shards.check_same_classes(trained, trained_on, data, spec)
     if fewshot_train:

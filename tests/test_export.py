@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel
 from pretrain import checkpoint, evaluate, export
 from pretrain.config import Config
 from pretrain.data import shards
+from pretrain.errors import UserError
 from pretrain.models.hybrid import StdConv2dSame
 from pretrain.models.zoo import build_model
 
@@ -144,6 +146,23 @@ def test_evaluate_counts_and_names_a_missing_shard(runs, small_shards, tmp_path,
     printed = json.loads(capsys.readouterr().out)
     assert (printed["samples"], printed["bad_samples"]) == (50, 50)  # the manifest's count of the lost shard
     assert f"{gone}: cannot be read" in caplog.text and "counted in bad_samples" in caplog.text
+
+
+def test_evaluate_says_when_it_cannot_check_the_class_names(small_shards, tmp_path, caplog):
+    """A run started elsewhere stores a data.train relative to there: only the class count can be checked."""
+    with caplog.at_level(logging.WARNING):
+        evaluate._check_classes(10, "runs/elsewhere/train", "the run", small_shards["val"], None)
+    assert "the training shards runs/elsewhere/train cannot be read from here" in caplog.text
+
+
+@pytest.mark.parametrize("spec", ["folder", "braces"])
+def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec):
+    shutil.copytree(small_shards["val"], tmp_path / "val")
+    for tar in (tmp_path / "val").glob("*.tar"):
+        tar.unlink()
+    data = tmp_path / "val" if spec == "folder" else tmp_path / "val" / "val-{000000..000001}.tar"
+    with pytest.raises(UserError, match=re.escape(f"no sample of {data} could be evaluated (")):
+        evaluate.evaluate_checkpoint(str(runs["pretrain"]), str(data))
 
 
 @pytest.mark.parametrize("cli, args, says", [

@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain import checkpoint
+from pretrain.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,6 +181,27 @@ def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
     assert "does not fit this recipe's model or optimizer (size mismatch for pos_embed: copying a param with shape " \
            "torch.Size([1, 17, 64]) from checkpoint, the shape in current model is torch.Size([1, 37, 64])" \
            in other_grid.stderr
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "state.json", "optimizer.pt"])
+def test_a_damaged_checkpoint_is_one_sentence_naming_the_one_before(small_shards, tmp_path, damage):
+    steps = {"schedule.total_steps": 4, "checkpoint.every": 2}
+    assert run(overrides(small_shards, tmp_path, **steps)).returncode == 0
+    newest, before = checkpoint.find(tmp_path), tmp_path / "checkpoints" / "step_000000002"
+    if damage == "optimizer.pt":
+        (newest / damage).unlink()
+    else:
+        (newest / damage).write_bytes((newest / damage).read_bytes()[:100])
+    resumed = run(overrides(small_shards, tmp_path, **{**steps, "schedule.total_steps": 6}))
+    assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
+    assert resumed.stderr.startswith(f"error: checkpoint {newest} is damaged (")
+    assert f"checkpoint.resume={before}" in resumed.stderr
+    if damage != "optimizer.pt":  # evaluate and export read the weights and the recipe only
+        with pytest.raises(UserError, match=f"checkpoint {newest} is damaged"):
+            checkpoint.load_model(tmp_path)
+    resumed = run(overrides(small_shards, tmp_path, **{**steps, "schedule.total_steps": 6,
+                                                       "checkpoint.resume": str(before)}))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 @pytest.mark.parametrize("key", ["data.val", "data.fewshot_train"])
