@@ -163,7 +163,8 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         path, labels = _parse_line(line, source, lineno)
         if not labels:
             raise UserError(f"{source} line {lineno}: no labels for '{path}'; every image needs at least one label")
-        ids = tuple(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels)
+        # A class named twice is one label, not a double count in the manifest.
+        ids = tuple(dict.fromkeys(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels))
         if "://" in path:
             key, resolved = sample_key(path.split("://", 1)[1].split("/", 1)[-1]), path
         else:
@@ -179,7 +180,11 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
     if line.lstrip().startswith("{"):
         try:
             record = json.loads(line)
-            return str(record["path"]), list(record.get("labels") or [])
+            labels = record.get("labels") or []
+            if not isinstance(labels, list):
+                raise UserError(f"{source} line {lineno}: 'labels' is {json.dumps(labels)}, not a list; write "
+                                f"[{json.dumps(labels)}]")
+            return str(record["path"]), labels
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{source} line {lineno}: not a JSON object with 'path' and 'labels' ({e})") from None
     row = next(csv.reader([line]))

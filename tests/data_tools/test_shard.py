@@ -115,6 +115,17 @@ def test_multi_label_list(tmp_path, jsonl):
     assert manifest.class_counts == [sum(c in ids for ids in good.values()) for c in range(len(CLASSES))]
 
 
+def test_a_class_listed_twice_is_one_label(tmp_path):
+    image_list(tmp_path, n=2, jsonl=True)
+    listing = tmp_path / "list.jsonl"
+    listing.write_text(json.dumps({"path": "images/im0.jpg", "labels": [CLASSES[1], CLASSES[1], CLASSES[0]]}) + "\n"
+                       + json.dumps({"path": "images/im1.jpg", "labels": [2, 2]}) + "\n")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt"), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(tmp_path / "out"))
+    assert sorted(sorted(labels_of(s)) for s in samples.values()) == [[0, 1], [2]]
+    assert manifest.class_counts[:3] == [1, 1, 1]
+
+
 def test_list_errors_name_the_line(tmp_path, capsys):
     image_list(tmp_path, n=3)
     listing = tmp_path / "list.csv"
@@ -136,6 +147,9 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     jsonl.write_text('{"path": "images/im1.jpg", "labels": [true]}\n')
     assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
     assert "list.jsonl line 1: label 'true' is not in" in capsys.readouterr().err  # as written, not Python's True
+    jsonl.write_text('{"path": "images/im1.jpg", "labels": "n01443537"}\n')
+    assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert """list.jsonl line 1: 'labels' is "n01443537", not a list; write ["n01443537"]""" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
