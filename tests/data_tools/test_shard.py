@@ -120,7 +120,8 @@ def test_a_class_listed_twice_is_one_label(tmp_path):
     listing = tmp_path / "list.jsonl"
     listing.write_text(json.dumps({"path": "images/im0.jpg", "labels": [CLASSES[1], CLASSES[1], CLASSES[0]]}) + "\n"
                        + json.dumps({"path": "images/im1.jpg", "labels": [2, 2]}) + "\n")
-    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt"), "--workers", "1"]) == 0
+    classes = str(tmp_path / "classes.txt")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", classes, "--workers", "1"]) == 0
     manifest, samples = read_back(str(tmp_path / "out"))
     assert sorted(sorted(labels_of(s)) for s in samples.values()) == [[0, 1], [2]]
     assert manifest.class_counts[:3] == [1, 1, 1]
