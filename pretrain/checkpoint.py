@@ -9,11 +9,13 @@ model (safetensors) and optimizer. Nothing is unpickled on load beyond tensors (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,12 +134,19 @@ def damaged(folder: Path, e: Exception) -> UserError:
     return UserError(f"checkpoint {folder} is damaged ({type(e).__name__}: {reason}); {use}")
 
 
-def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
+@contextlib.contextmanager
+def readable(folder: Path) -> Iterator[None]:
+    """Reading the files of checkpoint ``folder``: a file that cannot be read becomes ``damaged``'s sentence."""
     try:
-        state = json.loads((folder / STATE).read_text())
+        yield
     except DAMAGED as e:
         raise damaged(folder, e) from None
+
+
+def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
+    with readable(folder):
+        state = json.loads((folder / STATE).read_text())
     saved = state.get("config", {}).get("model", {}).get("name")
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; "
@@ -165,10 +174,8 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
 
 def saved_config(folder: Path) -> Config:
     """The resolved recipe a checkpoint was trained with."""
-    try:
+    with readable(folder):
         state = json.loads((folder / STATE).read_text())
-    except DAMAGED as e:
-        raise damaged(folder, e) from None
     return recipe.from_dict(state["config"], str(folder / STATE))
 
 
@@ -185,10 +192,8 @@ def init_weights(path: str | Path) -> dict[str, torch.Tensor]:
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     found = find(path) if Path(path).is_dir() else None
     if found is not None:
-        try:
+        with readable(found):
             return load_file(weights_file(found))
-        except DAMAGED as e:
-            raise damaged(found, e) from None
     if not Path(path).exists():
         raise UserError(f"init_from={path} does not exist; give a run directory, a checkpoint, an HF folder or a weights file")
     return load_weights(path)
@@ -200,10 +205,8 @@ def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
     if found is None:
         raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
     config = saved_config(found)
-    try:
+    with readable(found):
         weights = load_file(weights_file(found))
-    except DAMAGED as e:
-        raise damaged(found, e) from None
     model = build_model(config.model)
     model.load_state_dict(weights)
     return model.eval(), config
