@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import fsspec
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from pretrain.cli import OneLineParser, command
@@ -122,11 +122,14 @@ def recount_lines(classes: list[str], listed: list[int], counted: list[int]) -> 
 
 
 def thumbnail(data: bytes) -> Image.Image | None:
-    """The image shrunk to fit a tile, or None if it does not decode."""
+    """The image scaled to fit a tile, or None if it does not decode; a small one is enlarged pixel by pixel
+    (nearest), so that what the model would see stays visible."""
     try:
         image = to_rgb(Image.open(io.BytesIO(data)))
     except Exception:  # PIL raises a different type for each kind of bad data
         return None
+    if max(image.size) < TILE:
+        return ImageOps.contain(image, (TILE, TILE), Image.Resampling.NEAREST)
     image.thumbnail((TILE, TILE))
     return image
 

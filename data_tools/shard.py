@@ -91,6 +91,14 @@ def plan_digest(names: list[str], shards: list[list[Item]]) -> str:
     return h.hexdigest()
 
 
+def differences(options: dict, source: str, run: dict) -> str:
+    """How an earlier command (its options and source) differs from this one, e.g. '--seed 0 there, 1 here'."""
+    parts = [f"source {source} there, {run['source']} here"] if source != run["source"] else []
+    parts += [f"--{key.replace('_', '-')} {options.get(key)} there, {value} here" for key, value in run["options"].items()
+              if key != "plan_sha256" and options.get(key) != value]
+    return "; ".join(parts) or "the same options, but the source's files changed since"
+
+
 def check_output(out: Location, run: dict) -> Manifest | None:
     """The finished manifest of this same run, None to go on; refuses a folder that holds anything else."""
     entries = [n for n in out.names() if not n.startswith(".")]
@@ -98,11 +106,14 @@ def check_output(out: Location, run: dict) -> Manifest | None:
         done = Manifest.from_json(out.read_bytes(MANIFEST).decode(), out.url_of(MANIFEST))
         if done.source == run["source"] and done.options == run["options"]:
             return done
-        raise UserError(f"{out.url} already holds shards of another run (manifest.json: source {done.source}); pick an empty OUTPUT")
+        how = differences(done.options, done.source, run)
+        raise UserError(f"{out.url} already holds the shards of another command ({how}); pick an empty OUTPUT")
     if PARTS in entries and out.exists(f"{PARTS}/run.json"):
         earlier = json.loads(out.read_bytes(f"{PARTS}/run.json"))
         if earlier != run:
-            raise UserError(f"{out.url} holds an unfinished run of another command (source {earlier['source']}); rerun that command or pick an empty OUTPUT")
+            how = differences(earlier["options"], earlier["source"], run)
+            raise UserError(f"{out.url} holds an unfinished run of another command ({how}); rerun that command to "
+                            f"finish it, or pick an empty OUTPUT")
     elif entries:
         raise UserError(f"{out.url} is not empty and holds no run of data_tools.shard; pick an empty OUTPUT (nothing was written)")
     return None
@@ -183,6 +194,9 @@ def shard(args: argparse.Namespace) -> Manifest:
     if out.fs.isfile(out.root):
         raise UserError(f"OUTPUT {args.output} is a file; give the folder (or URL) to write the shards into")
     corpus = list_corpus(args.source, args.kind, args.classes, args.workers)
+    if corpus.ignored:
+        n, endings = corpus.ignored.total(), ", ".join(f"{end} {k}" for end, k in corpus.ignored.most_common())
+        print(f"ignored {n} file{'s' * (n != 1)} not named as an image ({endings}), as torchvision's ImageFolder does")
     if not corpus.items:
         raise UserError(f"{args.source} holds no images to shard")
     options = Options(corpus.multi_label, args.check, args.resize_short, args.quality)

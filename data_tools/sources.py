@@ -13,10 +13,12 @@ import json
 import posixpath
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
+from PIL import Image
 
 from pretrain.errors import UserError
 
@@ -46,6 +48,13 @@ class Corpus:
     multi_label: bool
     items: list[Item]
     refused: list[dict] = field(default_factory=list)  # {"source", "reason"} found while listing
+    ignored: Counter = field(default_factory=Counter)  # files of an ImageFolder tree not named as images, by ending
+
+
+def image_endings() -> frozenset[str]:
+    """File name endings ('.jpg', lower case) of the formats PIL opens; other files of a tree are not images."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def detect_kind(source: str) -> str:
@@ -99,14 +108,18 @@ def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
     if not found:
         raise UserError(f"{source} has no class folders; an ImageFolder tree is class_name/image.jpg")
     classes = fixed_labels(found, read_classes(classes_spec) if classes_spec else None, classes_spec, "class folder")
-    items, present = [], set(found)
+    items, present, images, ignored = [], set(found), image_endings(), Counter()
     for label, name in enumerate(classes):
         if name not in present:
             continue
         for path, info in sorted(where.fs.find(where.path(name), detail=True).items()):
+            ending = posixpath.splitext(path)[1].lower()
+            if ending not in images:  # as torchvision's ImageFolder: a README, .DS_Store or labels.csv is no sample
+                ignored[ending or "no ending"] += 1
+                continue
             rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
             items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
-    return Corpus("imagefolder", classes, False, items)
+    return Corpus("imagefolder", classes, False, items, ignored=ignored)
 
 
 def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:

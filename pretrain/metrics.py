@@ -5,6 +5,7 @@ console line with ETA. Throughput: img/s, TFLOP/s and MFU against a per-device b
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,6 +38,19 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def keep_rows_through(path: Path, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without the rows logged after ``step``, or any row at step 0; a line cut
+    short by a kill goes too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if step and line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class Metrics:
     """Written by rank 0 only; other ranks get a Metrics whose methods do nothing."""
 
@@ -47,7 +61,10 @@ class Metrics:
         self.device = device
         self.started = time.perf_counter()
         if enabled:
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            # A resumed run logs again what came after its checkpoint (all of it when the run starts over): the
+            # rows past the start go, and TensorBoard hides the events past it (purge_step).
+            keep_rows_through(Path(run_dir) / "metrics.jsonl", start_step)
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else 0)
             self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
 
     def throughput(self, images: int, seconds: float, devices: int) -> dict[str, float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -63,6 +64,16 @@ def changes(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
 
     a, b = flat(to_dict(before)), flat(to_dict(after))
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def anchor_data_paths(config: Config) -> None:
+    """Local data paths made absolute (from the current directory), so that the config.yaml and checkpoints of a
+    run name data that evaluate, resume and the few-shot probe find from any directory. URLs stay as given."""
+    data = config.data
+    for key in ("train", "val", "fewshot_train"):
+        value = getattr(data, key)
+        if value and "://" not in value:
+            setattr(data, key, os.path.abspath(value))
 
 
 def to_yaml(config: Config) -> str:

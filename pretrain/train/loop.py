@@ -7,6 +7,7 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def continue_checkpoint(config: Config, found: Path) -> str:
     """A resumed run trains on from the checkpoint's weights, so its init_from stays the one the run started from
     (config.yaml says so); returns a note naming the settings changed since the checkpoint was written, or ''."""
     saved = checkpoint.saved_config(found)
+    recipe.anchor_data_paths(saved)  # a checkpoint written before data paths were stored absolute
     changed = recipe.changes(saved, config)
     changed.pop("checkpoint.resume", None)
     if not changed:
@@ -148,6 +150,7 @@ class Trainer:
             raise UserError("data.decode=device decodes JPEGs on a GPU, and torch-xla devices do not decode them; "
                             "use data.decode=host")
         self.backend = backend or create_backend(config)
+        recipe.anchor_data_paths(config)
         self.run_dir = Path(config.run_dir)
         self.train_set = shards.resolve(config.data.train)
         self._check_classes()
@@ -340,7 +343,22 @@ class Trainer:
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
 
 
+def finished(config: Config) -> str:
+    """Why rerunning the command of a run that reached schedule.total_steps does nothing, or '' if it did not."""
+    found = resume_point(config) if config.checkpoint.resume == "auto" else None
+    step = int(found.name[len("step_"):]) if found is not None else 0
+    if found is None or step < config.schedule.total_steps:
+        return ""
+    return (f"{config.run_dir} is complete (its checkpoint is at step {step}, schedule.total_steps is "
+            f"{config.schedule.total_steps}); nothing was changed. Raise schedule.total_steps to train on, evaluate it "
+            f"with python -m pretrain.evaluate {config.run_dir}, or give another run_dir to start over")
+
+
 def train(config: Config) -> dict[str, float]:
+    if why := finished(config):
+        if os.environ.get("RANK", "0") == "0":
+            print(why, flush=True)
+        return {"step": config.schedule.total_steps}
     trainer = Trainer(config)
     try:
         return trainer.train()

@@ -22,7 +22,7 @@ def image_bytes(rng: np.random.Generator, fmt: str = "JPEG", size: tuple[int, in
 
 
 def image_folder(root: Path, per_class: int = 12, seed: int = 0) -> dict[str, int]:
-    """class/xxx.jpg|png; returns {sample key: class id} of the good images. Adds two bad files."""
+    """class/xxx.jpg|png; returns {sample key: class id} of the good images. Adds two bad images and a text file."""
     rng = np.random.default_rng(seed)
     good = {}
     for label, name in enumerate(CLASSES):
@@ -31,7 +31,8 @@ def image_folder(root: Path, per_class: int = 12, seed: int = 0) -> dict[str, in
             ext, fmt = ("png", "PNG") if i % 3 == 0 else ("JPEG", "JPEG")
             (root / name / f"{name}_{i}.{ext}").write_bytes(image_bytes(rng, fmt))
             good[f"{name}/{name}_{i}"] = label
-    (root / CLASSES[0] / "readme.txt").write_text("not an image")
+    (root / CLASSES[0] / "readme.txt").write_text("not an image, and not named as one")
+    (root / CLASSES[0] / "notes.png").write_text("not an image")
     (root / CLASSES[1] / "cut.jpg").write_bytes(image_bytes(rng)[:40])
     return good
 

@@ -53,6 +53,7 @@ def test_grid_png_has_a_tile_and_caption_per_sample(shard_set, tmp_path, capsys)
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (4 * TILE, 4 * (TILE + CAPTION))
         assert image.getpixel((TILE // 2, TILE + CAPTION + TILE // 2)) != (255, 255, 255)  # a thumbnail in row 2
+        assert image.getpixel((1, TILE // 2)) != (255, 255, 255)  # the first, 64 x 48, enlarged to the tile's width
     assert main([str(shard_set), "--grid", str(png), "--grid-samples", "100"]) == 0  # only 18 samples: 5 x 4
     with Image.open(png) as image:
         assert image.size == (5 * TILE, 4 * (TILE + CAPTION))

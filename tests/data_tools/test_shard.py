@@ -38,10 +38,11 @@ def labels_of(sample: dict) -> tuple[int, ...]:
     return tuple(json.loads(sample["labels.json"])) if "labels.json" in sample else (int(sample["cls"]),)
 
 
-def test_image_folder(tmp_path):
+def test_image_folder(tmp_path, capsys):
     good = image_folder(tmp_path / "src")
     out = tmp_path / "out"
     assert main([str(tmp_path / "src"), str(out), "--shard-samples", "8", "--workers", "2"]) == 0
+    assert "ignored 1 file not named as an image (.txt 1)" in capsys.readouterr().out
     manifest, samples = read_back(str(out))
     assert {k: labels_of(s)[0] for k, s in samples.items()} == good
     assert manifest.classes == CLASSES and not manifest.multi_label
@@ -49,7 +50,7 @@ def test_image_folder(tmp_path):
     assert len(manifest.shards) == 5 and all(s.samples <= 8 for s in manifest.shards)  # 38 files, 2 bad
     assert manifest.skipped == 2
     report = [json.loads(line) for line in (out / mf.REPORT).read_text().splitlines()]
-    assert sorted(r["key"] for r in report) == [f"{CLASSES[0]}/readme", f"{CLASSES[1]}/cut"]
+    assert sorted(r["key"] for r in report) == [f"{CLASSES[0]}/notes", f"{CLASSES[1]}/cut"]
     # shuffled across shards: no shard is one class, and the bytes are the files' own (no re-encode)
     for shard in manifest.shards:
         keys = [k for k in samples if k in {s["__key__"] for s in wds.WebDataset(str(out / shard.name), shardshuffle=False)}]
@@ -168,7 +169,7 @@ def test_output_is_never_overwritten(tmp_path, capsys):
     assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
     assert "already holds this run" in capsys.readouterr().out
     assert main([str(tmp_path / "src"), out, "--workers", "1", "--seed", "1"]) == 2
-    assert "already holds shards of another run" in capsys.readouterr().err
+    assert "already holds the shards of another command (--seed 0 there, 1 here)" in capsys.readouterr().err
 
 
 def test_interrupted_run_resumes_to_the_clean_result(tmp_path):
@@ -186,6 +187,8 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path):
     proc.wait()
     assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
     finished = len(list((out / "_parts").glob("*.tar.json")))
+    other = subprocess.run([*command, str(out), *options, "--seed", "3"], capture_output=True, text=True)
+    assert other.returncode == 2 and "unfinished run of another command (--seed 0 there, 3 here)" in other.stderr
     rerun = subprocess.run([*command, str(out), *options], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming: {finished} of 31 shards" in rerun.stdout

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain import checkpoint
@@ -28,18 +29,26 @@ def overrides(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
     return ["recipes/demo.yaml", *(f"{k}={v}" for k, v in values.items())]
 
 
-def run(args: list[str], launcher: tuple[str, ...] = (sys.executable, "-m", "pretrain.run"), **kw):
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+def run(args: list[str], launcher: tuple[str, ...] = (sys.executable, "-m", "pretrain.run"), cwd: Path = ROOT, **kw):
+    return subprocess.run([*launcher, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kw)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss by step; a step logged twice (before a kill, then after resuming) keeps the last."""
+    """Training loss by step (a row cut short by a kill is not read)."""
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True):
+        record = json.loads(line) if line.endswith("\n") else {"split": "cut short"}
         if record["split"] == "train":
             out[record["step"]] = record["loss"]
     return out
+
+
+def logged_steps(run_dir: Path, split: str = "train") -> tuple[list[int], list[int]]:
+    """The steps of a split's rows in metrics.jsonl, and of its loss in TensorBoard as the UI shows it."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [r["step"] for r in rows if r["split"] == split], [e.step for e in events.Scalars(f"{split}/loss")]
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
@@ -68,6 +77,14 @@ def test_sigkill_mid_epoch_then_resume_is_exact(small_shards, tmp_path):
     assert losses(killed_dir) == losses(clean_dir := tmp_path / "clean"), "losses differ after resuming"
     final = "checkpoints/step_000000040/model.safetensors"
     assert (killed_dir / final).read_bytes() == (clean_dir / final).read_bytes(), "final weights differ"
+    # the steps logged between the checkpoint and the kill are logged once, not again after them
+    assert logged_steps(killed_dir) == (list(range(1, 41)), list(range(1, 41)))
+
+    written = {name: (killed_dir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    again = run(overrides(small_shards, killed_dir, **{"optim.lr": 1e-3}))
+    assert again.returncode == 0, again.stderr
+    assert f"{killed_dir} is complete (its checkpoint is at step 40" in again.stdout
+    assert written == {name: (killed_dir / name).read_bytes() for name in written}, "a finished run was changed"
 
 
 KILL_IN_CHECKPOINT = """
@@ -149,6 +166,20 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_sh
     assert sorted(one) == sorted(two) == list(range(1, 11))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def test_a_run_started_in_another_directory_is_evaluated_from_here(small_shards, tmp_path):
+    """Relative data paths are stored absolute, so evaluate reads the training manifest (and checks its class
+    names) from any directory."""
+    args = overrides({"train": "train"}, tmp_path / "run", **{"data.val": "val", "schedule.total_steps": 2})
+    started = run([str(ROOT / args[0]), *args[1:]], cwd=Path(small_shards["train"]).parent)
+    assert started.returncode == 0, started.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]
+    assert (saved["train"], saved["val"]) == (small_shards["train"], small_shards["val"])
+    evaluated = run([str(tmp_path / "run"), f"data={small_shards['val']}"],
+                    launcher=(sys.executable, "-m", "pretrain.evaluate"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "cannot be read from here" not in evaluated.stderr
 
 
 def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
