@@ -98,5 +98,11 @@ def load(url: str) -> tuple[Location, Manifest]:
         name = MANIFEST
     where = Location(url)
     if not where.exists(name):
+        if not where.fs.exists(where.root):
+            raise UserError(f"{where.url} does not exist; give the OUTPUT folder of python -m data_tools.shard")
+        names = where.names()
+        if names and not any(n.endswith(".tar") for n in names) and all(where.fs.isdir(where.path(n)) for n in names):
+            raise UserError(f"{where.url} holds folders, not shards; if it is an image folder, shard it first: "
+                            f"python -m data_tools.shard {where.url} OUTPUT")
         raise UserError(f"no {name} in {where.url}; is it the OUTPUT of python -m data_tools.shard, and did that run finish?")
     return where, Manifest.from_json(where.read_bytes(name).decode(), where.url_of(name))

@@ -94,8 +94,8 @@ def plan_digest(names: list[str], shards: list[list[Item]]) -> str:
 def differences(options: dict, source: str, run: dict) -> str:
     """How an earlier command (its options and source) differs from this one, e.g. '--seed 0 there, 1 here'."""
     parts = [f"source {source} there, {run['source']} here"] if source != run["source"] else []
-    parts += [f"--{key.replace('_', '-')} {options.get(key)} there, {value} here" for key, value in run["options"].items()
-              if key != "plan_sha256" and options.get(key) != value]
+    parts += [f"--{key.replace('_', '-')} {options.get(key)} there, {value} here"
+              for key, value in run["options"].items() if key != "plan_sha256" and options.get(key) != value]
     return "; ".join(parts) or "the same options, but the source's files changed since"
 
 
@@ -203,7 +203,8 @@ def shard(args: argparse.Namespace) -> Manifest:
     shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
     names = [shard_name(args.name, i) for i in range(len(shards))]
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
-    run = {"source": args.source, "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
+    options_run = {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}
+    run = {"source": Location(args.source).canonical, "options": options_run}
     done = check_output(out, run)
     if done is not None:
         print(f"{out.url} already holds this run: {len(done.shards)} shards, {done.num_samples} samples; nothing to do")
@@ -224,7 +225,7 @@ def shard(args: argparse.Namespace) -> Manifest:
     skipped = corpus.refused + [s for r in ordered for s in r["skipped"]]
     manifest = Manifest(
         name=args.name,
-        source=args.source,
+        source=run["source"],
         source_kind=corpus.kind,
         classes=corpus.classes,
         multi_label=corpus.multi_label,

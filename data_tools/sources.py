@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import os
 import posixpath
 import re
 import tarfile
@@ -112,7 +113,8 @@ def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
     for label, name in enumerate(classes):
         if name not in present:
             continue
-        for path, info in sorted(where.fs.find(where.path(name), detail=True).items()):
+        found_files = local_files(where.path(name)) if where.is_local else where.fs.find(where.path(name), detail=True)
+        for path, info in sorted(found_files.items()):
             ending = posixpath.splitext(path)[1].lower()
             if ending not in images:  # as torchvision's ImageFolder: a README, .DS_Store or labels.csv is no sample
                 ignored[ending or "no ending"] += 1
@@ -120,6 +122,22 @@ def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
             rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
             items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
     return Corpus("imagefolder", classes, False, items, ignored=ignored)
+
+
+def local_files(folder: str) -> dict[str, dict]:
+    """{path: {"size": bytes, -1 for a broken link}} of the files under a local folder, through linked folders as
+    torchvision's ImageFolder goes (fsspec's find does not), each real folder once."""
+    files, seen = {}, set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree
+            dirs.clear()
+            continue
+        seen.add(real)
+        for n in names:
+            path = posixpath.join(top, n)
+            files[path] = {"size": os.stat(path).st_size if os.path.exists(path) else -1}
+    return files
 
 
 def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:

@@ -31,6 +31,11 @@ class Location:
         self.root = self.root.rstrip("/") or "/"
 
     @property
+    def canonical(self) -> str:
+        """The URL, or the absolute path of a local folder, so that 'src/', './src' and '/data/src' compare equal."""
+        return self.url_for_path(self.root)
+
+    @property
     def is_local(self) -> bool:
         return "file" in as_tuple(self.fs.protocol)
 

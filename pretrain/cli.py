@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,5 +28,8 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # the reader stopped early (| head): stop quietly, as the shell's own tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
+            return 1
 
     return run

@@ -12,6 +12,7 @@ onnx: the whole model, head included: input ``pixel_values`` (B, 3, H, W) float3
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -25,12 +26,14 @@ from .data import shards
 from .cli import OneLineParser, command
 from .errors import UserError
 from .models.convert import to_hf
+from .models.convert_hf import preprocessor_config
 from .models.hybrid import fold_weight_standardisation
 from .models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
 def class_names(config: Config, num_classes: int) -> dict[int, str] | None:
@@ -50,13 +53,20 @@ def class_names(config: Config, num_classes: int) -> dict[int, str] | None:
 def export_hf(model: VisionTransformer, config: Config, out: Path) -> str:
     """Write a transformers folder; a line saying what it holds."""
     labelled = model.head_type == "linear" and model.num_classes > 0
-    to_hf(model, out, class_names(config, model.num_classes) if labelled else None)
-    kind = f"ViTForImageClassification ({model.num_classes} classes)" if labelled else "ViTModel"
-    return f"wrote {kind} to {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}"
+    multi_label = config.loss.kind == "sigmoid"
+    to_hf(model, out, class_names(config, model.num_classes) if labelled else None, multi_label)
+    kind = "ViTModel"
+    if labelled:
+        kind = f"ViTForImageClassification ({model.num_classes} classes{', multi-label' if multi_label else ''})"
+    return f"wrote {kind} to {out}/: {', '.join(HF_FILES)}"
 
 
-def export_onnx(model: VisionTransformer, out: Path) -> str:
-    """Write an ONNX file, checked with onnx.checker; a line saying what it holds."""
+def export_onnx(model: VisionTransformer, config: Config, out: Path) -> str:
+    """Write an ONNX file, checked with onnx.checker; a line saying what it holds.
+
+    Its metadata says how to use it: ``preprocessor`` (HF's image-processor fields, as in the hf export),
+    ``problem_type`` (multi-label: a sigmoid per class; single-label: softmax) and, where the training manifest
+    names them, ``id2label``."""
     try:
         import onnx
     except ImportError:
@@ -73,10 +83,20 @@ def export_onnx(model: VisionTransformer, out: Path) -> str:
         torch.onnx.export(fold_weight_standardisation(model).eval(), (example,), str(out), dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["pixel_values"], output_names=["logits"],
                           dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
+    metadata = {"preprocessor": json.dumps(preprocessor_config(model))}
+    if model.num_classes:
+        multi_label = config.loss.kind == "sigmoid"
+        metadata["problem_type"] = "multi_label_classification" if multi_label else "single_label_classification"
+        if (labels := class_names(config, model.num_classes)) is not None:
+            metadata["id2label"] = json.dumps({str(i): name for i, name in labels.items()})
+    proto = onnx.load(str(out), load_external_data=False)  # weights over 2 GB stay in their external file
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(out))
     onnx.checker.check_model(str(out), full_check=True)  # a path, so that models over 2 GB are checked too
     outputs = model.num_classes or model.size.width
     return (f"wrote {out} (opset {ONNX_OPSET}, {out.stat().st_size / 1e6:.1f} MB): pixel_values "
-            f"(batch, 3, {model.image_size}, {model.image_size}) -> logits (batch, {outputs})")
+            f"(batch, 3, {model.image_size}, {model.image_size}) -> logits (batch, {outputs}); its metadata holds "
+            f"{', '.join(metadata)}")
 
 
 @command
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "onnx" and args.out.is_dir():
         raise UserError(f"{args.out} is a folder; --format onnx writes one file, e.g. {args.out / 'model.onnx'}")
     model, config = checkpoint.load_model(args.run)
-    print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, args.out))
+    print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, config, args.out))
     return 0
 
 

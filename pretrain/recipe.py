@@ -128,9 +128,24 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A key given twice in one mapping is an error: YAML's own rule, which PyYAML does not enforce (the last one
+    silently wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -240,6 +255,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("true or false")
         return value
     if tp is int:
+        if isinstance(value, (str, float)) and not isinstance(value, bool):  # 1e4 (YAML reads a string) or 1.0e+4
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad("an integer") from None
+            if number.is_integer():
+                return int(number)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value

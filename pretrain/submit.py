@@ -83,8 +83,13 @@ def submit(args: argparse.Namespace) -> int:
                               tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology,
                               tpu_chips_per_host=args.tpu_chips_per_host)
         k8s.validate(rendered)
+        for line in k8s.unreachable_data(job.config):
+            print(f"warning: {line}", file=sys.stderr)
     if args.dry_run:
         print(rendered, end="")
+        if scheduler is slurm:
+            print(f"dry run: nothing was written or submitted; without --dry-run, {jobs.job_dir(job.config.run_dir)} "
+                  f"gets recipe.yaml (which the script trains) and this script, then sbatch runs it", file=sys.stderr)
         return 0
     run_dir = job.config.run_dir
     previous = jobs.find_record(run_dir)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel
+from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel, pipeline
 
 from pretrain import checkpoint, evaluate, export
 from pretrain.config import Config
@@ -98,6 +98,30 @@ def test_onnx_matches_with_a_dynamic_batch(runs, stage, tmp_path, capsys):
             expected = model(x).numpy()
         assert logits.shape == (batch, 10)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["preprocessor"])["crop_size"] == {"height": config.model.image_size,
+                                                               "width": config.model.image_size}
+    assert metadata["problem_type"] == "single_label_classification"
+    assert json.loads(metadata["id2label"])["0"] == shards.resolve(config.data.train).classes[0]
+
+
+def test_a_sigmoid_run_exports_as_multi_label(runs, tmp_path, capsys):
+    """transformers then scores each class by a sigmoid (its pipeline) and fine-tunes with BCE, as trained."""
+    model, config = checkpoint.load_model(runs["finetune"])
+    config.loss.kind = "sigmoid"
+    print(export.export_hf(model, config, tmp_path / "hf"))
+    assert "(10 classes, multi-label)" in capsys.readouterr().out
+    classify = pipeline("image-classification", model=str(tmp_path / "hf"), top_k=10)
+    image = Image.new("RGB", (60, 40), (200, 30, 90))
+    scores = {row["label"]: row["score"] for row in classify(image)}
+    pixels = AutoImageProcessor.from_pretrained(tmp_path / "hf")(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(pixels))[0]
+    classes = shards.resolve(config.data.train).classes
+    assert scores == pytest.approx({name: expected[i].item() for i, name in enumerate(classes)}, abs=1e-4)
+    export.export_onnx(model, config, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["problem_type"] == "multi_label_classification"
 
 
 def test_hybrid_onnx_holds_each_weight_once(tmp_path):
@@ -111,7 +135,7 @@ def test_hybrid_onnx_holds_each_weight_once(tmp_path):
     path = tmp_path / "hybrid.onnx"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export.export_onnx(model, path)
+        export.export_onnx(model, config, path)
     assert not [str(w.message) for w in caught]  # the exporter's notes are noise to whoever exports
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
     assert path.stat().st_size < 1.05 * weight_bytes
@@ -151,8 +175,18 @@ def test_evaluate_counts_and_names_a_missing_shard(runs, small_shards, tmp_path,
 def test_evaluate_says_when_it_cannot_check_the_class_names(small_shards, tmp_path, caplog):
     """A run started elsewhere stores a data.train relative to there: only the class count can be checked."""
     with caplog.at_level(logging.WARNING):
-        evaluate._check_classes(10, "runs/elsewhere/train", "the run", small_shards["val"], None)
+        assert evaluate.head_mismatch(10, "runs/elsewhere/train", "the run", small_shards["val"]) == ""
     assert "the training shards runs/elsewhere/train cannot be read from here" in caplog.text
+
+
+def test_fewshot_on_data_of_other_classes_leaves_out_the_heads_top1(runs, small_shards, capsys, caplog):
+    """The paper's few-shot transfer: a linear probe on a downstream set whose classes the head never saw."""
+    other = small_shards["val_reversed"]  # the classes in another order: the head's top-1 would be meaningless
+    with caplog.at_level(logging.WARNING):
+        assert evaluate.main([str(runs["pretrain"]), f"data={other}", "--fewshot-train", other]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "top1" not in printed and 0 <= printed["fewshot_5shot_top1"] <= 1
+    assert "labels its samples by other classes than" in caplog.text and "only the few-shot accuracy" in caplog.text
 
 
 @pytest.mark.parametrize("spec", ["folder", "braces"])

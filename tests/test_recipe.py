@@ -43,9 +43,11 @@ def test_base_chain_and_overrides(root, tmp_path):
 
 
 def test_numbers_without_a_dot_and_dotted_keys(tmp_path):
-    path = write(tmp_path / "r.yaml", "optim.lr: 3e-4\nschedule: {total_steps: 1_000}\n")
-    config = recipe.load(path, ["optim.weight_decay=1e-2"])
+    path = write(tmp_path / "r.yaml", "optim.lr: 3e-4\nschedule: {total_steps: 1_000, warmup_steps: 1e2}\n")
+    config = recipe.load(path, ["optim.weight_decay=1e-2", "checkpoint.every=2.0e+3"])
     assert config.optim.lr == 3e-4 and config.schedule.total_steps == 1000 and config.optim.weight_decay == 0.01
+    assert config.schedule.warmup_steps == 100 and config.checkpoint.every == 2000
+    assert all(type(v) is int for v in (config.schedule.warmup_steps, config.checkpoint.every))
 
 
 def test_resolved_recipe_round_trips(root, tmp_path):
@@ -77,6 +79,9 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["data.workers=-1"], "command line: 'data.workers' must be at least 0, got -1"),
         ("model: [unclosed\n", [], "r.yaml: not valid YAML at line 2"),
         ("- a\n- b\n", [], "r.yaml: a recipe is a mapping of keys to values, not a list"),
+        ("model:\n  name: vit_b16\nmodel:\n  name: vit_l16\n", [],
+         "r.yaml: not valid YAML at line 3 ('model' is given twice in one mapping)"),
+        ("seed: 1e100x\n", [], "r.yaml: 'seed' must be an integer, got '1e100x'"),
     ],
 )
 def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):

@@ -49,3 +49,23 @@ def test_help_recipe_lists_documented_keys(capsys):
     assert main(["--help-recipe"]) == 0
     out = capsys.readouterr().out
     assert "optim.weight_decay" in out and "on weight matrices only" in out
+
+
+LOUD = """
+import sys
+from pretrain.cli import command
+
+@command
+def main(argv):
+    for i in range(200_000):  # far more than a pipe holds
+        print(f"line {i}")
+
+sys.exit(main(None))
+"""
+
+
+def test_a_reader_that_stops_early_ends_a_command_quietly(root):
+    """`python -m pretrain.evaluate ... | head`: the closed pipe ends the command without a traceback."""
+    result = subprocess.run(f"{sys.executable} -c '{LOUD}' | head -n 2", shell=True, cwd=root, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout == "line 0\nline 1\n" and result.stderr == ""

@@ -40,6 +40,20 @@ def pod_run_dir(run_dir: str) -> PurePosixPath:
     return path
 
 
+def unreachable_data(config) -> list[str]:
+    """Warnings for the recipe's local data paths that are not on the runs volume: the pods would read them from
+    the image, where shards are rarely put."""
+    lines = []
+    for key in ("train", "val", "fewshot_train"):
+        value = getattr(config.data, key)
+        path = WORKDIR / value
+        if value and "://" not in value and path != RUNS_MOUNT and RUNS_MOUNT not in path.parents:
+            lines.append(f"data.{key} {value} is read in the pods as {path}, which is not on the runs volume "
+                         f"(mounted at {RUNS_MOUNT}); unless the image holds it, give a bucket URL (gs://...) or a "
+                         f"path under runs/")
+    return lines
+
+
 def tpu_hosts(topology: str, chips_per_host: int) -> int:
     """TPU VM hosts of a slice: 2x2x4 chips at 4 chips a host are 4 hosts."""
     if not re.fullmatch(r"\d+(x\d+)+", topology):

@@ -61,14 +61,17 @@ _CONFIG_DEFAULTS = {
 }
 
 
-def to_hf(model: VisionTransformer, folder: str | Path, id2label: dict[int, str] | None = None) -> Path:
+def to_hf(model: VisionTransformer, folder: str | Path, id2label: dict[int, str] | None = None,
+          multi_label: bool = False) -> Path:
     """Write ``model`` as a transformers folder that ``from_pretrained`` loads; returns the folder.
 
     A fine-tuned model (head 'linear') becomes ``ViTForImageClassification`` labelled by
-    ``id2label`` (default 'LABEL_i'). A pre-training model (head 'prelogits') becomes ``ViTModel``
-    with its pre-logits as the pooler, so ``pooler_output`` is our ``representation()``; its
-    classifier has no place in HF and is left out, with a warning. A head 'linear' model without
-    classes also becomes ``ViTModel``, whose pooler transformers then initialises at random.
+    ``id2label`` (default 'LABEL_i'); ``multi_label`` (trained with a sigmoid loss) tells transformers
+    so, and then its pipeline scores each class by a sigmoid and its fine-tuning uses BCE, not softmax.
+    A pre-training model (head 'prelogits') becomes ``ViTModel`` with its pre-logits as the pooler, so
+    ``pooler_output`` is our ``representation()``; its classifier has no place in HF and is left out, with a
+    warning. A head 'linear' model without classes also becomes ``ViTModel``, whose pooler transformers then
+    initialises at random.
     """
     _check_exportable(model)
     classifier = model.head_type == "linear" and model.num_classes > 0
@@ -87,9 +90,9 @@ def to_hf(model: VisionTransformer, folder: str | Path, id2label: dict[int, str]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = _hf_config(model, classifier, id2label)
+    config = _hf_config(model, classifier, id2label, multi_label)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model), indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model), indent=2) + "\n")
     return folder
 
 
@@ -184,7 +187,7 @@ def _check_exportable(model: VisionTransformer) -> None:
                         "[CLS] token; export it to ONNX instead")
 
 
-def _hf_config(model: VisionTransformer, classifier: bool, id2label: dict[int, str] | None) -> dict:
+def _hf_config(model: VisionTransformer, classifier: bool, id2label: dict[int, str] | None, multi_label: bool) -> dict:
     width, depth, heads, mlp_dim = model.size
     config = {
         "architectures": ["ViTForImageClassification" if classifier else "ViTModel"],
@@ -213,10 +216,11 @@ def _hf_config(model: VisionTransformer, classifier: bool, id2label: dict[int, s
                             f"give one label for each class index 0..{model.num_classes - 1}")
         config["id2label"] = {str(i): labels[i] for i in range(model.num_classes)}
         config["label2id"] = {labels[i]: i for i in range(model.num_classes)}
+        config["problem_type"] = "multi_label_classification" if multi_label else "single_label_classification"
     return config
 
 
-def _preprocessor_config(model: VisionTransformer) -> dict:
+def preprocessor_config(model: VisionTransformer) -> dict:
     """What ``pretrain.evaluate`` does to an image, as an image processor: the shorter side resized to size / 0.875,
     the centre crop, then [0, 1] -> mean 0.5, std 0.5. ``ViTImageProcessor`` only resizes to a square; BiT's
     processor (loaded by ``AutoImageProcessor`` and the pipelines for any model type) crops."""

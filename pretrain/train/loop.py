@@ -7,6 +7,7 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -111,15 +112,24 @@ def continue_checkpoint(config: Config, found: Path) -> str:
     return f"; settings changed since it was written: {listed}{unused}"
 
 
-def start_from_pretrained(model: VisionTransformer, config: Config) -> None:
+def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     """The paper's fine-tuning start: pre-trained encoder, pre-logits dropped, a zero-initialised linear
-    head, position embeddings resampled to the new grid."""
+    head, position embeddings resampled to the new grid. Returns a line saying so."""
     if not config.init_from:
         raise UserError("stage: finetune needs init_from: a pre-training run directory, checkpoint, HF folder or weights file")
     if config.model.head != "linear":
         raise UserError("stage: finetune trains a zero-initialised linear head on the pre-logits-free encoder; set model.head=linear")
-    load_into(model, checkpoint.init_weights(config.init_from), interp=config.model.posemb_interp,
-              align_corners=config.model.posemb_align_corners, drop_heads=True)
+    weights = checkpoint.init_weights(config.init_from)
+    tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
+    load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
+              drop_heads=True)
+    line = (f"fine-tuning from {config.init_from}: its encoder, without its heads; a zero-initialised "
+            f"{config.model.num_classes}-class head")
+    side = math.isqrt(tokens)
+    if tokens and (side, side) != model.grid:
+        line += (f"; position embeddings resampled from its {side}x{side} grid to {model.grid[0]}x{model.grid[1]} "
+                 f"({config.model.posemb_interp})")
+    return line
 
 
 def compile_in_place(model: VisionTransformer, config: Config) -> None:
@@ -154,7 +164,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.train_set = shards.resolve(config.data.train)
         self._check_classes()
-        self._check_evals()
+        self._check_settings()
         torch.manual_seed(config.seed)
         head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
         model = build_model(config.model, head_bias=head_bias)
@@ -162,7 +172,9 @@ class Trainer:
         found = resume_point(config)
         changed = continue_checkpoint(config, found) if found is not None else ""
         if found is None and config.stage == "finetune":
-            start_from_pretrained(model, config)
+            started = start_from_pretrained(model, config)
+            if self.backend.is_main:
+                print(started, flush=True)
         self.micro = micro_batch(config, self.backend.world)
         use_float8(model, config, self.backend.device, self.micro)
         fp8_eager = config.precision == "float8" and not config.compile and self.backend.device.type == "cuda"
@@ -201,8 +213,19 @@ class Trainer:
         self.metrics = Metrics(self.run_dir, self.backend.is_main, self.step, config.schedule.total_steps,
                                self.train_flops, self.backend.device)
 
-    def _check_evals(self) -> None:
-        data, log = self.config.data, self.config.log
+    def _check_settings(self) -> None:
+        cfg = self.config
+        if not cfg.run_dir:
+            raise UserError("run_dir is empty; give the folder the run writes its checkpoints, config.yaml and "
+                            "TensorBoard events to, e.g. run_dir=runs/my_run")
+        if cfg.init_from and cfg.stage != "finetune":
+            raise UserError(f"init_from={cfg.init_from} is read by stage: finetune only (its encoder, new heads); set "
+                            f"stage=finetune, or to continue a pre-training run set checkpoint.resume={cfg.init_from}")
+        if cfg.schedule.warmup_steps >= cfg.schedule.total_steps and self.backend.is_main:
+            print(f"warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is not below schedule.total_steps "
+                  f"{cfg.schedule.total_steps}, so the learning rate never reaches optim.lr; lower the warm-up",
+                  flush=True)
+        data, log = cfg.data, cfg.log
         if log.fewshot_every and not data.val:
             raise UserError("log.fewshot_every needs data.val (the few-shot test set); set data.val=SHARDS or log.fewshot_every=0")
 
@@ -345,7 +368,7 @@ class Trainer:
 
 def finished(config: Config) -> str:
     """Why rerunning the command of a run that reached schedule.total_steps does nothing, or '' if it did not."""
-    found = resume_point(config) if config.checkpoint.resume == "auto" else None
+    found = resume_point(config) if config.checkpoint.resume == "auto" and config.run_dir else None
     step = int(found.name[len("step_"):]) if found is not None else 0
     if found is None or step < config.schedule.total_steps:
         return ""

@@ -12,11 +12,12 @@ import time
 from collections import Counter
 
 import fsspec
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from corpus import CLASSES, i21k_tars, image_folder, image_list
+from corpus import CLASSES, i21k_tars, image_bytes, image_folder, image_list
 from data_tools import manifest as mf
 from data_tools.shard import main
 from data_tools.storage import register_webdataset_schemes
@@ -58,6 +59,26 @@ def test_image_folder(tmp_path, capsys):
     sample = samples[f"{CLASSES[2]}/{CLASSES[2]}_1"]
     assert sample["jpg"] == (tmp_path / "src" / CLASSES[2] / f"{CLASSES[2]}_1.JPEG").read_bytes()
     assert "png" in samples[f"{CLASSES[2]}/{CLASSES[2]}_0"]
+
+
+def test_linked_folders_in_a_class_are_read_once(tmp_path):
+    """As torchvision's ImageFolder: a class's linked sub-folder is read; a link back up the tree is not a loop, and
+    a broken link is a counted skip."""
+    good = image_folder(tmp_path / "src", per_class=3)
+    (tmp_path / "more").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        (tmp_path / "more" / f"extra_{i}.jpg").write_bytes(image_bytes(rng))
+        good[f"{CLASSES[0]}/linked/extra_{i}"] = 0
+    (tmp_path / "src" / CLASSES[0] / "linked").symlink_to(tmp_path / "more")
+    (tmp_path / "src" / CLASSES[0] / "loop").symlink_to(tmp_path / "src" / CLASSES[0])
+    (tmp_path / "src" / CLASSES[2] / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "src"), str(out), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(out))
+    assert {k: labels_of(s)[0] for k, s in samples.items()} == good
+    report = [json.loads(line)["key"] for line in (out / mf.REPORT).read_text().splitlines()]
+    assert sorted(report) == [f"{CLASSES[0]}/notes", f"{CLASSES[1]}/cut", f"{CLASSES[2]}/gone"]
 
 
 def test_imagenet21k_tar_of_tars(tmp_path):
@@ -155,7 +176,7 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_output_is_never_overwritten(tmp_path, capsys):
+def test_output_is_never_overwritten(tmp_path, capsys, monkeypatch):
     image_folder(tmp_path / "src", per_class=3)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "precious.txt").write_text("keep me")
@@ -166,7 +187,8 @@ def test_output_is_never_overwritten(tmp_path, capsys):
     assert "precious.txt is a file; give the folder" in capsys.readouterr().err
     out = str(tmp_path / "out")
     assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
-    assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
+    monkeypatch.chdir(tmp_path)  # the same source, spelled another way
+    assert main(["src/", out, "--workers", "1"]) == 0
     assert "already holds this run" in capsys.readouterr().out
     assert main([str(tmp_path / "src"), out, "--workers", "1", "--seed", "1"]) == 2
     assert "already holds the shards of another command (--seed 0 there, 1 here)" in capsys.readouterr().err

@@ -132,6 +132,11 @@ def test_a_folder_without_a_manifest_is_one_sentence_and_exit_2(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"error: no manifest.json in {tmp_path}; ") and err.count("\n") == 1
     assert "Traceback" not in err
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    assert main([str(tmp_path / "images")]) == 2
+    images = tmp_path / "images"
+    assert capsys.readouterr().err == (f"error: {images} holds folders, not shards; if it is an image folder, shard "
+                                       f"it first: python -m data_tools.shard {images} OUTPUT\n")
 
 
 @pytest.fixture

@@ -119,6 +119,18 @@ def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
     assert objects["Service/vit-b16-i21k-tensorboard"]["spec"]["ports"][0]["port"] == 6006
 
 
+def test_data_the_pods_cannot_see_is_named(capsys):
+    """The recipes' shards/... paths are relative: in a pod they are in the image, not on the runs volume."""
+    assert submit.main(["k8s", *VARIANTS["gpu"], "--image", IMAGE, "--dry-run"]) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == ["warning: data.train shards/imagenet21k is read in the pods as /workspace/shards/imagenet21k, "
+                        "which is not on the runs volume (mounted at /workspace/runs); unless the image holds it, give "
+                        "a bucket URL (gs://...) or a path under runs/"]
+    assert submit.main(["k8s", *VARIANTS["gpu"], "data.train=gs://bucket/i21k", "data.val=runs/shards/val",
+                        "--image", IMAGE, "--dry-run"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
     objects = by_kind(dry_run(capsys, VARIANTS["tpu"]))
     pod = objects["Job/vit-h14-jft"]["spec"]["template"]["spec"]

@@ -179,7 +179,9 @@ def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
 def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
     assert submit_main(["slurm", "recipes/vit_b16_i21k.yaml", "--nodes", "4", "--partition", "gpu", "--time",
                         "24:00:00", "--grace-seconds", "300", "--dry-run"]) == 0
-    script = capsys.readouterr().out
+    script, note = capsys.readouterr()
+    assert "dry run: nothing was written or submitted; without --dry-run, " in note
+    assert not (ROOT / "runs/vit_b16_i21k/job").exists()
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=104", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"]:

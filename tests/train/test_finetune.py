@@ -37,6 +37,8 @@ def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretr
                  f"data.train={small_shards['train']}", f"data.val={small_shards['val']}", "schedule.total_steps=150",
                  "data.batch_size=32", "model.name=vit_mu8")
     assert result.returncode == 0, result.stderr
+    assert (f"fine-tuning from {pretrained}: its encoder, without its heads; a zero-initialised 10-class head; "
+            f"position embeddings resampled from its 4x4 grid to 6x6 (bilinear)") in result.stdout
     first, last = evals(tmp_path)[0], evals(tmp_path)[-1]
     assert first["step"] == 0 and first["loss"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-5)
     assert first["top1"] == pytest.approx(0.1)  # all logits 0: top-1 is class 0, a tenth of the eval set
@@ -95,6 +97,11 @@ def test_finetune_needs_a_start(small_shards, tmp_path):
     result = run("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}",
                  f"data.train={small_shards['train']}", f"data.val={small_shards['val']}")
     assert result.returncode == 2 and "does not exist" in result.stderr
+    result = run("recipes/demo.yaml", f"init_from={tmp_path}", f"run_dir={tmp_path}",
+                 f"data.train={small_shards['train']}")
+    assert result.returncode == 2 and f"init_from={tmp_path} is read by stage: finetune only" in result.stderr
+    result = run("recipes/demo.yaml", "run_dir=", f"data.train={small_shards['train']}")
+    assert result.returncode == 2 and "run_dir is empty" in result.stderr
 
 
 def test_the_hybrid_finetunes_at_a_larger_grid(small_shards, tmp_path):
