@@ -181,7 +181,8 @@ def _aliases(classic: str) -> tuple[str, ...]:
 def _check_exportable(model: VisionTransformer) -> None:
     if not isinstance(model.patch_embed, PatchEmbed):
         raise UserError(f"{model_name(model)} is a ResNet hybrid, which transformers 5 no longer has (ViTHybrid "
-                        "was removed); export it to ONNX, or hand its state dict to timm (vit_base_r50_s16_*)")
+                        "was removed); export it to ONNX, or load its state dict into a timm hybrid of the same size "
+                        "(for R50 + ViT-B/16, vit_base_r50_s16_*)")
     if model.pool != "cls":
         raise UserError(f"{model_name(model)} averages its tokens (pool 'gap'), but transformers' ViT reads the "
                         "[CLS] token; export it to ONNX instead")

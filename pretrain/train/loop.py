@@ -162,9 +162,9 @@ class Trainer:
         self.backend = backend or create_backend(config)
         recipe.anchor_data_paths(config)
         self.run_dir = Path(config.run_dir)
+        self._check_settings()
         self.train_set = shards.resolve(config.data.train)
         self._check_classes()
-        self._check_settings()
         torch.manual_seed(config.seed)
         head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
         model = build_model(config.model, head_bias=head_bias)
