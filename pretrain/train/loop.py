@@ -374,7 +374,7 @@ def finished(config: Config) -> str:
         return ""
     return (f"{config.run_dir} is complete (its checkpoint is at step {step}, schedule.total_steps is "
             f"{config.schedule.total_steps}); nothing was changed. Raise schedule.total_steps to train on, evaluate it "
-            f"with python -m pretrain.evaluate {config.run_dir}, or give another run_dir to start over")
+            f"with python -m pretrain.evaluate {config.run_dir} data=SHARDS, or give another run_dir to start over")
 
 
 def train(config: Config) -> dict[str, float]:
