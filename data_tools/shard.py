@@ -203,8 +203,8 @@ def shard(args: argparse.Namespace) -> Manifest:
     shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
     names = [shard_name(args.name, i) for i in range(len(shards))]
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
-    options_run = {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}
-    run = {"source": Location(args.source).canonical, "options": options_run}
+    run = {"source": Location(args.source).canonical,
+           "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
     done = check_output(out, run)
     if done is not None:
         print(f"{out.url} already holds this run: {len(done.shards)} shards, {done.num_samples} samples; nothing to do")

@@ -39,8 +39,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def keep_rows_through(path: Path, step: int) -> None:
-    """Rewrites metrics.jsonl (atomically) without the rows logged after ``step``, or any row at step 0; a line cut
-    short by a kill goes too."""
+    """Rewrites metrics.jsonl (atomically) without the rows logged after ``step`` (all of them for step 0, a run
+    that starts over); a line cut short by a kill goes too."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
