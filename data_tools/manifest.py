@@ -97,6 +97,14 @@ def load(url: str) -> tuple[Location, Manifest]:
     else:
         name = MANIFEST
     where = Location(url)
+    try:
+        return _load(where, name)
+    except OSError as e:  # unreachable (no network, a stopped emulator), no permission
+        raise UserError(f"{where.url_of(name)} cannot be read ({type(e).__name__}: {e}); check the address, the "
+                        f"network and the credentials") from None
+
+
+def _load(where: Location, name: str) -> tuple[Location, Manifest]:
     if not where.exists(name):
         if not where.fs.exists(where.root):
             raise UserError(f"{where.url} does not exist; give the OUTPUT folder of python -m data_tools.shard")

@@ -10,14 +10,17 @@ command again: finished shards are kept after their sha256 is checked, the rest 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import multiprocessing
 import queue
 import re
+import signal
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 import numpy as np
@@ -56,7 +59,7 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
     index = {name: label for label, name in enumerate(classes)}
     labels = [index[stem] for stem in stems]
     items, refused = [], []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(workers) as pool:
         listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
         for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
@@ -67,10 +70,11 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
 def plan(items: list[Item], seed: int, shard_samples: int, shard_bytes: int) -> list[list[Item]]:
     """Shuffle with the seed (a class never sits in one shard), then cut by sample count or size."""
     ordered = sorted(items, key=lambda it: it.key)
-    keys = [it.key for it in ordered]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k, n in Counter(keys).items() if n > 1)
-        raise UserError(f"two images of the corpus map to the same sample key '{dup}'; rename one of them")
+    twins = next(((a, b) for a, b in zip(ordered, ordered[1:]) if a.key == b.key), None)
+    if twins:
+        raise UserError(f"{twins[0].where} and {twins[1].where} make the same sample key '{twins[0].key}' (a key "
+                        f"drops the extension and folders inside a tar, and turns dots and spaces into _); rename or "
+                        f"remove one")
     shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     shards, current, size = [], [], 0
     for item in shuffled:
@@ -138,6 +142,20 @@ _progress_queue = None
 def _init_worker(q) -> None:
     global _progress_queue
     _progress_queue = q
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, progress=None) -> Iterator[ProcessPoolExecutor]:
+    """Spawned processes (fork is unsafe with fsspec's async clients). On Ctrl-C the tasks they are on finish and
+    the rest are not started."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
+        try:
+            yield pool
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _report(samples: int, nbytes: int) -> None:
@@ -167,9 +185,8 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
             for name, items in todo:
                 records.append(finish(write_shard(out.url, name, items, options, advance)))
             return records
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe with fsspec's async clients
-        progress = ctx.Manager().Queue()
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
+        progress = multiprocessing.get_context("spawn").Manager().Queue()
+        with worker_pool(workers, progress) as pool:
             pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -254,7 +271,7 @@ def tool_version() -> str:
         return "source"
 
 
-@command
+@command(interrupted="interrupted; the finished shards are kept, and the same command carries on from them")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[1])
     p.add_argument("source", help="ImageFolder tree, folder of per-class .tar files, or image list (.csv / .jsonl)")

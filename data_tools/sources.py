@@ -86,8 +86,22 @@ def read_classes(spec: str) -> list[str]:
         return classes
     if not fs.isfile(path):
         raise UserError(f"--classes {spec} does not exist; give a file with one class name per line or a shard set")
-    with fs.open(path, "rt") as f:
-        return [c.strip() for c in f.read().splitlines() if c.strip()]
+    classes, lines = [], {}
+    for lineno, line in enumerate(read_lines(fs, path), 1):
+        name = line.strip()
+        if name in lines:
+            raise UserError(f"--classes {spec} names '{name}' twice (lines {lines[name]} and {lineno}); a label is "
+                            f"the index of its class, so list each class once")
+        if name:
+            classes.append(name)
+            lines[name] = lineno
+    return classes
+
+
+def read_lines(fs: AbstractFileSystem, path: str) -> list[str]:
+    """A text file's lines, without the byte-order mark that Excel and Notepad write at the start of UTF-8."""
+    with fs.open(path, "rt", encoding="utf-8-sig") as f:
+        return f.read().splitlines()
 
 
 def fixed_labels(found: list[str], classes: list[str] | None, classes_spec: str | None, what: str) -> list[str]:
@@ -147,10 +161,17 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
     items, refused = [], []
     with fs.open(path, "rb") as f:
         try:
-            members = tarfile.open(fileobj=f, mode="r:").getmembers()
+            tar = tarfile.open(fileobj=f, mode="r:")
         except (tarfile.TarError, EOFError) as e:
             return [], [{"source": tar_url, "reason": f"unreadable tar ({e})"}]
-    for m in members:
+        try:
+            while tar.next() is not None:
+                pass
+        except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged: keep the members before it
+            n = len(tar.members)
+            kept = f"the {n} members before the damage are read" if n else "no member is readable"
+            refused.append({"source": tar_url, "reason": f"the rest of the tar is unreadable ({e}); {kept}"})
+    for m in tar.members:
         where = f"{tar_url}:{m.name}"
         if m.name.startswith("/") or ".." in m.name.split("/"):
             refused.append({"source": where, "reason": "refused: absolute path or '..' in a tar member name"})
@@ -177,8 +198,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     if not classes_file:
         raise UserError(f"{source} is an image list; pass --classes FILE with one class name per line")
     fs, list_path = url_to_fs(source)
-    with fs.open(list_path, "rt") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(fs, list_path)
     classes = read_classes(classes_file)
     index = {c: i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)
@@ -199,10 +219,15 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         if "://" in path:
             key, resolved = sample_key(path.split("://", 1)[1].split("/", 1)[-1]), path
         else:
+            path = posixpath.normpath(path)  # ./a.jpg is a.jpg
             key, resolved = sample_key(path), path if path.startswith("/") else folder.url_of(path)
         if key in seen:
-            raise UserError(f"{source} lines {seen[key]} and {lineno} name the same image '{path}'; remove one")
-        seen[key] = lineno
+            first, before = seen[key]
+            if before == path:
+                raise UserError(f"{source} lines {first} and {lineno} name the same image '{path}'; remove one")
+            raise UserError(f"{source} lines {first} and {lineno}: '{before}' and '{path}' make the same sample key "
+                            f"'{key}' (a key drops the extension and turns dots and spaces into _); rename one")
+        seen[key] = lineno, path
         items.append(Item(key, resolved, ids, -1))
     return Corpus("list", classes, True, _with_sizes(items))
 

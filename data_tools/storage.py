@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import posixpath
 from collections.abc import Iterator
@@ -14,6 +15,10 @@ from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
 
 from pretrain.errors import UserError
+
+# gcsfs logs each request that ran out of retries with its traceback, then raises; the error it raises is what the
+# commands report, in one sentence.
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 class Location:

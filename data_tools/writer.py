@@ -21,11 +21,13 @@ from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 from PIL import Image, UnidentifiedImageError
 
-from .pixels import to_rgb
+from .pixels import to_rgb, upright_size
 from .sources import Item
 from .storage import Location
 
-FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+# MPO: the JPEG of a phone or a stereo camera with further pictures appended, which every JPEG decoder reads as its
+# first picture.
+FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,11 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
 
 
 def _resized(img: Image.Image, short: int, quality: int) -> bytes:
-    scale = short / min(img.size)
+    width, height = upright_size(img)
+    scale = short / min(width, height)
     if scale < 1:
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img.draft("RGB", size)  # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale first
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        img.draft("RGB", size if img.size == (width, height) else size[::-1])  # JPEG: libjpeg decodes at 1/2-1/8 first
         img = to_rgb(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     to_rgb(img).save(out, "JPEG", quality=quality)

@@ -18,8 +18,12 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wraps a command's ``main(argv)``: a ``UserError`` becomes ``error: ...`` on stderr and exit code 2."""
+def command(main: Callable[[list[str] | None], int | None] | None = None, *, interrupted: str = "interrupted"):
+    """Wraps a command's ``main(argv)``: a ``UserError`` becomes ``error: ...`` on stderr and exit code 2, Ctrl-C
+    the line ``interrupted`` (what is kept and how to go on) and exit code 130. ``@command`` or
+    ``@command(interrupted=...)``."""
+    if main is None:
+        return functools.partial(command, interrupted=interrupted)
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
@@ -28,6 +32,9 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(interrupted, file=sys.stderr)
+            return 130
         except BrokenPipeError:  # the reader stopped early (| head): stop quietly, as the shell's own tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
             return 1

@@ -48,7 +48,8 @@ def si(x: float) -> str:
     return f"{x:.3g} "
 
 
-@command
+@command(interrupted="interrupted; the same command resumes from the newest checkpoint (stop with SIGTERM or "
+                     "SIGUSR1 to have one written first)")
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m pretrain.run", description=__doc__.split("\n\n")[1])
     parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/vit_b16_i21k.yaml")

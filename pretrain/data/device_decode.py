@@ -4,8 +4,9 @@ For when the CPUs cannot keep up with the accelerator: a worker opens each image
 crop and flip exactly as the host path does (``transforms.crop_params``, same seed), and passes on the JPEG bytes
 with them. A thread of the training process (``DeviceDecoded``) decodes the next batch at once
 (``torchvision.io.decode_jpeg``: nvJPEG on a GPU) and crops, resizes (bilinear, antialiased) and flips there while
-the current batch trains. Images the device decoder does not take (PNG and other formats, CMYK JPEGs) are decoded
-and cropped by the worker, as on the host path.
+the current batch trains. Images the device decoder does not take (PNG and other formats, CMYK JPEGs) and JPEGs
+stored turned (an EXIF orientation, which nvJPEG does not apply) are decoded and cropped by the worker, as on the
+host path.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 from torch.nn.functional import interpolate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
+
+from data_tools.pixels import orientation
 
 from .transforms import BadSample, Crop, crop_params, decode, open_sample, train_view
 
@@ -46,7 +49,7 @@ class JpegBatch:
         """Take one sample; its label ids. BadSample if it has no readable image or label."""
         img, data, labels = open_sample(sample)
         row = len(self)
-        if img.format == "JPEG" and img.mode in DEVICE_MODES:
+        if img.format == "JPEG" and img.mode in DEVICE_MODES and orientation(img) == 1:
             self.jpegs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             self.crops.append(crop_params(img, self.min_scale, seed))
             self.jpeg_rows.append(row)

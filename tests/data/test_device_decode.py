@@ -77,6 +77,22 @@ def test_images_the_device_decoder_does_not_take_are_decoded_in_the_worker(mixed
     assert torch.equal(views[4], views[0]), "the undecodable JPEG's row is another view of the batch"
 
 
+def test_a_jpeg_stored_turned_is_decoded_upright_in_the_worker():
+    """nvJPEG does not apply the EXIF orientation, so the worker decodes such a JPEG, upright, as the host path does."""
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", exif=exif.tobytes())
+    sample = {"__key__": "portrait", "jpg": buffer.getvalue(), "cls": b"0"}
+    device, host = JpegBatch(SIZE, MIN_SCALE), HostBatch(SIZE, MIN_SCALE)
+    device.add(sample, [0, 1])
+    host.add(sample, [0, 1])
+    batch = device.take()
+    assert batch["jpeg_rows"].tolist() == [] and batch["host_rows"].tolist() == [0]
+    assert torch.equal(device_views(batch, SIZE, CPU)[0], host.take()["image"])
+
+
 def test_a_batch_of_only_undecodable_jpegs_gives_zeros_and_counts_them(mixed):
     device = JpegBatch(SIZE, MIN_SCALE)
     device.add(mixed[4], [0, 4])

@@ -382,6 +382,14 @@ def test_a_missing_shard_set_is_a_user_error_naming_the_key(tmp_path, spec):
         resolve(str(tmp_path / spec) if spec else "")
 
 
+def test_a_manifest_that_cannot_be_read_is_one_sentence(tmp_path):
+    """What the file system raises (here reading a folder; on gs:// a host that does not answer) names the
+    manifest, where it was a traceback."""
+    (tmp_path / "manifest.json").mkdir()
+    with pytest.raises(UserError, match=r"data.val: .*manifest.json cannot be read \(IsADirectoryError"):
+        resolve(str(tmp_path), "data.val")
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
     """PIL's own convert("RGB") clips 16-bit values (mode I;16 from PNG, I from TIFF) to white; they are scaled
@@ -393,3 +401,32 @@ def test_a_16_bit_greyscale_image_keeps_its_greys(fmt):
     rgb = np.asarray(decode(Image.open(io.BytesIO(buffer.getvalue()))))
     assert rgb.shape == (32, 32, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
     assert abs(rgb.mean() - 127.5) < 1
+
+
+def test_a_dark_16_bit_image_stays_dark():
+    """Scaled by the bit depth, not by the brightest pixel (255 of 65535 is near black, not white)."""
+    for value, grey in ((255, 0), (256, 1), (65535, 255)):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(buffer, "PNG")
+        assert np.asarray(decode(Image.open(io.BytesIO(buffer.getvalue()))))[0, 0].tolist() == [grey] * 3, value
+
+
+def turned_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
+    """A JPEG stored as the camera's sensor saw it, with the EXIF orientation that says how to show it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation, upright", [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                                  (8, lambda a: np.rot90(a, 1))])
+def test_a_photo_stored_turned_is_decoded_upright(orientation, upright):
+    """Phones store portraits sideways with an EXIF orientation; training and evaluation see them as shown (as
+    Hugging Face's load_image does), not on their side."""
+    stored = np.zeros((24, 40, 3), np.uint8)
+    stored[:8, :8] = 255  # a white corner, top left as stored
+    data = turned_jpeg(stored, orientation)
+    plain = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # the stored pixels, JPEG-rounded
+    assert np.array_equal(np.asarray(decode(Image.open(io.BytesIO(data)))), upright(plain))

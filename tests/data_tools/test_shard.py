@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,22 @@ def test_imagenet21k_tar_of_tars(tmp_path):
     assert manifest.skipped == 2
 
 
+def test_a_truncated_synset_tar_keeps_the_images_before_the_cut(tmp_path):
+    good = i21k_tars(tmp_path / "i21k")
+    tar = tmp_path / "i21k" / f"{CLASSES[1]}.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])  # a download cut short
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "i21k"), str(out), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(out))
+    kept = [k for k in samples if k.startswith(CLASSES[1])]
+    assert 3 <= len(kept) < 10 and set(kept) < {k for k, label in good.items() if label == 1}
+    reasons = [json.loads(line)["reason"] for line in (out / mf.REPORT).read_text().splitlines()]
+    cut = next(r for r in reasons if r.startswith("the rest of the tar is unreadable"))
+    read = int(re.search(r"the (\d+) members before the damage are read", cut)[1])
+    assert len(kept) in (read - 1, read)  # the last member read may itself be cut: skipped, with its own reason
+
+
 @pytest.mark.parametrize("kind", ["folder", "i21k"])
 def test_a_split_is_labelled_by_the_classes_of_another(tmp_path, kind, capsys):
     """A validation split that lacks a class would otherwise number the others differently from the training
@@ -176,6 +193,58 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_lists_from_spreadsheets_and_their_mistakes(tmp_path, capsys):
+    """A byte-order mark (Excel's "CSV UTF-8", Notepad) is not part of the first name; a class listed twice, a
+    path written twice and two paths that make one key are each one sentence."""
+    image_list(tmp_path, n=3)
+    listing, classes = tmp_path / "list.csv", tmp_path / "classes.txt"
+    listing.write_text("\ufeff" + listing.read_text(), encoding="utf-8")
+    classes.write_text("\ufeff" + classes.read_text(), encoding="utf-8")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(classes), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(tmp_path / "out"))
+    assert manifest.classes == CLASSES and len(samples) == 3 and manifest.skipped == 0
+
+    classes.write_text(f"{CLASSES[0]}\n{CLASSES[1]}\n\n{CLASSES[0]}\n")
+    assert main([str(listing), str(tmp_path / "o2"), "--classes", str(classes)]) == 2
+    assert f"names '{CLASSES[0]}' twice (lines 1 and 4)" in capsys.readouterr().err
+    classes.write_text("\n".join(CLASSES) + "\n")
+    (tmp_path / "images" / "a.b.jpg").write_bytes((tmp_path / "images" / "im0.jpg").read_bytes())
+    (tmp_path / "images" / "a_b.jpg").write_bytes((tmp_path / "images" / "im1.jpg").read_bytes())
+    for lines, said in [(["images/im0.jpg, " + CLASSES[0], "./images/im0.jpg, " + CLASSES[1]],
+                         "lines 1 and 2 name the same image 'images/im0.jpg'; remove one"),
+                        (["images/a.b.jpg, " + CLASSES[0], "images/a_b.jpg, " + CLASSES[1]],
+                         "lines 1 and 2: 'images/a.b.jpg' and 'images/a_b.jpg' make the same sample key 'images/a_b'")]:
+        listing.write_text("\n".join(lines) + "\n")
+        assert main([str(listing), str(tmp_path / "o3"), "--classes", str(classes)]) == 2
+        assert said in capsys.readouterr().err
+
+
+def test_phone_pictures_are_kept(tmp_path):
+    """A JPEG with further pictures appended (MPO: phones, stereo cameras) is a JPEG; one stored turned is kept as
+    it is (training shows it upright) and re-encoded upright with --resize-short."""
+    image_folder(tmp_path / "src", per_class=1)
+    rng = np.random.default_rng(1)
+    first, second = (Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)) for _ in range(2))
+    mpo = io.BytesIO()
+    first.save(mpo, "MPO", save_all=True, append_images=[second])
+    (tmp_path / "src" / CLASSES[2] / "phone.JPG").write_bytes(mpo.getvalue())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # show it turned a quarter clockwise: a 60x40 portrait
+    turned = io.BytesIO()
+    first.save(turned, "JPEG", exif=exif.tobytes())
+    (tmp_path / "src" / CLASSES[2] / "portrait.jpg").write_bytes(turned.getvalue())
+    for options in ([], ["--resize-short", "20"]):
+        out = tmp_path / f"out{len(options)}"
+        assert main([str(tmp_path / "src"), str(out), "--workers", "1", *options]) == 0
+        manifest, samples = read_back(str(out))
+        phone, portrait = samples[f"{CLASSES[2]}/phone"], samples[f"{CLASSES[2]}/portrait"]
+        assert labels_of(phone) == labels_of(portrait) == (2,) and "jpg" in phone
+        if options:
+            assert Image.open(io.BytesIO(portrait["jpg"])).size == (20, 30)
+        else:
+            assert phone["jpg"] == mpo.getvalue() and portrait["jpg"] == turned.getvalue()
+
+
 def test_output_is_never_overwritten(tmp_path, capsys, monkeypatch):
     image_folder(tmp_path / "src", per_class=3)
     (tmp_path / "busy").mkdir()
@@ -194,20 +263,27 @@ def test_output_is_never_overwritten(tmp_path, capsys, monkeypatch):
     assert "already holds the shards of another command (--seed 0 there, 1 here)" in capsys.readouterr().err
 
 
-def test_interrupted_run_resumes_to_the_clean_result(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
+    """Killed, or Ctrl-C in a terminal (SIGINT to the whole process group, workers included: one line, no
+    traceback)."""
     image_folder(tmp_path / "src", per_class=60)
     command = [sys.executable, "-m", "data_tools.shard", str(tmp_path / "src")]
-    options = ["--shard-samples", "6", "--workers", "1", "--check", "decode"]
+    options = ["--shard-samples", "6", "--workers", "1" if how == "SIGKILL" else "2", "--check", "decode"]
     assert subprocess.run([*command, str(tmp_path / "clean"), *options], capture_output=True).returncode == 0
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([*command, str(out), *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*command, str(out), *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.time() + 60
     while not (out / "_parts" / "train-000004.tar.json").exists() and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
     assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
+    if how == "Ctrl-C":
+        assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+        assert err.splitlines()[-1].startswith("interrupted; the finished shards are kept")
     finished = len(list((out / "_parts").glob("*.tar.json")))
     other = subprocess.run([*command, str(out), *options, "--seed", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "unfinished run of another command (--seed 0 there, 3 here)" in other.stderr
