@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,34 @@ def test_a_process_whose_workers_are_still_running_exits(urls):
         process.kill()
         process.wait()
         pytest.fail("the process hung at exit, joining DataLoader workers that ignore SIGTERM")
+
+
+SIGNALLED_GROUP = """
+import os, signal, sys, time
+from pretrain.data.stream import TrainStream, loader
+if __name__ == "__main__":
+    batches = loader(TrainStream(sys.argv[1:], 32, 16, 0, 0, 1, 0.35), 2, pin=False)
+    next(batches)
+    caught = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+        os.killpg(0, s)
+    time.sleep(6)  # a worker whose parent died stops within 5 s (PyTorch's watchdog)
+    for _ in range(20):
+        next(batches)
+    print(len(caught), flush=True)
+"""
+
+
+def test_a_signal_to_the_whole_process_group_leaves_the_workers_serving(urls, tmp_path):
+    """Slurm and shells signal every process of a job. The training process takes SIGTERM / SIGUSR1 as the request
+    to finish its step and checkpoint, which needs batches: the workers, and the fork server they come from, ignore
+    them."""
+    (tmp_path / "signalled.py").write_text(SIGNALLED_GROUP)
+    run = subprocess.run([sys.executable, str(tmp_path / "signalled.py"), *urls], capture_output=True, text=True,
+                         timeout=60, start_new_session=True, cwd=Path(__file__).resolve().parents[2],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0 and run.stdout.split() == ["2"], run.stderr[-2000:]
 
 
 # (g) the eval stream

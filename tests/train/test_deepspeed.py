@@ -34,7 +34,8 @@ def log_then_die(self, step, scalars, prefix="train"):
     if step == {KILL_AT}:
         os.kill(os.getpid(), signal.SIGKILL)
 Metrics.log = log_then_die
-sys.exit(run.main(sys.argv[1:]))
+if __name__ == "__main__":  # the data workers' fork server imports this file
+    sys.exit(run.main(sys.argv[1:]))
 """
 
 NONFINITE = """
