@@ -188,13 +188,15 @@ class Trainer:
         self.step = 0
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
-        self.resumed_window = {"loss": 0.0, "steps": 0}
+        self.resumed_window = {"mean_loss": 0.0, "steps": 0}
         stream_state = None
         if found is not None:
             state = checkpoint.load(found, self.backend, config.model.name)
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
-            self.resumed_window = state.get("log_window", self.resumed_window)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
+            self.resumed_window = state.get("log_window", self.resumed_window)
+            if "loss" in self.resumed_window:  # written before the mean: the sum over the checkpoint's ranks
+                self.resumed_window["mean_loss"] = self.resumed_window.pop("loss") / len(ranks)
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
             if self.backend.is_main:
@@ -245,8 +247,8 @@ class Trainer:
         cfg, backend = self.config, self.backend
         preemption = Preemption()
         window = new_window(backend.device)
-        if self.resumed_window["steps"]:  # the log window the checkpoint cut through
-            window["loss"] += self.resumed_window["loss"] / backend.world
+        if self.resumed_window["steps"]:  # the log window the checkpoint cut through, on any number of ranks
+            window["loss"] += self.resumed_window["mean_loss"]  # each rank's share of the sum _log divides by world
             window["steps"] = self.resumed_window["steps"]
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
@@ -357,9 +359,10 @@ class Trainer:
     def _checkpoint(self, window: dict) -> None:
         """Also the loss of the steps since the last log step, so that a resumed run logs the same means."""
         data = self.backend.gather(self.tracker.state.to_dict())
-        log_window = {"loss": 0.0, "steps": 0}
+        log_window = {"mean_loss": 0.0, "steps": 0}
         if window["steps"]:  # not at a log step: there the window is new, and under xla reading it would compile
-            log_window = {"loss": self.backend.all_reduce_sum(window["loss"].clone()).item(), "steps": window["steps"]}
+            total = self.backend.all_reduce_sum(window["loss"].clone()).item()
+            log_window = {"mean_loss": total / self.backend.world, "steps": window["steps"]}
         state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
                  "log_window": log_window}
         c = self.config.checkpoint

@@ -138,6 +138,27 @@ def test_a_checkpoint_inside_a_log_window_resumes_to_the_same_logged_means(small
     assert losses(tmp_path / "killed") == losses(tmp_path / "clean")
 
 
+def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_shards, tmp_path):
+    """The checkpoint at step 6 cuts the log window 5-8 of a 2-rank run; the run resumes on one rank (the stream
+    restarts at the next epoch). Its step-8 row must be the mean of the two ranks' steps 5-6 and its own 7-8, which
+    runs logging every 2 steps give: the same start without a cut window, then the same resumed steps."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "pretrain.run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    mean = {}
+    for every in (2, 4):
+        cut = {"schedule.total_steps": 8, "checkpoint.every": 6, "log.every": every, "data.workers": 1}
+        started = run(overrides(small_shards, tmp_path / f"two-{every}", **cut), launcher=torchrun, env=env)
+        assert started.returncode == 0, started.stderr[-3000:]
+        resumed = run(overrides(small_shards, tmp_path / f"one-{every}", **{
+            **cut, "data.allow_resharding": "true",
+            "checkpoint.resume": str(tmp_path / f"two-{every}" / "checkpoints" / "step_000000006")}))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        mean[every] = losses(tmp_path / f"one-{every}")[8]
+    steps_5_6 = losses(tmp_path / "two-2")[6]
+    assert mean[4] == pytest.approx((steps_5_6 + mean[2]) / 2, rel=1e-5)
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_shards, tmp_path):
     args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 400, "checkpoint.every": 1000})
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
