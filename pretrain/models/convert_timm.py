@@ -112,8 +112,9 @@ def load_into(
         expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIXES)}
     if ("cls_token" in state) != ("cls_token" in expected):
         has, lacks = ("has", "lacks") if "cls_token" in state else ("lacks", "has")
-        raise UserError(f"the checkpoint {has} a class token and {name} {lacks} one; build the model with the "
-                        f"checkpoint's pool ('cls' reads the class token, 'gap' averages tokens without one)")
+        pool = "cls" if "cls_token" in state else "gap"
+        raise UserError(f"the checkpoint {has} a class token and {name} {lacks} one; set model.pool={pool} ('cls' "
+                        f"reads the class token, 'gap' averages tokens without one)")
     for key, want in expected.items():
         if key not in state:
             raise UserError(f"the checkpoint lacks {key}, which {name} has{_hint(key, missing=True)}")

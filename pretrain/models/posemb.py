@@ -9,7 +9,9 @@ conventions exist and both are in use:
   and it is the default here.
 - ``align_corners=False``: each embedding is the centre of a cell covering the image, so the new
   grid samples the old one at cell centres (half-pixel convention of ``jax.image.resize`` in
-  big_vision and of timm); the outermost rows are extrapolated by clamping.
+  big_vision and of timm); the outermost rows are extrapolated by clamping. Resized as timm's
+  ``resample_abs_pos_embed`` does, antialiased whether it grows or shrinks: for bicubic that is the
+  a = -0.5 cubic of PIL and ``jax.image.resize``, not PyTorch's plain a = -0.75 one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def resample_posemb(
     """Resize ``posemb`` of shape (1, prefix + h*w, D) to (1, prefix + new_h*new_w, D).
 
     ``old_grid`` defaults to the square grid that the token count implies. Computed in float32,
-    returned in the input's dtype; shrinking uses an anti-aliasing filter.
+    returned in the input's dtype; shrinking (and any resize with ``align_corners=False``) uses an
+    anti-aliasing filter.
     """
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     n = grid.shape[1]
@@ -50,6 +53,7 @@ def resample_posemb(
     d = grid.shape[-1]
     image = grid.float().reshape(1, *old_grid, d).permute(0, 3, 1, 2)
     shrink = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
-    image = F.interpolate(image, size=tuple(new_grid), mode=mode, align_corners=align_corners, antialias=shrink)
+    antialias = shrink or not align_corners
+    image = F.interpolate(image, size=tuple(new_grid), mode=mode, align_corners=align_corners, antialias=antialias)
     grid = image.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(posemb.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -338,6 +338,12 @@ def test_checkpoint_of_another_size_names_key_and_shapes():
     assert expected in str(e.value)
 
 
+@pytest.mark.parametrize("checkpoint_pool, model_pool", [("cls", "gap"), ("gap", "cls")])
+def test_weights_of_another_pool_name_the_recipe_setting(checkpoint_pool, model_pool):
+    with pytest.raises(UserError, match=f"set model.pool={checkpoint_pool} "):
+        load_into(tiny(pool=model_pool), tiny(pool=checkpoint_pool).state_dict())
+
+
 def test_heads_are_dropped_only_when_asked():
     pretrained = randomise(tiny(head="prelogits", num_classes=10)).state_dict()
     finetune = tiny(head="linear", num_classes=5)

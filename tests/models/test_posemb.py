@@ -46,3 +46,16 @@ def test_rectangular_grids_and_errors():
         resample_posemb(posemb, (5, 5))
     with pytest.raises(ValueError, match="does not hold"):
         resample_posemb(posemb, (5, 5), old_grid=(5, 5))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("new", [(12, 12), (5, 7)])
+def test_cell_centres_resample_as_timm_does(mode, new):
+    """align_corners=false is timm's resample_abs_pos_embed, which antialiases when it enlarges too (for bicubic
+    a different kernel from PyTorch's plain one)."""
+    from timm.layers import resample_abs_pos_embed
+
+    posemb = torch.randn(1, 1 + 8 * 8, 16, generator=torch.Generator().manual_seed(0))
+    ours = resample_posemb(posemb, new, 1, mode=mode, align_corners=False)
+    assert torch.allclose(ours, resample_abs_pos_embed(posemb, list(new), num_prefix_tokens=1, interpolation=mode),
+                          atol=1e-5)
