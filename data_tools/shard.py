@@ -10,18 +10,15 @@ command again: finished shards are kept after their sha256 is checked, the rest 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import multiprocessing
 import queue
 import re
-import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +28,7 @@ from pretrain.errors import UserError
 
 from . import sources
 from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
+from .pool import ProcessPool, sigint_ignored
 from .sources import Corpus, Item
 from .storage import Location
 from .writer import Options, write_shard
@@ -59,7 +57,7 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
     index = {name: label for label, name in enumerate(classes)}
     labels = [index[stem] for stem in stems]
     items, refused = [], []
-    with worker_pool(workers) as pool:
+    with ProcessPool(workers) as pool:
         listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
         for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
@@ -142,20 +140,6 @@ _progress_queue = None
 def _init_worker(q) -> None:
     global _progress_queue
     _progress_queue = q
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int, progress=None) -> Iterator[ProcessPoolExecutor]:
-    """Spawned processes (fork is unsafe with fsspec's async clients). On Ctrl-C the tasks they are on finish and
-    the rest are not started."""
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
-        try:
-            yield pool
-        except KeyboardInterrupt:
-            pool.shutdown(cancel_futures=True)
-            raise
 
 
 def _report(samples: int, nbytes: int) -> None:
@@ -185,8 +169,9 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
             for name, items in todo:
                 records.append(finish(write_shard(out.url, name, items, options, advance)))
             return records
-        progress = multiprocessing.get_context("spawn").Manager().Queue()
-        with worker_pool(workers, progress) as pool:
+        with sigint_ignored():
+            progress = multiprocessing.get_context("spawn").Manager().Queue()
+        with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
             pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import os
 import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -28,6 +27,7 @@ from pretrain.cli import OneLineParser, command
 
 from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
 from .pixels import to_rgb
+from .pool import ProcessPool
 from .storage import Location, as_tuple
 
 MAX_LINES_PER_SHARD = 10  # a shard with a systematic fault would otherwise print one line per sample
@@ -169,8 +169,7 @@ def run_jobs(jobs: list[Job], workers: int) -> Iterator[ShardReport]:
     if workers <= 1 or len(jobs) <= 1:
         yield from map(check_shard, jobs)
         return
-    # A pool of futures, unlike multiprocessing.Pool, fails instead of hanging if a worker dies (say in a decoder).
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPool(min(workers, len(jobs))) as pool:
         for future in as_completed([pool.submit(check_shard, job) for job in jobs]):
             yield future.result()
 
