@@ -11,24 +11,26 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 
 @contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """Processes started meanwhile ignore SIGINT from their first instruction (exec keeps an ignored signal), so that
-    Ctrl-C, which a terminal sends to every process of its group, reaches this process alone."""
+def signals_ignored(*signals: signal.Signals) -> Iterator[None]:
+    """Processes started meanwhile ignore ``signals`` from their first instruction (exec keeps an ignored signal),
+    so that one sent to every process of a group (Ctrl-C's SIGINT from a terminal, Slurm's SIGUSR1) reaches this
+    process alone, which then handles it as before."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may change handlers
         yield
         return
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 class ProcessPool(ProcessPoolExecutor):
     """Spawned workers (fork does not mix with fsspec's event loops); a pool of futures, unlike multiprocessing.Pool,
     fails instead of hanging when a worker dies (say in an image decoder).
 
-    The workers start at the first submits, which run under ``sigint_ignored``. When Ctrl-C (or anything but an
+    The workers start at the first submits, which ignore SIGINT meanwhile. When Ctrl-C (or anything but an
     error) leaves the ``with`` block, the tasks the workers are on finish and the rest are not started.
     """
 
@@ -37,7 +39,7 @@ class ProcessPool(ProcessPoolExecutor):
                          initargs=initargs)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        with sigint_ignored():
+        with signals_ignored(signal.SIGINT):
             return super().submit(fn, *args, **kwargs)
 
     def __exit__(self, exc_type, exc, traceback):

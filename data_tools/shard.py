@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import queue
 import re
+import signal
 import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -28,7 +29,7 @@ from pretrain.errors import UserError
 
 from . import sources
 from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
-from .pool import ProcessPool, sigint_ignored
+from .pool import ProcessPool, signals_ignored
 from .sources import Corpus, Item
 from .storage import Location
 from .writer import Options, write_shard
@@ -169,7 +170,7 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
             for name, items in todo:
                 records.append(finish(write_shard(out.url, name, items, options, advance)))
             return records
-        with sigint_ignored():
+        with signals_ignored(signal.SIGINT):
             progress = multiprocessing.get_context("spawn").Manager().Queue()
         with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
             pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}

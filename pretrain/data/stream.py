@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_tools.pool import signals_ignored
+
 from ..errors import UserError
 from .device_decode import JpegBatch
 from .shards import ShardSet, read_shard
@@ -232,15 +234,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", __name__])
-    if threading.current_thread() is not threading.main_thread():
-        multiprocessing.forkserver.ensure_running()  # only the main thread may change signal handlers
-        return ctx
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in PREEMPTION_SIGNALS}
-    try:
+    with signals_ignored(*PREEMPTION_SIGNALS):
         multiprocessing.forkserver.ensure_running()
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return ctx
 
 
