@@ -19,8 +19,8 @@ demo: $(VENV)/.installed
 	$(PY) -m data_tools.shard $(DEMO)/images/val $(DEMO)/val --shard-samples 100 --name val --workers 2
 	$(PY) -m pretrain.run recipes/demo.yaml
 	$(PY) -m pretrain.run recipes/demo_finetune.yaml
-	$(PY) -m pretrain.export runs/demo/finetune --format hf runs/demo/hf
-	$(PY) -m pretrain.export runs/demo/finetune --format onnx runs/demo/model.onnx
+	$(PY) -m pretrain.export runs/demo/finetune --format hf runs/demo/hf --overwrite
+	$(PY) -m pretrain.export runs/demo/finetune --format onnx runs/demo/model.onnx --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

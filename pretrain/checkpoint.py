@@ -125,12 +125,15 @@ def find(path: str | Path) -> Path | None:
 DAMAGED = (OSError, json.JSONDecodeError, SafetensorError, EOFError, pickle.UnpicklingError)
 
 
-def damaged(folder: Path, e: Exception) -> UserError:
-    """One sentence for a checkpoint whose files cannot be read, naming the checkpoint before it."""
+def damaged(folder: Path, e: Exception, setting: str = "checkpoint.resume") -> UserError:
+    """One sentence for a checkpoint whose files cannot be read, naming the checkpoint before it as the value of
+    ``setting`` (checkpoint.resume to resume from it, init_from to fine-tune from it)."""
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     older = [p for p in sorted(folder.parent.glob("step_*")) if p.name < folder.name and (p / STATE).is_file()]
-    use = (f"use the one before it, {older[-1]} (to resume from it: checkpoint.resume={older[-1]})" if older
-           else "start fresh with checkpoint.resume=never")
+    if older:
+        use = f"use the one before it, {setting}={older[-1]}"
+    else:
+        use = "start fresh in a new run_dir" if setting == "checkpoint.resume" else f"give {setting} another checkpoint"
     return UserError(f"checkpoint {folder} is damaged ({type(e).__name__}: {reason}); {use}")
 
 
@@ -149,12 +152,12 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
         state = json.loads((folder / STATE).read_text())
     saved = state.get("config", {}).get("model", {}).get("name")
     if saved != model_name:
-        raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; "
-                        f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh")
+        raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; set "
+                        f"model.name={saved} to resume it, or give this recipe a run_dir of its own")
     written_by = state["config"].get("backend", "torch")  # the optimizer state's layout is the backend's own
     if written_by != backend.config.backend:
         raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "
-                        f"set backend={written_by}, or checkpoint.resume=never to start fresh")
+                        f"set backend={written_by}, or give a new run_dir to start fresh")
     try:
         backend.load(folder)
     except DAMAGED as e:
@@ -165,7 +168,7 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
             lines = lines[1:]
         first = lines[0] + (f" and {len(lines) - 1} more" if len(lines) > 1 else "")
         raise UserError(f"checkpoint {folder} does not fit this recipe's model or optimizer ({first}); "
-                        f"use a run_dir of this recipe, or checkpoint.resume=never to start fresh") from None
+                        f"resume it with the recipe it was written with, or give this recipe a run_dir of its own") from None
     rngs = state["rng"]
     if backend.rank < len(rngs):
         set_rng_state(rngs[backend.rank])
@@ -187,20 +190,43 @@ def weights_file(folder: Path) -> Path:
     return folder / "model.safetensors"
 
 
-def init_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights to start fine-tuning from: a run directory or checkpoint of ours, else any format
+def check_init_from(config: Config) -> None:
+    """Refuse, before a run starts or is queued, a fine-tune without init_from or with a local one that is missing."""
+    if config.stage != "finetune":
+        return
+    if not config.init_from:
+        raise UserError("stage: finetune needs init_from: a pre-training run directory, checkpoint, HF folder or "
+                        "weights file")
+    if "://" not in config.init_from and not os.path.exists(config.init_from):
+        raise UserError(f"init_from={config.init_from} does not exist; give a run directory, a checkpoint, an HF "
+                        f"folder or a weights file")
+
+
+def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
+    """Weights to start fine-tuning ``model_name`` from: a run directory or checkpoint of ours, else any format
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
-    found = find(path) if Path(path).is_dir() else None
-    if found is not None:
-        with readable(found):
-            return load_file(weights_file(found))
-    if not Path(path).exists():
-        raise UserError(f"init_from={path} does not exist; give a run directory, a checkpoint, an HF folder or a weights file")
-    return load_weights(path)
+    path = Path(path)
+    ours = path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
+                              or path.name.startswith("step_") or (path / STATE).is_file())
+    if not ours:
+        return load_weights(path)
+    found = find(path)
+    if found is None:
+        raise UserError(f"init_from={path} is a run of ours with no complete checkpoint yet; wait for its first "
+                        f"checkpoint, or give init_from a checkpoint that is complete (a step_* folder with {STATE})")
+    try:
+        saved = json.loads((found / STATE).read_text()).get("config", {}).get("model", {}).get("name")
+        if saved and saved != model_name:
+            raise UserError(f"init_from={path} holds a {saved} and the recipe builds {model_name}; set model.name={saved}")
+        return load_file(weights_file(found))
+    except DAMAGED as e:
+        raise damaged(found, e, "init_from") from None
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
     """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist; give a run directory or a checkpoints/step_* folder")
     found = find(path)
     if found is None:
         raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")

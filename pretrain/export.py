@@ -108,11 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=("hf", "onnx"),
                         help="hf: a transformers folder; onnx: one file")
     parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUT file, or write into a folder that is not empty")
     args = parser.parse_args(argv)
     if args.format == "hf" and args.out.exists() and not args.out.is_dir():
         raise UserError(f"{args.out} is a file; --format hf writes a folder, so give a folder's path")
     if args.format == "onnx" and args.out.is_dir():
         raise UserError(f"{args.out} is a folder; --format onnx writes one file, e.g. {args.out / 'model.onnx'}")
+    occupied = args.out.is_file() or (args.out.is_dir() and any(args.out.iterdir()))
+    if occupied and not args.overwrite:
+        what = "exists" if args.out.is_file() else "is a folder that is not empty"
+        raise UserError(f"{args.out} {what}; give a new path, or pass --overwrite to replace what export writes there")
     model, config = checkpoint.load_model(args.run)
     print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, config, args.out))
     return 0

@@ -12,11 +12,13 @@ k = min(shots, 5) folds, fold f holds out the drawn samples at positions f, f + 
 λ with the most held-out hits wins (ties: the smaller held-out squared error). One shot leaves nothing to
 hold out, so 1-shot uses ``ONE_SHOT_LAMBDA``. The paper's code (big_vision) uses one fixed λ instead.
 
-Single-process by design: it runs on the few thousand samples a few-shot evaluation needs.
+Single-process by design: it runs on the few thousand samples a few-shot evaluation needs, and reads no more of
+the training set than a prefix of shards that holds ``max(shots)`` samples of every class (``extract_features``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -38,26 +40,44 @@ MAX_FOLDS = 5
 
 @torch.no_grad()
 def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, device: torch.device | str,
-                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 on the CPU, labels (N,)) of every sample of ``spec``; the first label of a
-    multi-label sample, and samples without a label left out. ``model`` is moved to ``device``."""
+                     workers: int = 0, enough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32 on the CPU, labels (N,)) of the samples of ``spec``; the first label of a
+    multi-label sample, and samples without a label left out. ``model`` is moved to ``device``.
+
+    With ``enough`` and a manifest, only a prefix of the shards is read: 1, 2, 4, ... shards at a time, until every
+    class has ``enough`` samples or all it has (data_tools.shard shuffles samples across shards, so a prefix is a
+    random draw). The samples come in shard order, so the result depends on the shard set alone, not on ``batch``
+    or ``workers``."""
     device = torch.device(device)
     shard_set = shards.resolve(spec, "few-shot data")
-    stream = EvalStream(shard_set, image_size, batch, 0, 1)
+    need = None
+    if enough and shard_set.class_counts is not None and shard_set.counts is not None:
+        need = torch.tensor(shard_set.class_counts).clamp(max=enough)
     was_training = model.training
     model.to(device).eval()
-    feats, labels = [], []
-    for b in loader(stream, min(workers, len(shard_set.urls)), device.type == "cuda"):
-        for why in b["damaged_shards"]:
-            log.warning("%s; the few-shot probe goes on without its missing samples", why)
-        if not len(b["image"]):
-            continue
-        feats.append(model.representation(normalise(b["image"].to(device))).float().cpu())
-        labels.append(b["labels"][:, 0])
+    feats, labels, order = [], [], []
+    start, size = 0, len(shard_set.urls) if need is None else 1
+    while start < len(shard_set.urls):
+        part = dataclasses.replace(shard_set, urls=shard_set.urls[start:start + size],
+                                   counts=shard_set.counts and shard_set.counts[start:start + size])
+        stream = EvalStream(part, image_size, batch, 0, 1)
+        for b in loader(stream, min(workers, len(part.urls)), device.type == "cuda"):
+            for why in b["damaged_shards"]:
+                log.warning("%s; the few-shot probe goes on without its missing samples", why)
+            if len(b["image"]):
+                feats.append(model.representation(normalise(b["image"].to(device))).float().cpu())
+                labels.append(b["labels"][:, 0])
+                order.append(b["order"] + (start << 32))
+        start, size = start + size, 2 * size
+        if need is not None and labels:
+            first = torch.cat(labels)
+            if (torch.bincount(first[first >= 0], minlength=len(need)) >= need).all():
+                break
     model.train(was_training)
     if not feats:
         raise UserError(f"{spec} holds no readable samples; check it with python -m data_tools.verify")
-    feats, labels = torch.cat(feats), torch.cat(labels)
+    at = torch.cat(order).argsort()  # shard order, whichever worker read a sample
+    feats, labels = torch.cat(feats)[at], torch.cat(labels)[at]
     keep = labels >= 0
     return feats[keep], labels[keep]
 
@@ -134,7 +154,7 @@ def fewshot_eval(model: nn.Module, train_spec: str, val_spec: str, image_size: i
                  workers: int = 0) -> dict[str, float]:
     """``fewshot_{n}shot_top1`` and the chosen ``fewshot_{n}shot_lambda`` for every shot count ``train_spec``
     has enough samples of each class for; the others are skipped with a warning."""
-    train_feats, train_labels = extract_features(model, train_spec, image_size, batch, device, workers)
+    train_feats, train_labels = extract_features(model, train_spec, image_size, batch, device, workers, max(shots))
     test_feats, test_labels = extract_features(model, val_spec, image_size, batch, device, workers)
     usable = [n for n in shots if fits(train_labels, n)]
     if not usable:

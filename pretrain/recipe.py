@@ -66,14 +66,14 @@ def changes(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
-def anchor_data_paths(config: Config) -> None:
-    """Local data paths made absolute (from the current directory), so that the config.yaml and checkpoints of a
-    run name data that evaluate, resume and the few-shot probe find from any directory. URLs stay as given."""
-    data = config.data
-    for key in ("train", "val", "fewshot_train"):
-        value = getattr(data, key)
+def anchor_paths(config: Config) -> None:
+    """Local data paths and init_from made absolute (from the current directory), so that the config.yaml and
+    checkpoints of a run name what evaluate, resume and the few-shot probe find from any directory. URLs stay."""
+    for section, key in (("data", "train"), ("data", "val"), ("data", "fewshot_train"), (None, "init_from")):
+        owner = getattr(config, section) if section else config
+        value = getattr(owner, key)
         if value and "://" not in value:
-            setattr(data, key, os.path.abspath(value))
+            setattr(owner, key, os.path.abspath(value))
 
 
 def to_yaml(config: Config) -> str:

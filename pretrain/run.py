@@ -14,6 +14,7 @@ import torch
 from . import recipe
 from .config import Config
 from .cli import OneLineParser, command
+from .errors import UserError
 from .models.zoo import build_model, count_params, forward_flops
 
 
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(recipe.to_yaml(config), end="")
         print("\n".join("# " + line for line in summary(config).splitlines()))
+        if config.init_from:  # a warning: a dry run also shows a recipe before its start exists
+            from .checkpoint import check_init_from
+
+            try:
+                check_init_from(config)
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr)
         return 0
     from .train.loop import train
 

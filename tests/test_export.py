@@ -200,19 +200,24 @@ def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec
 
 
 @pytest.mark.parametrize("cli, args, says", [
-    (evaluate, ["{missing}", "data={val}"], "holds no complete checkpoint"),
+    (evaluate, ["{missing}", "data={val}"], "missing does not exist; give a run directory"),
+    (evaluate, ["{empty}", "data={val}"], "holds no complete checkpoint"),
     (evaluate, ["{run}"], "the following arguments are required: data=SPEC"),
     (evaluate, ["{run}", "data={val}", "--shots", "5"], "unrecognized arguments: --shots 5"),
-    (export, ["{missing}", "--format", "hf", "{out}"], "holds no complete checkpoint"),
-    (export, ["{run}", "--format", "tflite", "{out}"], "invalid choice: 'tflite'"),
+    (export, ["{missing}", "--format", "hf", "{new}"], "missing does not exist; give a run directory"),
+    (export, ["{run}", "--format", "tflite", "{new}"], "invalid choice: 'tflite'"),
     (evaluate, ["{run}", "data={val_reversed}"], "labels its samples by other classes than"),
     (export, ["{run}", "--format", "onnx", "{out}"], "is a folder; --format onnx writes one file"),
     (export, ["{run}", "--format", "hf", "{file}"], "is a file; --format hf writes a folder"),
+    (export, ["{run}", "--format", "onnx", "{file}"], "model.onnx exists; give a new path, or pass --overwrite"),
+    (export, ["{run}", "--format", "hf", "{out}"], "is a folder that is not empty; give a new path, or pass --overwrite"),
 ])
 def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
     (tmp_path / "model.onnx").write_bytes(b"")
-    names = {"missing": tmp_path / "missing", "run": runs["pretrain"], "val": small_shards["val"], "out": tmp_path,
-             "file": tmp_path / "model.onnx", "val_reversed": small_shards["val_reversed"]}
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    names = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "new": tmp_path / "new",
+             "run": runs["pretrain"], "val": small_shards["val"], "out": tmp_path, "file": tmp_path / "model.onnx",
+             "val_reversed": small_shards["val_reversed"]}
     assert cli.main([a.format(**names) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1

@@ -64,6 +64,19 @@ def test_fewshot_on_a_pretrained_run_is_above_chance(features):
     assert fewshot_accuracy(train_x, train_y, test_x, test_y, shots=10, seed=0) == result
 
 
+def test_a_few_shots_read_a_prefix_of_the_shards_whatever_the_batch_and_workers(run, small_shards, features):
+    """The 8 training shards are read 1, 2, 4 at a time until every class has 5 samples: not all 400."""
+    model, config = checkpoint.load_model(run)
+    (all_x, all_y), _ = features
+    x, y = extract_features(model, small_shards["train"], config.model.image_size, 64, "cpu", enough=5)
+    assert len(x) in (50, 150, 350) and torch.bincount(y, minlength=10).min() >= 5
+    torch.testing.assert_close(x, all_x[:len(x)])
+    assert torch.equal(y, all_y[:len(y)])
+    x2, y2 = extract_features(model, small_shards["train"], config.model.image_size, 7, "cpu", workers=2, enough=5)
+    torch.testing.assert_close(x2, x)
+    assert torch.equal(y2, y)
+
+
 def test_fewshot_eval_skips_shot_counts_beyond_the_smallest_class(run, small_shards, caplog):
     model, config = checkpoint.load_model(run)
     with caplog.at_level(logging.WARNING):

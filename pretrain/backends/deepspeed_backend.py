@@ -151,14 +151,14 @@ class DeepSpeedBackend(TorchBackend):
         stage, world = state["config"]["deepspeed"]["zero_stage"], len(state["rng"])  # one RNG state per rank
         if stage != self.stage:
             raise UserError(f"checkpoint {folder} was written with deepspeed.zero_stage={stage}; resume it with "
-                            f"deepspeed.zero_stage={stage}, or use checkpoint.resume=never to start fresh")
+                            f"deepspeed.zero_stage={stage}, or give a new run_dir to start fresh")
         if stage and world != self.world:
             raise UserError(f"checkpoint {folder} was written by {world} processes and ZeRO-{stage} cannot re-shard "
                             f"its optimizer state for {self.world}; resume it with {world} processes, or use "
-                            f"checkpoint.resume=never to start fresh")
+                            f"give a new run_dir to start fresh")
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder} lacks the engine's files ({TAG}/); resume from another checkpoint, "
-                            f"or use checkpoint.resume=never to start fresh")
+                            f"or give a new run_dir to start fresh")
         self.engine.load_checkpoint(str(folder), tag=TAG)
 
     def model_state(self) -> dict[str, torch.Tensor]:

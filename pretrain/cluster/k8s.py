@@ -41,14 +41,14 @@ def pod_run_dir(run_dir: str) -> PurePosixPath:
 
 
 def unreachable_data(config) -> list[str]:
-    """Warnings for the recipe's local data paths that are not on the runs volume: the pods would read them from
+    """Warnings for the recipe's local data paths (and init_from) that are not on the runs volume: the pods would read them from
     the image, where shards are rarely put."""
     lines = []
-    for key in ("train", "val", "fewshot_train"):
-        value = getattr(config.data, key)
+    named = {f"data.{key}": getattr(config.data, key) for key in ("train", "val", "fewshot_train")}
+    for key, value in {**named, "init_from": config.init_from if config.stage == "finetune" else ""}.items():
         path = WORKDIR / value
         if value and "://" not in value and path != RUNS_MOUNT and RUNS_MOUNT not in path.parents:
-            lines.append(f"data.{key} {value} is read in the pods as {path}, which is not on the runs volume "
+            lines.append(f"{key} {value} is read in the pods as {path}, which is not on the runs volume "
                          f"(mounted at {RUNS_MOUNT}); unless the image holds it, give a bucket URL (gs://...) or a "
                          f"path under runs/")
     return lines

@@ -30,6 +30,7 @@ def prepare(job: Job) -> Job:
         raise UserError("backend xla runs on TPU VMs, which Slurm does not schedule here; submit it with "
                         "python -m pretrain.submit k8s (a GKE TPU slice)")
     job.check_batch_split()
+    checkpoint.check_init_from(job.config)
     config = dataclasses.replace(job.config, run_dir=str(Path(job.config.run_dir).resolve()))
     return dataclasses.replace(job, config=config)
 

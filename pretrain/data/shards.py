@@ -22,6 +22,7 @@ class ShardSet:
     classes: list[str] | None  # None: a brace pattern without a manifest
     multi_label: bool
     counts: list[int] | None  # samples in each shard, from the manifest
+    class_counts: list[int] | None = None  # samples (multi-label: labels) of each class, from the manifest
 
     @property
     def num_samples(self) -> int | None:
@@ -39,7 +40,7 @@ def resolve(spec: str, what: str = "data.train") -> ShardSet:
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
     return ShardSet([where.url_of(s.name) for s in manifest.shards], manifest.classes, manifest.multi_label,
-                    [s.samples for s in manifest.shards])
+                    [s.samples for s in manifest.shards], manifest.class_counts)
 
 
 def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet, other_spec: str) -> None:

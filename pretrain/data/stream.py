@@ -157,7 +157,8 @@ class EvalStream(IterableDataset):
 
     A damaged or missing shard is named in its batch's ``damaged_shards``, and the samples it lacks (by the
     manifest's count; one when there is no manifest) are counted in ``bad_samples``. The last batch may hold no
-    image when only such counts are left to report.
+    image when only such counts are left to report. ``order`` places each sample in the shard set (shard index
+    times 2**32 plus its position in the shard), whatever the worker that read it.
     """
 
     def __init__(self, shard_set: ShardSet, image_size: int, batch: int, rank: int, world: int):
@@ -167,14 +168,14 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        images, labels, bad, damaged = [], [], 0, []
+        images, labels, order, bad, damaged = [], [], [], 0, []
         counts = self.shard_set.counts
         for i in range(self.rank * workers + worker, len(self.shard_set.urls), self.world * workers):
             samples, error = read_shard(self.shard_set.urls[i])
             if error:
                 bad += max(counts[i] - len(samples), 1) if counts else 1
                 damaged.append(error)
-            for sample in samples:
+            for j, sample in enumerate(samples):
                 try:
                     img, ids = image_and_labels(sample)
                 except BadSample:
@@ -182,18 +183,20 @@ class EvalStream(IterableDataset):
                     continue
                 images.append(eval_view(img, self.image_size))
                 labels.append(ids)
+                order.append(i << 32 | j)
                 if len(images) == self.batch:
-                    yield self._batch(images, labels, bad, damaged)
-                    images, labels, bad, damaged = [], [], 0, []
+                    yield self._batch(images, labels, order, bad, damaged)
+                    images, labels, order, bad, damaged = [], [], [], 0, []
         if images or bad:
-            yield self._batch(images, labels, bad, damaged)
+            yield self._batch(images, labels, order, bad, damaged)
 
-    def _batch(self, images: list[torch.Tensor], labels: list[list[int]], bad: int, damaged: list[str]) -> dict:
+    def _batch(self, images: list[torch.Tensor], labels: list[list[int]], order: list[int], bad: int,
+               damaged: list[str]) -> dict:
+        found = {"order": torch.tensor(order, dtype=torch.long), "bad_samples": bad, "damaged_shards": damaged}
         if not images:
             return {"image": torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8),
-                    "labels": torch.empty(0, 1, dtype=torch.long), "bad_samples": bad, "damaged_shards": damaged}
-        return {"image": torch.stack(images), "labels": labels_tensor(labels), "bad_samples": bad,
-                "damaged_shards": damaged}
+                    "labels": torch.empty(0, 1, dtype=torch.long), **found}
+        return {"image": torch.stack(images), "labels": labels_tensor(labels), **found}
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -110,6 +110,10 @@ def load_into(
     if drop_heads:
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
         expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIXES)}
+    if "pos_embed" not in state and not any(k.startswith("blocks.") for k in state):
+        first = ", ".join(list(state)[:3]) or "nothing"
+        raise UserError(f"the checkpoint holds no ViT weights (no pos_embed, no blocks.*; it holds {first}); give the "
+                        f"weights of a ViT: a run of ours, an HF folder, a timm state dict or an official .npz")
     if ("cls_token" in state) != ("cls_token" in expected):
         has, lacks = ("has", "lacks") if "cls_token" in state else ("lacks", "has")
         pool = "cls" if "cls_token" in state else "gap"

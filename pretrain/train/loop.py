@@ -86,6 +86,11 @@ def micro_batch(config: Config, world: int) -> int:
 
 def resume_point(config: Config) -> Path | None:
     if config.checkpoint.resume == "never":
+        existing = checkpoint.find(config.run_dir)
+        if existing is not None:  # this run's checkpoints would replace and prune that run's
+            raise UserError(f"checkpoint.resume=never starts fresh, but run_dir {config.run_dir} holds another run's "
+                            f"checkpoints (newest {existing.name}); give a new run_dir, or delete "
+                            f"{Path(config.run_dir) / 'checkpoints'} to start over there")
         return None
     if config.checkpoint.resume == "auto":
         return checkpoint.find(config.run_dir)
@@ -100,7 +105,10 @@ def continue_checkpoint(config: Config, found: Path) -> str:
     """A resumed run trains on from the checkpoint's weights, so its init_from stays the one the run started from
     (config.yaml says so); returns a note naming the settings changed since the checkpoint was written, or ''."""
     saved = checkpoint.saved_config(found)
-    recipe.anchor_data_paths(saved)  # a checkpoint written before data paths were stored absolute
+    if saved.stage != config.stage:
+        raise UserError(f"{found} is a checkpoint of a {saved.stage} run and this recipe is stage: {config.stage}; "
+                        f"give this run a run_dir of its own (a fine-tune reads its pre-training run through init_from)")
+    recipe.anchor_paths(saved)  # a checkpoint written before data paths were stored absolute
     changed = recipe.changes(saved, config)
     changed.pop("checkpoint.resume", None)
     if not changed:
@@ -115,11 +123,10 @@ def continue_checkpoint(config: Config, found: Path) -> str:
 def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     """The paper's fine-tuning start: pre-trained encoder, pre-logits dropped, a zero-initialised linear
     head, position embeddings resampled to the new grid. Returns a line saying so."""
-    if not config.init_from:
-        raise UserError("stage: finetune needs init_from: a pre-training run directory, checkpoint, HF folder or weights file")
+    checkpoint.check_init_from(config)
     if config.model.head != "linear":
         raise UserError("stage: finetune trains a zero-initialised linear head on the pre-logits-free encoder; set model.head=linear")
-    weights = checkpoint.init_weights(config.init_from)
+    weights = checkpoint.init_weights(config.init_from, config.model.name)
     tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
     load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
               drop_heads=True)
@@ -160,7 +167,7 @@ class Trainer:
             raise UserError("data.decode=device decodes JPEGs on a GPU, and torch-xla devices do not decode them; "
                             "use data.decode=host")
         self.backend = backend or create_backend(config)
-        recipe.anchor_data_paths(config)
+        recipe.anchor_paths(config)
         self.run_dir = Path(config.run_dir)
         self._check_settings()
         self.train_set = shards.resolve(config.data.train)

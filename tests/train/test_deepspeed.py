@@ -191,7 +191,7 @@ def test_zero3_checkpoint_consolidated_finetuned_with_torch_and_exported(zero, r
     from transformers import ViTForImageClassification
 
     with pytest.raises(UserError, match="python -m pretrain.consolidate"):
-        checkpoint.init_weights(zero[3])
+        checkpoint.init_weights(zero[3], "vit_mu8")
     consolidate = run([str(zero[3])], launcher=(sys.executable, "-m", "pretrain.consolidate"), env=ENV)
     assert consolidate.returncode == 0 and "model.safetensors" in consolidate.stdout, consolidate.stderr[-3000:]
     for name, w in weights(reference).items():

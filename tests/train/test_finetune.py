@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_
     again = run(*args, "init_from=elsewhere/weights.safetensors", "schedule.total_steps=3")
     assert again.returncode == 0, again.stderr[-2000:]
     assert (f"at step 2; settings changed since it was written: init_from '{pretrained}' -> "
-            f"'elsewhere/weights.safetensors', schedule.total_steps 2 -> 3 (init_from is not used") in again.stdout
+            f"'{ROOT / 'elsewhere/weights.safetensors'}', schedule.total_steps 2 -> 3 (init_from is not used") in again.stdout
     saved = checkpoint.saved_config(checkpoint.find(tmp_path))
     assert saved.init_from == str(pretrained) and saved.schedule.total_steps == 3
     assert f"init_from: {pretrained}" in (tmp_path / "config.yaml").read_text()
@@ -68,7 +69,7 @@ def test_zero_head_start_equals_pretrained_features(pretrained):
     """Right after loading, the encoder is the pre-trained one (features equal) and the head outputs 0."""
     pre, config = checkpoint.load_model(pretrained)
     ft = build_model(ModelConfig(name=config.model.name, image_size=32, num_classes=10, head="linear"))
-    load_into(ft, checkpoint.init_weights(pretrained), drop_heads=True)
+    load_into(ft, checkpoint.init_weights(pretrained, config.model.name), drop_heads=True)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(ft.eval().forward_features(x), pre.forward_features(x))
     assert torch.equal(ft(x), torch.zeros(4, 10))
@@ -82,7 +83,7 @@ def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
     with pytest.raises(ValueError, match="resample them"):
         pre(big)
     ft = build_model(ModelConfig(name=config.model.name, image_size=48, num_classes=10))
-    load_into(ft, checkpoint.init_weights(pretrained))
+    load_into(ft, checkpoint.init_weights(pretrained, config.model.name))
     ft.eval()
     a, b = pre.forward_features(smooth)[:, 0], ft.forward_features(big)[:, 0]
     assert F.cosine_similarity(a, b).item() > 0.9
@@ -126,6 +127,47 @@ def test_the_hybrid_finetunes_at_a_larger_grid(small_shards, tmp_path):
     ft, config = checkpoint.load_model(ft_dir)
     assert (pre.grid, ft.grid, config.model.image_size) == ((2, 2), (4, 4), 64)
     start = build_model(ModelConfig(name="vit_r50_mu16", image_size=32, num_classes=10, head="linear"))
-    load_into(start, checkpoint.init_weights(pre_dir), drop_heads=True)
+    load_into(start, checkpoint.init_weights(pre_dir, "vit_r50_mu16"), drop_heads=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(start.eval().forward_features(x), pre.forward_features(x))
+
+
+def test_a_finetune_leaves_other_runs_alone_and_names_what_its_start_is(small_shards, pretrained, tmp_path, capsys):
+    """A run directory belongs to one run: a fine-tune refuses the pre-training run's own, and a bad init_from is one
+    sentence naming what it is (the model it holds, a run not yet checkpointed, a damaged checkpoint, no ViT)."""
+    from pretrain import run as cli
+
+    pre = tmp_path / "pre"
+    shutil.copytree(pretrained, pre)
+    before = sorted(p.name for p in (pre / "checkpoints").iterdir())
+    common = ["recipes/demo_finetune.yaml", f"data.train={small_shards['train']}", f"data.val={small_shards['val']}",
+              "model.name=vit_mu8"]
+
+    def refused(*args: str) -> str:
+        assert cli.main([*common, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "is a checkpoint of a pretrain run and this recipe is stage: finetune; give this run a run_dir of its " \
+           "own" in refused(f"init_from={pre}", f"run_dir={pre}")
+    assert f"run_dir {pre} holds another run's checkpoints" in refused(f"init_from={pre}", f"run_dir={pre}",
+                                                                      "checkpoint.resume=never")
+    assert sorted(p.name for p in (pre / "checkpoints").iterdir()) == before
+    out = tmp_path / "ft"
+    assert f"init_from={pre} holds a vit_mu8 and the recipe builds vit_mu4; set model.name=vit_mu8" in refused(
+        f"init_from={pre}", f"run_dir={out}", "model.name=vit_mu4")
+    (tmp_path / "starting" / "checkpoints").mkdir(parents=True)
+    assert "is a run of ours with no complete checkpoint yet" in refused(f"init_from={tmp_path / 'starting'}",
+                                                                         f"run_dir={out}")
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "random.pt")
+    assert "the checkpoint holds no ViT weights (no pos_embed, no blocks.*; it holds foo)" in refused(
+        f"init_from={tmp_path / 'random.pt'}", f"run_dir={out}")
+    newest = checkpoint.find(pre)
+    (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:3000])
+    older = sorted(p for p in (pre / "checkpoints").glob("step_*") if p != newest)
+    use = f"use the one before it, init_from={older[-1]}" if older else "give init_from another checkpoint"
+    assert f"checkpoint {newest} is damaged" in (err := refused(f"init_from={pre}", f"run_dir={out}")) and use in err
+    assert cli.main([*common, f"init_from={tmp_path / 'nothing'}", f"run_dir={out}", "--dry-run"]) == 0
+    assert f"warning: init_from={tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    assert not out.exists()
