@@ -87,8 +87,9 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
                                   fewshot_train)
     if batch:
         config.data.eval_batch_size = batch
-    if config.backend == "deepspeed":  # one process needs no engine, which would rewrite the run's deepspeed_config.json
-        config.backend = "torch"
+    # One process on this host's GPU or CPU: no DeepSpeed engine (it would rewrite the run's deepspeed_config.json),
+    # no torch-xla (a run trained on TPUs is evaluated anywhere).
+    config.backend = "torch"
     backend = backends.create(config)
     backend.setup(model)
     result = {"checkpoint": str(checkpoint.find(path)), "data": spec}

@@ -174,12 +174,18 @@ class XlaBackend(Backend):
         weights for fine-tuning and export in ``model.safetensors``, assembled on the first host from those
         files: gathering sharded tensors on the device would compile one graph per parameter."""
         state = self._state()
-        with quiet_checkpointing():
-            dist_cp.save(state, storage_writer=dist_cp.FileSystemWriter(folder / "sharded"), planner=SPMDSavePlanner())
-            if not self.is_main:
-                return
-            full = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in state["model"].items()}}
-            dist_cp.load(full, storage_reader=dist_cp.FileSystemReader(folder / "sharded"), no_dist=True)
+        try:
+            with quiet_checkpointing():
+                dist_cp.save(state, storage_writer=dist_cp.FileSystemWriter(folder / "sharded"),
+                             planner=SPMDSavePlanner())
+                if not self.is_main:
+                    return
+                full = {"model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in state["model"].items()}}
+                dist_cp.load(full, storage_reader=dist_cp.FileSystemReader(folder / "sharded"), no_dist=True)
+        except CheckpointException as e:  # a BaseException wrapping each rank's (exception, traceback)
+            if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+                raise KeyboardInterrupt from None  # Ctrl-C while writing: the command's one line, as anywhere else
+            raise RuntimeError(str(e)) from None
         save_weights(full["model"], folder / "model.safetensors")
 
     def load(self, folder: Path) -> None:

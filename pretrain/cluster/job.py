@@ -76,7 +76,7 @@ def job_name(run_dir: str) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
     if not name or not name[0].isalpha():
         name = f"vit-{name}".strip("-")
-    return name[-40:].strip("-")
+    return name[:40].strip("-")
 
 
 def grace_seconds(config: Config) -> int:

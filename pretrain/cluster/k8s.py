@@ -106,7 +106,8 @@ def validate(manifests: str, version: str = "") -> None:
     try:
         import kubernetes_validate
     except ImportError:
-        raise UserError("kubernetes-validate is not installed; pip install kubernetes-validate") from None
+        raise UserError("kubernetes-validate, which checks the manifests before they are applied, is not "
+                        "installed; pip install 'vit-pretrain[k8s]' (or kubernetes-validate)") from None
     version = version or kubernetes_validate.latest_version()
     for obj in objects(manifests):
         what = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"

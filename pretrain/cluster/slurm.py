@@ -10,6 +10,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from . import templates
 from .job import Job, job_dir, tool
 
 TEMPLATE = "slurm/train.sbatch"
+FOLLOW_POLL_S = 5  # logs --follow asks Slurm this often whether the job is still queued or running
 MISSING = "install the Slurm client tools (Debian: apt-get install slurm-client) or submit from a login node"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
           "RESIZING", "STAGE_OUT", "SIGNALING"}
@@ -32,14 +34,21 @@ def prepare(job: Job) -> Job:
     job.check_batch_split()
     checkpoint.check_init_from(job.config)
     config = dataclasses.replace(job.config, run_dir=str(Path(job.config.run_dir).resolve()))
+    for what, path in (("run_dir", config.run_dir), ("the directory you submit from", str(Path.cwd()))):
+        if re.search(r"[\s'\"\\]", path):  # #SBATCH lines (--output, --chdir) take a path as one bare word
+            raise UserError(f"{what} {path} holds a space, quote or backslash, which sbatch's #SBATCH lines cannot; "
+                            f"use a path without them")
     return dataclasses.replace(job, config=config)
 
 
 def time_limit_seconds(text: str) -> int:
-    """sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]."""
+    """sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]; 0 for no
+    limit (0, UNLIMITED, INFINITE)."""
+    if text.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return 0
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
-        raise UserError(f"--time {text} is not a Slurm time limit; give minutes, HH:MM:SS or D-HH[:MM[:SS]]")
+        raise UserError(f"--time {text} is not a Slurm time limit; give minutes, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED")
     days, a, b, c = (int(g) if g else 0 for g in m.groups())
     if m[1]:  # days-hours[:minutes[:seconds]]
         return ((days * 24 + a) * 60 + b) * 60 + c
@@ -50,7 +59,7 @@ def time_limit_seconds(text: str) -> int:
 
 def render(job: Job, partition: str = "", time: str = "") -> str:
     """The sbatch script for ``job`` (prepared)."""
-    if time and time_limit_seconds(time) <= job.grace_seconds:
+    if time and time_limit_seconds(time) and time_limit_seconds(time) <= job.grace_seconds:
         raise UserError(f"--time {time} is no longer than the {job.grace_seconds} s warning before it "
                         f"(--grace-seconds), so the job would be told to stop before it trained; give a longer "
                         f"--time or a shorter --grace-seconds")
@@ -77,7 +86,19 @@ def submit(job: Job, script: str) -> dict[str, Any]:
     recipe.save(job.config, folder / "recipe.yaml")
     path = folder / "train.sbatch"
     path.write_text(script)
-    job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
+    try:
+        job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
+    except UserError as e:
+        for f in (path, folder / "recipe.yaml"):  # nothing was queued: leave no job folder that looks like one
+            f.unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        said = str(e).lower()
+        if "gres" in said and job.gpus_per_node:
+            raise UserError(f"{e}; on nodes without GPUs pass --gpus-per-node 0") from None
+        if "partition" in said:
+            raise UserError(f"{e}; sinfo --summarize lists the partitions you may use") from None
+        raise
     return {"scheduler": "slurm", "job_id": job_id, "script": str(path),
             "output": str(folder / f"slurm-{job_id}.out"), "run_dir": job.config.run_dir}
 
@@ -117,10 +138,19 @@ def status(record: dict[str, Any]) -> str:
 
 
 def logs(record: dict[str, Any], follow: bool) -> int:
-    """The job's output file (every start of a requeued job appends to it); with ``follow``, as it grows."""
+    """The job's output file (every start of a requeued job appends to it); with ``follow``, as it grows, until the
+    job has left the queue (ended, failed or cancelled; a requeued job stays)."""
     output = Path(record["output"])
     if follow:
-        return subprocess.run(["tail", "-n", "+1", "-F", str(output)], check=False).returncode
+        tail = subprocess.Popen(["tail", "-n", "+1", "-F", str(output)])
+        try:
+            while tail.poll() is None and is_active(record):
+                time.sleep(FOLLOW_POLL_S)
+            time.sleep(1)  # tail reads the file each second: let it print the last lines
+        finally:
+            tail.terminate()
+            tail.wait()
+        return 0
     if not output.is_file():
         raise UserError(f"Slurm job {record['job_id']} has written no output yet ({output}); see its state with "
                         f"python -m pretrain.submit status {record['run_dir']}")

@@ -345,7 +345,8 @@ class Trainer:
         if self.hinted or share < DATA_WAIT_HINT or self.step <= self.config.log.every or not self.backend.is_main:
             return
         self.hinted = True
-        fix = "set data.decode=device" if data.decode == "host" else "use more CPUs per process"
+        gpu = self.backend.device.type == "cuda"
+        fix = "set data.decode=device" if data.decode == "host" and gpu else "use more CPUs per process"
         print(f"hint: the step waits for data {share:.0%} of the time; raise data.workers (now {data.workers}) or {fix}",
               flush=True)
 

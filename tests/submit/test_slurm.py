@@ -148,6 +148,10 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
     assert f"cancelled Slurm job {job_id}" in cli(["cancel", str(tmp_path)])
     wait_for_state(slurm, job_id, "CANCELLED", timeout=60)
     assert f"Slurm job {job_id}: CANCELLED" in cli(["status", str(tmp_path)])
+    followed = submit_cli(["logs", str(tmp_path), "--follow"], slurm.env)  # ends with the job (times out if not)
+    assert followed.returncode == 0 and f"job {job_id}, start 1" in followed.stdout
+    gpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/gpu"], code=2)  # these nodes have no GPUs
+    assert "; on nodes without GPUs pass --gpus-per-node 0" in gpus and not (tmp_path / "gpu/job").exists()
 
 
 def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
@@ -167,6 +171,12 @@ def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
     assert error(short).startswith("error: --time 00:02:00 is no longer than the 180 s warning before it (--grace-")
     assert error(["slurm", "recipes/demo.yaml", "--time", "2h", "--dry-run"]).startswith(
         "error: --time 2h is not a Slurm time limit")
+    assert submit_main(["slurm", "recipes/demo.yaml", "--time", "UNLIMITED", "--dry-run"]) == 0
+    assert "#SBATCH --time=UNLIMITED\n" in capsys.readouterr().out
+    assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/my run", "--dry-run"]).startswith(
+        f"error: run_dir {tmp_path}/my run holds a space, quote or backslash")
+    assert error(["slurm", "recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", "--dry-run"]).startswith(
+        f"error: init_from={tmp_path}/nothing does not exist")
     assert error(["status", str(tmp_path)]).startswith(f"error: {tmp_path} has no submitted job")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -187,3 +197,14 @@ def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"]:
         assert line + "\n" in script
     assert "--nproc-per-node=8" in script and "trap forward_usr1 USR1" in script
+
+
+def test_a_job_is_named_after_the_start_of_its_run_directory():
+    from pretrain.cluster.job import job_name
+
+    assert job_name("runs/vit_l16_i21k") == "vit-l16-i21k"
+    assert job_name("/ckpt/runs/2026_sweep/lr3e-4") == "ckpt-2026-sweep-lr3e-4"
+    assert job_name("runs/2026/b16") == "vit-2026-b16"
+    long = job_name("runs/x_20261201_vit_b16_i21k_lr0.001_wd0.03_seed1")  # its end began with a digit
+    assert long == "x-20261201-vit-b16-i21k-lr0-001-wd0-03-s"
+

@@ -135,6 +135,18 @@ def test_a_checkpoint_holds_sharded_state_and_the_full_weights(trained):
         assert torch.allclose(full[name], replicated[name], atol=1e-4), name  # Adam after 11 steps
 
 
+def test_a_tpu_run_is_evaluated_on_a_host_without_torch_xla(trained, small_shards, tmp_path):
+    """A TPU pre-training run evaluated, like its fine-tune and export, on a GPU or CPU host."""
+    stub = tmp_path / "torch_xla"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError('No module named torch_xla', name='torch_xla')\n")
+    result = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(trained("fsdpv2")[0]),
+                             f"data={small_shards['val']}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["samples"] == 100
+
+
 @pytest.mark.parametrize("sharding, signal, at", [("dp", "SIGKILL", 8), ("fsdpv2", "SIGTERM", 4)])
 def test_killed_or_preempted_then_resumed_continues_the_same_losses(small_shards, tmp_path, trained, sharding,
                                                                   signal, at):
