@@ -88,6 +88,10 @@ def submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(rendered, end="")
         if scheduler is slurm:
+            try:
+                slurm.check_reachable(job)
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr)
             print(f"dry run: nothing was written or submitted; without --dry-run, {jobs.job_dir(job.config.run_dir)} "
                   f"gets recipe.yaml (which the script trains) and this script, then sbatch runs it", file=sys.stderr)
         return 0
@@ -96,6 +100,8 @@ def submit(args: argparse.Namespace) -> int:
     if previous and SCHEDULERS[previous["scheduler"]].is_active(previous):
         raise UserError(f"{run_dir} already has a job in the queue or running; cancel it first "
                         f"(python -m pretrain.submit cancel {run_dir}) or choose another run_dir")
+    if scheduler is slurm:
+        slurm.check_reachable(job)
     record = scheduler.submit(job, rendered)
     jobs.save_record(run_dir, record)
     print(f"submitted {record.get('job_id') or record['name']} ({args.command}): {job.nodes} node(s), run directory "

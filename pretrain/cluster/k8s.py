@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import sys
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -127,6 +128,10 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     path = folder / "manifests.yaml"
     path.write_text(manifests)
     namespace = objects(manifests)[0]["metadata"]["namespace"]
+    ended = _job({"name": job.name, "namespace": namespace})
+    if ended is not None:  # pretrain.submit refused an active one; a Job's pod template cannot be applied over
+        tool(["kubectl", "delete", "job", job.name, "--namespace", namespace, "--cascade=foreground", "--wait=true"],
+             MISSING)
     tool(["kubectl", "apply", "--filename", str(path)], MISSING)
     return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
             "manifests": str(path), "run_dir": job.config.run_dir}
@@ -172,7 +177,11 @@ def logs(record: dict[str, Any], follow: bool) -> int:
 
 
 def cancel(record: dict[str, Any]) -> str:
+    """Delete the job's objects, waiting until its pods are gone: SIGTERM has them write a checkpoint first, and a
+    job submitted again before then would resume from the one before it."""
+    print(f"deleting Job {record['namespace']}/{record['name']}; its pods write a checkpoint and stop first",
+          file=sys.stderr, flush=True)
     tool(["kubectl", "delete", "--namespace", record["namespace"], "--filename", record["manifests"],
-          "--ignore-not-found", "--wait=false"], MISSING)
+          "--ignore-not-found", "--cascade=foreground", "--wait=true"], MISSING)
     return (f"deleted Job {record['namespace']}/{record['name']} and its Service, ConfigMap and TensorBoard; the "
             f"checkpoints stay on the runs volume, and submitting the same recipe again resumes from the latest")

@@ -7,6 +7,7 @@ trains exactly what was submitted; its output goes to ``RUN_DIR/job/slurm-JOBID.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, recipe
+from ..data import shards
+from ..data.stream import StreamState, check_resumable
 from ..errors import UserError
 from . import templates
 from .job import Job, job_dir, tool
@@ -32,13 +35,34 @@ def prepare(job: Job) -> Job:
         raise UserError("backend xla runs on TPU VMs, which Slurm does not schedule here; submit it with "
                         "python -m pretrain.submit k8s (a GKE TPU slice)")
     job.check_batch_split()
-    checkpoint.check_init_from(job.config)
     config = dataclasses.replace(job.config, run_dir=str(Path(job.config.run_dir).resolve()))
     for what, path in (("run_dir", config.run_dir), ("the directory you submit from", str(Path.cwd()))):
         if re.search(r"[\s'\"\\]", path):  # #SBATCH lines (--output, --chdir) take a path as one bare word
             raise UserError(f"{what} {path} holds a space, quote or backslash, which sbatch's #SBATCH lines cannot; "
                             f"use a path without them")
     return dataclasses.replace(job, config=config)
+
+
+def check_reachable(job: Job) -> None:
+    """What would fail in the job's first seconds, after its wait in the queue, and the login node sees as well
+    (a shared file system): a missing init_from or local data, and a checkpoint to resume on another layout."""
+    checkpoint.check_init_from(job.config)
+    data = job.config.data
+    for key in ("train", "val", "fewshot_train"):
+        value = getattr(data, key)
+        if value and "://" not in value:
+            shards.resolve(value, f"data.{key}")
+    latest = checkpoint.find(job.config.run_dir) if job.config.checkpoint.resume == "auto" else None
+    if latest is None or latest.name == job.final_checkpoint:
+        return
+    with checkpoint.readable(latest):
+        ranks = json.loads((latest / checkpoint.STATE).read_text())["data"]
+    try:
+        check_resumable(StreamState.from_dict(ranks[0]), data.workers, job.nodes * job.nproc_per_node,
+                        data.allow_resharding)
+    except UserError as e:
+        raise UserError(f"{job.config.run_dir} resumes from {latest.name}, but {e} (--nodes, --gpus-per-node and "
+                        f"data.workers set this run's)") from None
 
 
 def time_limit_seconds(text: str) -> int:

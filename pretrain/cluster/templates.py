@@ -6,6 +6,7 @@ The filter ``sh`` quotes a value for the shell (``{{ path | sh }}``).
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT)), undefined=jinja2.StrictUndefined,
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 _env.filters["sh"] = lambda value: shlex.quote(str(value))  # a word for the shell, quoted where needed
+_env.filters["yaml"] = lambda value: json.dumps(str(value))  # a YAML string whatever it holds (# or ': ' too)
 
 
 def source(name: str) -> str:

@@ -131,6 +131,14 @@ def test_data_the_pods_cannot_see_is_named(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_run_dir_that_reads_as_yaml_syntax_stays_one_string(capsys):
+    objects = by_kind(dry_run(capsys, [*VARIANTS["gpu"], "run_dir=runs/a #1: b"]))
+    env = {e["name"]: e.get("value") for e in objects["Job/a-1-b"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PRETRAIN_FINAL_CHECKPOINT"].startswith("/workspace/runs/a #1: b/checkpoints/step_")
+    tensorboard = objects["Deployment/a-1-b-tensorboard"]["spec"]["template"]["spec"]["containers"][0]
+    assert tensorboard["command"][1] == "--logdir=/workspace/runs/a #1: b"
+
+
 def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
     objects = by_kind(dry_run(capsys, VARIANTS["tpu"]))
     pod = objects["Job/vit-h14-jft"]["spec"]["template"]["spec"]

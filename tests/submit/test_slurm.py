@@ -150,11 +150,12 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
     assert f"Slurm job {job_id}: CANCELLED" in cli(["status", str(tmp_path)])
     followed = submit_cli(["logs", str(tmp_path), "--follow"], slurm.env)  # ends with the job (times out if not)
     assert followed.returncode == 0 and f"job {job_id}, start 1" in followed.stdout
-    gpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/gpu"], code=2)  # these nodes have no GPUs
+    gpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/gpu", f"data.train={small_shards['train']}",
+                f"data.val={small_shards['val']}"], code=2)  # these nodes have no GPUs
     assert "; on nodes without GPUs pass --gpus-per-node 0" in gpus and not (tmp_path / "gpu/job").exists()
 
 
-def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
+def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeypatch, capsys):
     def error(args: list[str]) -> str:
         assert submit_main(args) == 2
         err = capsys.readouterr().err
@@ -175,15 +176,22 @@ def test_errors_are_one_sentence(tmp_path, monkeypatch, capsys):
     assert "#SBATCH --time=UNLIMITED\n" in capsys.readouterr().out
     assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/my run", "--dry-run"]).startswith(
         f"error: run_dir {tmp_path}/my run holds a space, quote or backslash")
-    assert error(["slurm", "recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", "--dry-run"]).startswith(
-        f"error: init_from={tmp_path}/nothing does not exist")
     assert error(["status", str(tmp_path)]).startswith(f"error: {tmp_path} has no submitted job")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "bash").symlink_to(shutil.which("bash"))  # bash for the syntax check, and no sbatch
     monkeypatch.setenv("PATH", str(bin_dir))
-    assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/run", "--gpus-per-node", "0"]).startswith(
+    data = [f"data.train={small_shards['train']}", f"data.val={small_shards['val']}"]
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/run", "--gpus-per-node", "0"]).startswith(
         "error: sbatch not found; install the Slurm client tools")
+    # Refused before sbatch: what the job would fail on in its first seconds, after its wait in the queue.
+    assert error(["slurm", "recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}/ft",
+                  "--gpus-per-node", "0"]).startswith(f"error: init_from={tmp_path}/nothing does not exist")
+    assert error(["slurm", "recipes/demo.yaml", f"data.train={tmp_path}/nothing", f"run_dir={tmp_path}/run",
+                  "--gpus-per-node", "0"]).startswith(f"error: data.train: {tmp_path}/nothing")
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "--nodes", "2",
+                  "--gpus-per-node", "0"]).startswith(f"error: {pretrained_run} resumes from step_000000100, but the "
+                                                      f"checkpoint's data stream ran on 1 ranks x ")
 
 
 def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
