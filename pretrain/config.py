@@ -49,7 +49,8 @@ class DataConfig:
     decode: Literal["host", "device"] = doc("host", "Where training JPEGs are decoded and augmented: host, in the data workers; device, on the GPU (nvJPEG, then crop, resize and flip there) when the CPUs cannot keep up. The same crops either way.")
     crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.", low=0, high=1)
     eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.", low=0)
-    fewshot_train: str = doc("", "Labelled shards the few-shot linear probe draws its 1/5/10/25 shots from (data.val is its test set); empty: data.train.")
+    fewshot_train: str = doc("", "Single-label shards the few-shot linear probe draws its 1/5/10/25 shots from; empty: data.train.")
+    fewshot_val: str = doc("", "Single-label shards the few-shot probe is tested on, of fewshot_train's classes (a JFT run probes ImageNet); empty: data.val.")
     allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
 
@@ -90,7 +91,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = doc(50, "Log scalars (TensorBoard, metrics.jsonl, console) every this many steps.", low=1)
     eval_every: int = doc(0, "Evaluate on data.val every this many steps; 0: at the end only.", low=0)
-    fewshot_every: int = doc(0, "Few-shot linear eval (data.fewshot_train -> data.val) every this many steps and at the end; 0: never.", low=0)
+    fewshot_every: int = doc(0, "Few-shot linear eval (data.fewshot_train -> data.fewshot_val) every this many steps and at the end; 0: never.", low=0)
     eval_at_start: bool = doc(False, "Also evaluate before the first step (a fine-tune's zero head: the pre-trained starting point).")
 
 

@@ -38,11 +38,17 @@ ONE_SHOT_LAMBDA = 1.0  # the grid's geometric middle
 MAX_FOLDS = 5
 
 
+def few_shot_needs_single_label(what: str) -> str:
+    return (f"the few-shot probe fits one class per sample, and {what} is multi-label (which of a sample's labels "
+            f"would be its class is arbitrary)")
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, device: torch.device | str,
                      workers: int = 0, enough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 on the CPU, labels (N,)) of the samples of ``spec``; the first label of a
-    multi-label sample, and samples without a label left out. ``model`` is moved to ``device``.
+    """(features (N, D) float32 on the CPU, labels (N,)) of the samples of single-label ``spec`` (a brace pattern
+    without a manifest: each sample's first label), samples without a label left out. ``model`` is moved to
+    ``device``.
 
     With ``enough`` and a manifest, only a prefix of the shards is read: 1, 2, 4, ... shards at a time, until every
     class has ``enough`` samples or all it has (data_tools.shard shuffles samples across shards, so a prefix is a
@@ -50,6 +56,8 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
     or ``workers``."""
     device = torch.device(device)
     shard_set = shards.resolve(spec, "few-shot data")
+    if shard_set.multi_label:
+        raise UserError(few_shot_needs_single_label(spec) + "; give single-label shards (the paper probes ImageNet)")
     need = None
     if enough and shard_set.class_counts is not None and shard_set.counts is not None:
         need = torch.tensor(shard_set.class_counts).clamp(max=enough)

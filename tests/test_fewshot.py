@@ -11,6 +11,7 @@ import torch
 from sklearn.linear_model import Ridge
 
 from pretrain import checkpoint, evaluate
+from pretrain.errors import UserError
 from pretrain.fewshot import LAMBDAS, draw, extract_features, fewshot_accuracy, fewshot_eval, fits, ridge_fit, targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +92,19 @@ def test_evaluate_cli_adds_fewshot_accuracy(run, small_shards, capsys):
     result = json.loads(capsys.readouterr().out)
     assert {f"fewshot_{n}shot_top1" for n in (1, 5, 10, 25)} <= set(result)
     assert all(result[f"fewshot_{n}shot_lambda"] in LAMBDAS for n in (1, 5, 10, 25))
+
+
+def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path):
+    """Which of a sample's labels would be its class is arbitrary, so multi-label shards are refused in one sentence."""
+    from data_tools import shard
+
+    images = sorted((Path(small_shards["train"]).parent / "images/train").rglob("*.*"))[:20]
+    classes = sorted({p.parent.name for p in images})
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    (tmp_path / "list.csv").write_text("".join(f"{p}, {p.parent.name} {classes[0]}\n" for p in images))
+    assert shard.main([str(tmp_path / "list.csv"), str(tmp_path / "jft"), "--classes", str(tmp_path / "classes.txt"),
+                       "--workers", "1"]) == 0
+    model, config = checkpoint.load_model(run)
+    with pytest.raises(UserError, match=f"the few-shot probe fits one class per sample, and {tmp_path / 'jft'} is "
+                                        "multi-label"):
+        fewshot_eval(model, str(tmp_path / "jft"), small_shards["val"], config.model.image_size, "cpu")

@@ -24,7 +24,7 @@ from ..data.device_decode import DeviceDecoded
 from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
-from ..fewshot import fewshot_eval
+from ..fewshot import few_shot_needs_single_label, fewshot_eval
 from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
@@ -227,6 +227,9 @@ class Trainer:
         if not cfg.run_dir:
             raise UserError("run_dir is empty; give the folder the run writes its checkpoints, config.yaml and "
                             "TensorBoard events to, e.g. run_dir=runs/my_run")
+        if "://" in cfg.run_dir:
+            raise UserError(f"run_dir {cfg.run_dir} is a URL, and checkpoints are made atomic by renames in a file "
+                            f"system; give a folder: a local one, or the bucket mounted (gcsfuse, Filestore)")
         if cfg.init_from and cfg.stage != "finetune":
             raise UserError(f"init_from={cfg.init_from} is read by stage: finetune only (its encoder, new heads); set "
                             f"stage=finetune, or to continue a pre-training run set checkpoint.resume={cfg.init_from}")
@@ -235,20 +238,27 @@ class Trainer:
                   f"{cfg.schedule.total_steps}, so the learning rate never reaches optim.lr; lower the warm-up",
                   flush=True)
         data, log = cfg.data, cfg.log
-        if log.fewshot_every and not data.val:
-            raise UserError("log.fewshot_every needs data.val (the few-shot test set); set data.val=SHARDS or log.fewshot_every=0")
+        if log.fewshot_every and not (data.fewshot_val or data.val):
+            raise UserError("log.fewshot_every needs a few-shot test set; set data.fewshot_val (or data.val) to shards, "
+                            "or log.fewshot_every=0")
 
     def _check_classes(self) -> None:
         data, classes = self.config.data, self.train_set.classes
         if classes is not None and len(classes) != self.config.model.num_classes:
             raise UserError(f"model.num_classes is {self.config.model.num_classes} but {data.train} has "
                             f"{len(classes)} classes; set model.num_classes={len(classes)}")
-        if data.val:  # top-1 with the model's head, and the few-shot probe's test set
-            val = shards.resolve(data.val, "data.val")
-            shards.check_same_classes(self.train_set, data.train, val, data.val)
-            if data.fewshot_train:
-                shards.check_same_classes(val, data.val, shards.resolve(data.fewshot_train, "data.fewshot_train"),
-                                          data.fewshot_train)
+        if data.val:  # top-1 with the model's head
+            shards.check_same_classes(self.train_set, data.train, shards.resolve(data.val, "data.val"), data.val)
+        if self.config.log.fewshot_every:
+            probe = [(data.fewshot_train or data.train, "data.fewshot_train" if data.fewshot_train else "data.train"),
+                     (data.fewshot_val or data.val, "data.fewshot_val" if data.fewshot_val else "data.val")]
+            (train, train_key), (test, test_key) = [(shards.resolve(spec, key), key) for spec, key in probe]
+            for shard_set, key in ((train, train_key), (test, test_key)):
+                if shard_set.multi_label:
+                    raise UserError(few_shot_needs_single_label(f"{key} {getattr(data, key.split('.')[1])}") +
+                                    "; set data.fewshot_train and data.fewshot_val to single-label shards (the paper "
+                                    "probes ImageNet), or log.fewshot_every=0")
+            shards.check_same_classes(test, probe[1][0], train, probe[0][0])
 
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend
@@ -359,7 +369,7 @@ class Trainer:
         """On rank 0 (a probe on a few thousand images); the other ranks wait."""
         if self.backend.is_main:
             data = self.config.data
-            result = fewshot_eval(self.backend.module, data.fewshot_train or data.train, data.val,
+            result = fewshot_eval(self.backend.module, data.fewshot_train or data.train, data.fewshot_val or data.val,
                                   self.config.model.image_size, self.backend.device, seed=self.config.seed)
             self.metrics.log(self.step, result, prefix="fewshot")
         self.backend.barrier()

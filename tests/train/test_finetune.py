@@ -103,6 +103,9 @@ def test_finetune_needs_a_start(small_shards, tmp_path):
     assert result.returncode == 2 and f"init_from={tmp_path} is read by stage: finetune only" in result.stderr
     result = run("recipes/demo.yaml", "run_dir=", f"data.train={small_shards['train']}")
     assert result.returncode == 2 and "run_dir is empty" in result.stderr
+    result = run("recipes/demo.yaml", "run_dir=gs://bucket/runs/x", f"data.train={small_shards['train']}")
+    assert result.returncode == 2 and "run_dir gs://bucket/runs/x is a URL" in result.stderr
+    assert not (ROOT / "gs:").exists()
 
 
 def test_the_hybrid_finetunes_at_a_larger_grid(small_shards, tmp_path):

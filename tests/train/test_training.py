@@ -220,6 +220,16 @@ def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
+def test_the_few_shot_probe_has_sets_of_its_own(small_shards, tmp_path):
+    """As a JFT run probes ImageNet: data.fewshot_train and data.fewshot_val, with no data.val to evaluate on."""
+    result = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 3, "data.val": "",
+                                                   "data.fewshot_train": small_shards["train"],
+                                                   "data.fewshot_val": small_shards["val"], "log.fewshot_every": 3}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "fewshot" and "fewshot_10shot_top1" in r] == [3]
+
+
 def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
     assert run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 2})).returncode == 0
     files = checkpoint.find(tmp_path).iterdir()
