@@ -122,6 +122,35 @@ def check_output(out: Location, run: dict) -> Manifest | None:
     return None
 
 
+def damaged_shards(out: Location, manifest: Manifest) -> list[str]:
+    """The shards of a finished set that are missing or of another size than its manifest says (cut short,
+    replaced); one listing, no reads. A shard changed in place at its size is verify's to find, by its sha256."""
+    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in out.fs.ls(out.root, detail=True)}
+    return [s.name for s in manifest.shards if sizes.get(s.name) != s.bytes]
+
+
+def repair(out: Location, manifest: Manifest, damaged: list[str], planned: dict[str, list[Item]], options: Options,
+           workers: int) -> Manifest:
+    """Write ``damaged`` shards of a finished set again, from the same plan, and their sizes and hashes into the
+    manifest; a shard that comes out with another number of samples means the source changed since."""
+    listed = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+    print(f"{out.url} holds this run, but {listed} are missing or of another size than manifest.json says; "
+          f"writing them again")
+    todo = [(name, planned[name]) for name in damaged]
+    records = {r["name"]: r for r in write_all(out, todo, options, workers, sum(len(items) for _, items in todo))}
+    for s in manifest.shards:
+        if (r := records.get(s.name)) is None:
+            continue
+        if r["samples"] != s.samples:
+            raise UserError(f"{out.url_of(s.name)} now holds {r['samples']} samples and held {s.samples}: the source "
+                            f"changed since the set was written; shard it again into an empty OUTPUT")
+        s.bytes, s.sha256 = r["bytes"], r["sha256"]
+    out.write_bytes(MANIFEST, manifest.to_json().encode())
+    out.remove(PARTS)
+    print(f"rewrote {len(damaged)} of {len(manifest.shards)} shards in {out.url}; manifest.json updated")
+    return manifest
+
+
 def finished_record(out: Location, name: str) -> dict | None:
     """The record of a shard an earlier run finished, if the shard is still intact."""
     record_name = f"{PARTS}/{name}.json"
@@ -210,6 +239,9 @@ def shard(args: argparse.Namespace) -> Manifest:
            "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
     done = check_output(out, run)
     if done is not None:
+        damaged = damaged_shards(out, done)
+        if damaged:
+            return repair(out, done, damaged, dict(zip(names, shards)), options, args.workers)
         print(f"{out.url} already holds this run: {len(done.shards)} shards, {done.num_samples} samples; nothing to do")
         return done
     out.write_bytes(f"{PARTS}/run.json", json.dumps(run).encode())
@@ -276,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)
-    shard(args)
+    try:
+        shard(args)
+    except OSError as e:  # the output's storage: a bucket that does not exist, an endpoint that does not answer
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{args.output} cannot be written ({type(e).__name__}: {reason}); check that it exists (a "
+                        f"bucket must be created first), the address, the network and the credentials, then run the "
+                        f"same command again: it keeps the shards already finished") from None
     return 0
 
 

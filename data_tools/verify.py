@@ -31,7 +31,8 @@ from .pool import ProcessPool
 from .storage import Location, as_tuple
 
 MAX_LINES_PER_SHARD = 10  # a shard with a systematic fault would otherwise print one line per sample
-REWRITE = "re-run data_tools.shard to rewrite it"
+REWRITE = "delete it and re-run the data_tools.shard command that wrote the set, which writes missing shards again"
+RESHARD = "shard the source again into an empty folder"
 UNREADABLE = (tarfile.TarError, ValueError, OSError, EOFError)  # tarfile, webdataset grouping, storage, compression
 
 
@@ -188,7 +189,8 @@ def check_all(where: Location, manifest: Manifest, present: set[str], decode: bo
     for shard in manifest.shards:
         if shard.name not in present:
             reports[shard.name] = ShardReport(shard.name, readable=False)
-            reports[shard.name].add(f"{shard.name}: missing from {where.url}; {REWRITE} or restore the file")
+            reports[shard.name].add(f"{shard.name}: missing from {where.url}; re-run the data_tools.shard command that "
+                                    f"wrote the set, which writes missing shards again, or restore the file")
     return [reports[s.name] for s in manifest.shards]
 
 
@@ -206,7 +208,7 @@ def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
     """Disagreement between the manifest's class_counts and the labels read, once every shard could be read."""
     if len(manifest.class_counts) != len(manifest.classes):
         counts, classes = len(manifest.class_counts), len(manifest.classes)
-        return [f"manifest.json: {counts} class_counts for {classes} classes; {REWRITE}"]
+        return [f"manifest.json: {counts} class_counts for {classes} classes; {RESHARD}"]
     if not all(r.readable for r in reports):
         return []
     counted = sum((r.class_counts for r in reports), Counter())
@@ -215,7 +217,7 @@ def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
         return []
     return [
         f"manifest.json: class_counts disagree with the labels in the shards for {differ} classes "
-        f"(python -m data_tools.inspect --recount lists them); {REWRITE}"
+        f"(python -m data_tools.inspect --recount lists them); {RESHARD}"
     ]
 
 

@@ -263,6 +263,26 @@ def test_output_is_never_overwritten(tmp_path, capsys, monkeypatch):
     assert "already holds the shards of another command (--seed 0 there, 1 here)" in capsys.readouterr().err
 
 
+def test_a_finished_set_with_a_shard_lost_or_cut_short_is_mended_by_the_same_command(tmp_path, capsys):
+    from data_tools.verify import main as verify
+
+    image_folder(tmp_path / "src", per_class=6)
+    out = tmp_path / "out"
+    command = [str(tmp_path / "src"), str(out), "--shard-samples", "4", "--workers", "1"]
+    assert main(command) == 0
+    written = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    manifest = (out / mf.MANIFEST).read_text()
+    (out / "train-000001.tar").unlink()
+    cut = out / "train-000003.tar"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "train-000001.tar, train-000003.tar are missing or of another size" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == written  # the same plan: the same bytes
+    assert (out / mf.MANIFEST).read_text() == manifest and not (out / "_parts").exists()
+    assert verify([str(out), "--decode"]) == 0
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
 def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     """Killed, or Ctrl-C in a terminal (SIGINT to the whole process group, workers included: one line, no
@@ -315,10 +335,14 @@ def test_memory_filesystem(tmp_path):
     assert Counter(labels_of(s)[0] for s in samples.values()) == Counter(good.values())
 
 
-def test_google_cloud_storage(tmp_path, gcs_emulator):
+def test_google_cloud_storage(tmp_path, gcs_emulator, capsys):
     good = image_folder(tmp_path / "src", per_class=5)
     url = gcs_emulator("shards-test") + "/i1k/train"
     assert main([str(tmp_path / "src"), url, "--shard-samples", "4", "--workers", "2"]) == 0
     manifest, samples = read_back(url)
     assert {k: labels_of(s)[0] for k, s in samples.items()} == good
     assert len(manifest.shards) == 5 and not fsspec.filesystem("gs").exists("shards-test/i1k/train/_parts")
+    missing = "gs://no-such-bucket/i1k/train"  # buckets are created, not implied by a path
+    assert main([str(tmp_path / "src"), missing, "--shard-samples", "4", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the line after the progress bar's
+    assert err.startswith(f"error: {missing} cannot be written (") and "a bucket must be created first" in err

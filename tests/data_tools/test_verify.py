@@ -42,7 +42,8 @@ def test_a_flipped_byte_is_a_sha256_mismatch(shard_set, shards, capsys):
     code, out = run(capsys, shard_set)
     assert code == 1
     assert out[0] == (
-        "train-000001.tar: sha256 mismatch (the file changed after sharding; re-run data_tools.shard to rewrite it)"
+        "train-000001.tar: sha256 mismatch (the file changed after sharding; delete it and re-run the data_tools.shard "
+        "command that wrote the set, which writes missing shards again)"
     )
     assert out[1:] == ["verified 3 shards, 18 samples: 1 problem"]
 
