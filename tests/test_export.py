@@ -169,7 +169,7 @@ def test_evaluate_counts_and_names_a_missing_shard(runs, small_shards, tmp_path,
         assert evaluate.main([str(runs["pretrain"]), f"data={tmp_path / 'val'}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["samples"], printed["bad_samples"]) == (50, 50)  # the manifest's count of the lost shard
-    assert f"{gone}: cannot be read" in caplog.text and "counted in bad_samples" in caplog.text
+    assert f"{gone}: not found" in caplog.text and "counted in bad_samples" in caplog.text
 
 
 def test_evaluate_says_when_it_cannot_check_the_class_names(small_shards, tmp_path, caplog):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 
 import fsspec
@@ -58,18 +60,46 @@ def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet
                     f"again with python -m data_tools.shard ... --classes {reference_spec}")
 
 
-def read_shard(url: str) -> tuple[list[dict], str | None]:
+OUTAGE_S = 600.0  # how long storage that does not answer is asked again for a shard before the run stops
+RETRY_S = (5, 10, 20, 40, 60)  # the waits between those attempts; the last repeats
+FOR_GOOD = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class StorageUnreachable(Exception):
+    """A shard's storage did not answer for OUTAGE_S: not the shard's fault, so not skipped like a damaged one."""
+
+
+def read_shard(url: str, outage_s: float | None = None) -> tuple[list[dict], str | None]:
     """All samples of one shard (raw bytes by extension) and, if it is damaged or missing, why.
 
-    The shard is fetched whole (one read from a bucket); a truncated tar yields the samples before
-    the damage.
+    The shard is fetched whole (one read from a bucket); a truncated tar yields the samples before the damage. A
+    bucket that does not answer (any error of a URL other than a missing or forbidden object) is asked again, with
+    a warning on stderr each time, for ``outage_s`` (default ``OUTAGE_S``), then ``StorageUnreachable``: skipping
+    the shards of an outage would train on other data than a resumed run.
     """
+    outage_s = OUTAGE_S if outage_s is None else outage_s
     register_webdataset_schemes()
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, OSError) as e:
-        return [], f"{url}: cannot be read ({e})"
+    started, attempt = time.monotonic(), 0
+    while True:
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read()
+            break
+        except Exception as e:  # noqa: BLE001 (gcsfs and s3fs raise their own HTTP errors, not OSError)
+            cause = e.__cause__ or e  # fsspec's http turns a refused connection into FileNotFoundError from it
+            if isinstance(cause, FOR_GOOD):
+                return [], f"{url}: not found" if isinstance(e, FileNotFoundError) else f"{url}: cannot be read ({e})"
+            reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            waited = time.monotonic() - started
+            if "://" not in url:
+                return [], f"{url}: cannot be read ({reason})"
+            if waited >= outage_s:
+                raise StorageUnreachable(f"{url} could not be read for {waited:.0f} s ({reason})") from None
+            pause = RETRY_S[min(attempt, len(RETRY_S) - 1)]
+            print(f"warning: {url} cannot be read ({reason}); asking again in {pause} s ({waited:.0f} s of "
+                  f"{outage_s:.0f} s before the run stops)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            attempt += 1
     samples: list[dict] = []
     try:
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])):

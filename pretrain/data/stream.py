@@ -33,7 +33,7 @@ from data_tools.pool import signals_ignored
 
 from ..errors import UserError
 from .device_decode import JpegBatch
-from .shards import ShardSet, read_shard
+from .shards import ShardSet, StorageUnreachable, read_shard
 from .transforms import BadSample, HostBatch, eval_view, image_and_labels, labels_tensor
 
 
@@ -94,7 +94,11 @@ class TrainStream(IterableDataset):
             whole_epoch, read, errors = state.cursor == state.offset == 0, 0, []
             while state.cursor < len(mine):
                 shard = int(mine[state.cursor])
-                samples, error = read_shard(self.urls[shard])
+                try:
+                    samples, error = read_shard(self.urls[shard])
+                except StorageUnreachable as e:
+                    yield {"error": f"{e}; the run stops, and run again it resumes from its newest checkpoint"}
+                    return
                 if error:
                     damaged.append(error)
                     errors.append(error)
@@ -171,7 +175,10 @@ class EvalStream(IterableDataset):
         images, labels, order, bad, damaged = [], [], [], 0, []
         counts = self.shard_set.counts
         for i in range(self.rank * workers + worker, len(self.shard_set.urls), self.world * workers):
-            samples, error = read_shard(self.shard_set.urls[i])
+            try:
+                samples, error = read_shard(self.shard_set.urls[i])
+            except StorageUnreachable as e:  # evaluation keeps no position: count the shard out, as a damaged one
+                samples, error = [], str(e)
             if error:
                 bad += max(counts[i] - len(samples), 1) if counts else 1
                 damaged.append(error)

@@ -35,15 +35,24 @@ from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
 
 
+class WaitInterrupted(BaseException):
+    """SIGTERM / SIGUSR1 while a one-process run waits for the first batch of a step (storage that does not answer):
+    a BaseException, so that the DataLoader's own ``except Exception`` lets it through."""
+
+
 class Preemption:
-    """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps."""
+    """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps; while ``interruptible`` (waiting for data,
+    nothing of the step done yet) into ``WaitInterrupted`` at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.interruptible = False
         self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        if self.interruptible:
+            self.interruptible = False
+            raise WaitInterrupted
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -193,6 +202,7 @@ class Trainer:
         compile_in_place(model, config)
         self.backend.setup(model)
         self.step = 0
+        self.preemption: Preemption | None = None  # train()'s
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
         self.resumed_window = {"mean_loss": 0.0, "steps": 0}
@@ -262,7 +272,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend
-        preemption = Preemption()
+        preemption = self.preemption = Preemption()
         window = new_window(backend.device)
         if self.resumed_window["steps"]:  # the log window the checkpoint cut through, on any number of ranks
             window["loss"] += self.resumed_window["mean_loss"]  # each rank's share of the sum _log divides by world
@@ -271,7 +281,13 @@ class Trainer:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
                 self._evaluate()
             while self.step < cfg.schedule.total_steps:
-                norm = self.train_step(window)
+                try:
+                    norm = self.train_step(window)
+                except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
+                    self._checkpoint(window)
+                    print(f"preempted while waiting for data: checkpoint written at step {self.step}; rerun the "
+                          f"same command to resume", flush=True)
+                    return {"step": self.step, "preempted": 1.0}
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
@@ -316,7 +332,17 @@ class Trainer:
         total = torch.zeros((), device=backend.device)
         for i in range(accum):
             waited = time.perf_counter()
-            batch = next(self.batches)
+            # One process can stop here (several would have to agree, in a collective the others are not in).
+            interruptible = self.preemption is not None and i == 0 and backend.world == 1
+            if interruptible:
+                if self.preemption.requested:  # after the last step's check: stop before waiting
+                    raise WaitInterrupted
+                self.preemption.interruptible = True
+            try:
+                batch = next(self.batches)
+            finally:
+                if interruptible:
+                    self.preemption.interruptible = False
             window["wait"] += time.perf_counter() - waited
             for why in self.tracker.consumed(batch):
                 print(f"warning: {why}; its readable samples train, the rest are skipped (python -m "

@@ -459,3 +459,43 @@ def test_a_photo_stored_turned_is_decoded_upright(orientation, upright):
     data = turned_jpeg(stored, orientation)
     plain = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # the stored pixels, JPEG-rounded
     assert np.array_equal(np.asarray(decode(Image.open(io.BytesIO(data)))), upright(plain))
+
+
+# ---------------------------------------------------------------------------
+# (i) storage that does not answer: asked again, then the run stops (never skipped like a damaged shard)
+
+
+def test_storage_that_does_not_answer_is_asked_again_then_stops_the_run(small_shards, tmp_path, capfd, monkeypatch):
+    """Shards over HTTP (fsspec's, no retries of its own) from a server that is down, then up again."""
+    import threading
+    import time
+
+    from pretrain.data import shards
+    from ports import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/train-000000.tar"
+    with pytest.raises(shards.StorageUnreachable, match=f"{url} could not be read for 0 s"):
+        read_shard(url, outage_s=0)
+
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(result=read_shard(url, outage_s=60)))
+    reader.start()
+    said = ""
+    while "asking again in 5 s" not in said:  # the first attempt failed while the server was down
+        said += capfd.readouterr().err
+        time.sleep(0.05)
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               small_shards["train"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reader.join(timeout=60)
+        samples, error = got["result"]
+        assert error is None and len(samples) == 50
+    finally:
+        server.terminate()
+        server.wait()
+    assert said.startswith(f"warning: {url} cannot be read (ClientConnectorError: ")
+
+    monkeypatch.setattr(shards, "OUTAGE_S", 0)  # the stream reads with the default
+    with pytest.raises(UserError, match=f"{url} could not be read for 0 s .*; the run stops, and run again it resumes"):
+        next(loader(train_stream([url]), 0, pin=False))

@@ -173,6 +173,64 @@ def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_
     assert sorted(losses(tmp_path))[-5:] == list(range(step, step + 5))
 
 
+def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_resume_is_exact(small_shards, tmp_path):
+    """Shards over HTTP from a server that goes down: the reader asks again (saying so), and a preemption then
+    checkpoints the last finished step at once instead of waiting for the data; resumed, the run is exact."""
+    import threading
+
+    from ports import free_port
+
+    port = free_port()
+
+    def serve() -> subprocess.Popen:
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                   "--directory", small_shards["train"]], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode:
+            assert time.time() < deadline and server.poll() is None, "the HTTP server did not start"
+            time.sleep(0.1)
+        return server
+
+    short = {"data.workers": 1, "schedule.total_steps": 16}
+    clean = run(overrides(small_shards, tmp_path / "clean", **short))
+    assert clean.returncode == 0, clean.stderr
+    args = overrides({"train": f"http://127.0.0.1:{port}/"}, tmp_path / "run", **short)
+    server = serve()
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()
+    try:
+        wait_for_step(tmp_path / "run", 2, proc)
+    finally:
+        server.terminate()
+        server.wait()
+    deadline = time.time() + 120
+    while not any("asking again in" in line for line in said):
+        assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
+        time.sleep(0.05)
+    reached, still = max(losses(tmp_path / "run")), time.time()
+    while time.time() - still < 2:  # until the batches read before the server went down are trained: the run waits
+        assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
+        if (now := max(losses(tmp_path / "run"))) != reached:
+            reached, still = now, time.time()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "preempted while waiting for data: checkpoint written at step" in out, out
+    step = int(checkpoint.find(tmp_path / "run").name[5:])
+    assert 2 <= step < 16 and max(losses(tmp_path / "run")) == step
+    server = serve()
+    try:
+        resumed = run(args)
+    finally:
+        server.terminate()
+        server.wait()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "run") == losses(tmp_path / "clean"), "losses differ after resuming"
+
+
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_shards, tmp_path):
     """Two readers either way: one process with 2 workers and 2 accumulation steps reads what
     2 ranks with 1 worker each read, so every optimizer step sees the same 16 samples."""
