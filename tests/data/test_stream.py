@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -409,6 +410,13 @@ def test_a_folder_resolves_through_its_manifest(small_shards):
 def test_a_missing_shard_set_is_a_user_error_naming_the_key(tmp_path, spec):
     with pytest.raises(UserError, match="data.train"):
         resolve(str(tmp_path / spec) if spec else "")
+
+
+def test_one_shard_given_as_the_set_names_its_folder(small_shards):
+    one = f"{small_shards['train']}/train-000000.tar"
+    with pytest.raises(UserError, match=re.escape(f"data.train: {one} is one shard; give its folder "
+                                                  f"({small_shards['train']}, with manifest.json)")):
+        resolve(one)
 
 
 def test_a_manifest_that_cannot_be_read_is_one_sentence(tmp_path):

@@ -190,6 +190,9 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     jsonl.write_text('{"path": "images/im1.jpg", "labels": "n01443537"}\n')
     assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
     assert """list.jsonl line 1: 'labels' is "n01443537", not a list; write ["n01443537"]""" in capsys.readouterr().err
+    listing.write_text("path,labels\n" + "\n".join(lines) + "\n")
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "line 1: label 'labels' is not in" in (err := capsys.readouterr().err) and "a header line?" in err
     assert not (tmp_path / "out").exists()
 
 
