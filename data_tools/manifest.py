@@ -7,6 +7,7 @@ Sample layout inside a shard: ``{key}.{jpg,png,...}`` (the image bytes) and eith
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,9 +108,10 @@ def load(url: str) -> tuple[Location, Manifest]:
 def _load(where: Location, name: str) -> tuple[Location, Manifest]:
     if not where.exists(name):
         if where.root.endswith(".tar") and where.fs.isfile(where.root):
-            folder = where.url.rsplit("/", 1)[0] or "."
-            raise UserError(f"{where.url} is one shard; give its folder ({folder}, with manifest.json), or shards by a "
-                            f"brace pattern such as {folder}/train-{{000000..000009}}.tar")
+            folder, shard = posixpath.split(where.url)
+            prefix = re.sub(r"-\d+\.tar$", "", shard)
+            raise UserError(f"{where.url} is one shard; give its folder ({folder or '.'}, with manifest.json), or shards "
+                            f"by a brace pattern such as {posixpath.join(folder, prefix)}-{{000000..000009}}.tar")
         if not where.fs.exists(where.root):
             raise UserError(f"{where.url} does not exist; give the OUTPUT folder of python -m data_tools.shard")
         names = where.names()

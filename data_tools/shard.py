@@ -10,6 +10,7 @@ command again: finished shards are kept after their sha256 is checked, the rest 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -19,6 +20,7 @@ import re
 import signal
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
@@ -237,6 +239,26 @@ def shard(args: argparse.Namespace) -> Manifest:
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
     run = {"source": Location(args.source).canonical,
            "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
+    with written_to(out):
+        return write_set(out, run, corpus, names, shards, options, args)
+
+
+@contextlib.contextmanager
+def written_to(out: Location) -> Iterator[None]:
+    """The output's storage failing (a bucket that does not exist, an endpoint that does not answer) in one
+    sentence."""
+    try:
+        yield
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{out.url} cannot be written ({type(e).__name__}: {reason}); check that it exists (a "
+                        f"bucket must be created first), the address, the network and the credentials, then run the "
+                        f"same command again: it keeps the shards already finished") from None
+
+
+def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards: list[list[Item]], options: Options,
+              args: argparse.Namespace) -> Manifest:
+    """Write the planned shards into ``out`` (those an earlier run left intact are kept), then the manifest."""
     done = check_output(out, run)
     if done is not None:
         damaged = damaged_shards(out, done)
@@ -308,13 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)
-    try:
-        shard(args)
-    except OSError as e:  # the output's storage: a bucket that does not exist, an endpoint that does not answer
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise UserError(f"{args.output} cannot be written ({type(e).__name__}: {reason}); check that it exists (a "
-                        f"bucket must be created first), the address, the network and the credentials, then run the "
-                        f"same command again: it keeps the shards already finished") from None
+    shard(args)
     return 0
 
 

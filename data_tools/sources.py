@@ -257,8 +257,9 @@ def _label_id(label, index: dict[str, int], classes: list[str], source: str, lin
     if str(label) in index:
         return index[str(label)]
     near = difflib.get_close_matches(str(label), classes, n=1)
-    hint = f" (did you mean '{near[0]}'?)" if near else (" (a header line? the list has none: remove it)"
-                                                          if lineno == 1 else "")
+    header = lineno == 1 and not str(source).endswith(".jsonl")
+    hint = f" (did you mean '{near[0]}'?)" if near else (" (a header line? the list has none: remove it)" if header
+                                                          else "")
     shown = label if isinstance(label, str) else json.dumps(label)  # as written in the file: true, not True
     raise UserError(f"{source} line {lineno}: label '{shown}' is not in {classes_file}{hint}")
 

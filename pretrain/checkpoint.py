@@ -197,7 +197,10 @@ def check_init_from(config: Config) -> None:
     if not config.init_from:
         raise UserError("stage: finetune needs init_from: a pre-training run directory, checkpoint, HF folder or "
                         "weights file")
-    if "://" not in config.init_from and not os.path.exists(config.init_from):
+    if "://" in config.init_from:
+        raise UserError(f"init_from={config.init_from} is a URL; it is read from a file system: copy it, or mount "
+                        f"the bucket (gcsfuse), and give its path")
+    if not os.path.exists(config.init_from):
         raise UserError(f"init_from={config.init_from} does not exist; give a run directory, a checkpoint, an HF "
                         f"folder or a weights file")
 

@@ -35,7 +35,8 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     """One pass over ``spec`` (every sample once across ranks); metrics summed over ranks."""
     shard_set = shards.resolve(spec, "data.val")
     micro = config.data.eval_batch_size or max(config.data.batch_size // backend.world // config.optim.grad_accum, 1)
-    stream = EvalStream(shard_set, config.model.image_size, micro, backend.rank, backend.world)
+    stream = EvalStream(shard_set, config.model.image_size, micro, backend.rank, backend.world,
+                        config.data.storage_patience_s)
     workers = min(config.data.workers, max(len(shard_set.urls) // backend.world, 1))
     model = backend.model
     was_training = model.training
@@ -83,8 +84,13 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     if mismatch and not fewshot_train:
         raise UserError(f"{mismatch}; or give --fewshot-train SPEC for the few-shot linear accuracy on its classes")
     if fewshot_train:
-        shards.check_same_classes(shards.resolve(spec, "data"), spec, shards.resolve(fewshot_train, "--fewshot-train"),
-                                  fewshot_train)
+        from .fewshot import few_shot_needs_single_label  # fewshot imports this module
+
+        test, draw = shards.resolve(spec, "data"), shards.resolve(fewshot_train, "--fewshot-train")
+        for shard_set, named in ((test, f"data={spec}"), (draw, f"--fewshot-train {fewshot_train}")):
+            if shard_set.multi_label:
+                raise UserError(few_shot_needs_single_label(named) + "; give single-label shards")
+        shards.check_same_classes(test, spec, draw, fewshot_train)
     if batch:
         config.data.eval_batch_size = batch
     # One process on this host's GPU or CPU: no DeepSpeed engine (it would rewrite the run's deepspeed_config.json),

@@ -66,11 +66,13 @@ def changes(before: Config, after: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
+DATA_KEYS = ("train", "val", "fewshot_train", "fewshot_val")  # the data.* keys that name shard sets
+
+
 def anchor_paths(config: Config) -> None:
     """Local data paths and init_from made absolute (from the current directory), so that the config.yaml and
     checkpoints of a run name what evaluate, resume and the few-shot probe find from any directory. URLs stay."""
-    for section, key in (("data", "train"), ("data", "val"), ("data", "fewshot_train"), (None, "init_from")):
-        owner = getattr(config, section) if section else config
+    for owner, key in [*((config.data, k) for k in DATA_KEYS), (config, "init_from")]:
         value = getattr(owner, key)
         if value and "://" not in value:
             setattr(owner, key, os.path.abspath(value))

@@ -8,6 +8,7 @@ recipe where the scheduler reads it, the scheduler's output, and ``job.json``, t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -71,12 +72,16 @@ class Job:
 
 
 def job_name(run_dir: str) -> str:
-    """A DNS label naming the job after its run directory: runs/vit_l16_i21k -> vit-l16-i21k."""
+    """A DNS label naming the job after its run directory: runs/vit_l16_i21k -> vit-l16-i21k; one too long for 40
+    characters keeps its start and ends in a hash of the whole, so that run directories alike but for their ends
+    get jobs of their own."""
     parts = [p for p in Path(run_dir).parts if p not in ("/", "runs", ".", "..")]
     name = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
     if not name or not name[0].isalpha():
         name = f"vit-{name}".strip("-")
-    return name[:40].strip("-")
+    if len(name) <= 40:
+        return name
+    return f"{name[:31].strip('-')}-{hashlib.sha256(run_dir.encode()).hexdigest()[:8]}"
 
 
 def grace_seconds(config: Config) -> int:

@@ -45,13 +45,13 @@ def unreachable_data(config) -> list[str]:
     """Warnings for the recipe's local data paths (and init_from) that are not on the runs volume: the pods would read them from
     the image, where shards are rarely put."""
     lines = []
-    named = {f"data.{key}": getattr(config.data, key) for key in ("train", "val", "fewshot_train")}
+    named = {f"data.{key}": getattr(config.data, key) for key in recipe.DATA_KEYS}
     for key, value in {**named, "init_from": config.init_from if config.stage == "finetune" else ""}.items():
         path = WORKDIR / value
         if value and "://" not in value and path != RUNS_MOUNT and RUNS_MOUNT not in path.parents:
+            instead = "a path under runs/" if key == "init_from" else "a bucket URL (gs://...) or a path under runs/"
             lines.append(f"{key} {value} is read in the pods as {path}, which is not on the runs volume "
-                         f"(mounted at {RUNS_MOUNT}); unless the image holds it, give a bucket URL (gs://...) or a "
-                         f"path under runs/")
+                         f"(mounted at {RUNS_MOUNT}); unless the image holds it, give {instead}")
     return lines
 
 
@@ -128,13 +128,16 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     path = folder / "manifests.yaml"
     path.write_text(manifests)
     namespace = objects(manifests)[0]["metadata"]["namespace"]
-    ended = _job({"name": job.name, "namespace": namespace})
-    if ended is not None:  # pretrain.submit refused an active one; a Job's pod template cannot be applied over
-        tool(["kubectl", "delete", "job", job.name, "--namespace", namespace, "--cascade=foreground", "--wait=true"],
-             MISSING)
+    existing = _job({"name": job.name, "namespace": namespace})
+    if existing is not None and not _finished(existing):
+        raise UserError(f"a Job named {job.name} is running in namespace {namespace} (another run's?); cancel it, or "
+                        f"pass --name to name this one otherwise")
+    if existing is not None:  # ended: a Job's pod template cannot be applied over, so it goes first
+        tool(["kubectl", "delete", "job", job.name, "--namespace", namespace, "--cascade=foreground", "--wait=true",
+              "--timeout=300s"], MISSING)
     tool(["kubectl", "apply", "--filename", str(path)], MISSING)
     return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
-            "manifests": str(path), "run_dir": job.config.run_dir}
+            "manifests": str(path), "run_dir": job.config.run_dir, "grace": job.grace_seconds}
 
 
 def _job(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -182,6 +185,7 @@ def cancel(record: dict[str, Any]) -> str:
     print(f"deleting Job {record['namespace']}/{record['name']}; its pods write a checkpoint and stop first",
           file=sys.stderr, flush=True)
     tool(["kubectl", "delete", "--namespace", record["namespace"], "--filename", record["manifests"],
-          "--ignore-not-found", "--cascade=foreground", "--wait=true"], MISSING)
+          "--ignore-not-found", "--cascade=foreground", "--wait=true", f"--timeout={record.get('grace', 600) + 120}s"],
+         MISSING)
     return (f"deleted Job {record['namespace']}/{record['name']} and its Service, ConfigMap and TensorBoard; the "
             f"checkpoints stay on the runs volume, and submitting the same recipe again resumes from the latest")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -46,13 +47,14 @@ def prepare(job: Job) -> Job:
 def check_reachable(job: Job) -> None:
     """What would fail in the job's first seconds, after its wait in the queue, and the login node sees as well
     (a shared file system): a missing init_from or local data, and a checkpoint to resume on another layout."""
-    checkpoint.check_init_from(job.config)
     data = job.config.data
-    for key in ("train", "val", "fewshot_train"):
+    latest = checkpoint.find(job.config.run_dir) if job.config.checkpoint.resume == "auto" else None
+    if latest is None:
+        checkpoint.check_init_from(job.config)  # a run that resumes does not read it
+    for key in recipe.DATA_KEYS:
         value = getattr(data, key)
         if value and "://" not in value:
             shards.resolve(value, f"data.{key}")
-    latest = checkpoint.find(job.config.run_dir) if job.config.checkpoint.resume == "auto" else None
     if latest is None or latest.name == job.final_checkpoint:
         return
     with checkpoint.readable(latest):
@@ -106,6 +108,7 @@ def render(job: Job, partition: str = "", time: str = "") -> str:
 def submit(job: Job, script: str) -> dict[str, Any]:
     """Write the script and the resolved recipe into the run's job folder, sbatch it; the job record."""
     folder = job_dir(job.config.run_dir)
+    first = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     recipe.save(job.config, folder / "recipe.yaml")
     path = folder / "train.sbatch"
@@ -113,10 +116,8 @@ def submit(job: Job, script: str) -> dict[str, Any]:
     try:
         job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
     except UserError as e:
-        for f in (path, folder / "recipe.yaml"):  # nothing was queued: leave no job folder that looks like one
-            f.unlink(missing_ok=True)
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        if first:  # nothing was queued: leave no job folder that looks like one
+            shutil.rmtree(folder)
         said = str(e).lower()
         if "gres" in said and job.gpus_per_node:
             raise UserError(f"{e}; on nodes without GPUs pass --gpus-per-node 0") from None
@@ -168,7 +169,7 @@ def logs(record: dict[str, Any], follow: bool) -> int:
     if follow:
         tail = subprocess.Popen(["tail", "-n", "+1", "-F", str(output)])
         try:
-            while tail.poll() is None and is_active(record):
+            while tail.poll() is None and _still_queued(record):
                 time.sleep(FOLLOW_POLL_S)
             time.sleep(1)  # tail reads the file each second: let it print the last lines
         finally:
@@ -180,6 +181,14 @@ def logs(record: dict[str, Any], follow: bool) -> int:
                         f"python -m pretrain.submit status {record['run_dir']}")
     sys.stdout.write(output.read_text())
     return 0
+
+
+def _still_queued(record: dict[str, Any]) -> bool:
+    """``is_active``, asked once more after a pause when it says no: the controller can miss a job for a moment."""
+    if is_active(record):
+        return True
+    time.sleep(FOLLOW_POLL_S)
+    return is_active(record)
 
 
 def cancel(record: dict[str, Any]) -> str:

@@ -62,7 +62,16 @@ def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet
 
 OUTAGE_S = 600.0  # how long storage that does not answer is asked again for a shard before the run stops
 RETRY_S = (5, 10, 20, 40, 60)  # the waits between those attempts; the last repeats
-FOR_GOOD = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether storage may answer again: no connection, a timeout, a server error (5xx) or throttling (429). Not a
+    missing or forbidden object (404, 403: gcsfs raises OSError('Forbidden')), credentials or a wrong URL."""
+    status = getattr(e, "status", None) or getattr(e, "code", None)  # aiohttp's, gcsfs's HttpError
+    if isinstance(status, int) and 100 <= status < 600:
+        return status >= 500 or status == 429
+    names = {c.__name__ for c in type(e).__mro__}  # aiohttp's own, without importing it
+    return isinstance(e, (ConnectionError, TimeoutError)) or bool(names & {"ClientConnectionError", "ServerTimeoutError"})
 
 
 class StorageUnreachable(Exception):
@@ -73,9 +82,9 @@ def read_shard(url: str, outage_s: float | None = None) -> tuple[list[dict], str
     """All samples of one shard (raw bytes by extension) and, if it is damaged or missing, why.
 
     The shard is fetched whole (one read from a bucket); a truncated tar yields the samples before the damage. A
-    bucket that does not answer (any error of a URL other than a missing or forbidden object) is asked again, with
-    a warning on stderr each time, for ``outage_s`` (default ``OUTAGE_S``), then ``StorageUnreachable``: skipping
-    the shards of an outage would train on other data than a resumed run.
+    bucket that does not answer (``transient``) is asked again, with a warning on stderr each time, for ``outage_s``
+    (default ``OUTAGE_S``), then ``StorageUnreachable``: skipping the shards of an outage would train on other data
+    than a resumed run.
     """
     outage_s = OUTAGE_S if outage_s is None else outage_s
     register_webdataset_schemes()
@@ -87,12 +96,11 @@ def read_shard(url: str, outage_s: float | None = None) -> tuple[list[dict], str
             break
         except Exception as e:  # noqa: BLE001 (gcsfs and s3fs raise their own HTTP errors, not OSError)
             cause = e.__cause__ or e  # fsspec's http turns a refused connection into FileNotFoundError from it
-            if isinstance(cause, FOR_GOOD):
-                return [], f"{url}: not found" if isinstance(e, FileNotFoundError) else f"{url}: cannot be read ({e})"
             reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            if "://" not in url or not transient(cause):
+                missing = isinstance(e, FileNotFoundError) and getattr(cause, "status", 404) == 404
+                return [], f"{url}: not found" if missing else f"{url}: cannot be read ({reason})"
             waited = time.monotonic() - started
-            if "://" not in url:
-                return [], f"{url}: cannot be read ({reason})"
             if waited >= outage_s:
                 raise StorageUnreachable(f"{url} could not be read for {waited:.0f} s ({reason})") from None
             pause = RETRY_S[min(attempt, len(RETRY_S) - 1)]

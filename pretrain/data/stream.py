@@ -65,10 +65,12 @@ class StreamState:
 
 class TrainStream(IterableDataset):
     def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, rank: int, world: int,
-                 min_scale: float, resume: StreamState | None = None, decode: str = "host"):
+                 min_scale: float, resume: StreamState | None = None, decode: str = "host",
+                 patience_s: float | None = None):
         super().__init__()
         self.urls, self.image_size, self.micro_batch, self.seed = urls, image_size, micro_batch, seed
         self.rank, self.world, self.min_scale, self.resume = rank, world, min_scale, resume
+        self.patience_s = patience_s  # read_shard's outage_s
         self.views = JpegBatch if decode == "device" else HostBatch
 
     def __iter__(self) -> Iterator[dict]:
@@ -95,7 +97,7 @@ class TrainStream(IterableDataset):
             while state.cursor < len(mine):
                 shard = int(mine[state.cursor])
                 try:
-                    samples, error = read_shard(self.urls[shard])
+                    samples, error = read_shard(self.urls[shard], self.patience_s)
                 except StorageUnreachable as e:
                     yield {"error": f"{e}; the run stops, and run again it resumes from its newest checkpoint"}
                     return
@@ -165,9 +167,11 @@ class EvalStream(IterableDataset):
     times 2**32 plus its position in the shard), whatever the worker that read it.
     """
 
-    def __init__(self, shard_set: ShardSet, image_size: int, batch: int, rank: int, world: int):
+    def __init__(self, shard_set: ShardSet, image_size: int, batch: int, rank: int, world: int,
+                 patience_s: float | None = None):
         super().__init__()
         self.shard_set, self.image_size, self.batch, self.rank, self.world = shard_set, image_size, batch, rank, world
+        self.patience_s = patience_s  # read_shard's outage_s
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -176,9 +180,10 @@ class EvalStream(IterableDataset):
         counts = self.shard_set.counts
         for i in range(self.rank * workers + worker, len(self.shard_set.urls), self.world * workers):
             try:
-                samples, error = read_shard(self.shard_set.urls[i])
-            except StorageUnreachable as e:  # evaluation keeps no position: count the shard out, as a damaged one
-                samples, error = [], str(e)
+                samples, error = read_shard(self.shard_set.urls[i], self.patience_s)
+            except StorageUnreachable as e:  # not a score of the samples that happened to be reachable
+                yield {"error": f"{e}; the evaluation stops"}
+                return
             if error:
                 bad += max(counts[i] - len(samples), 1) if counts else 1
                 damaged.append(error)

@@ -40,6 +40,11 @@ class WaitInterrupted(BaseException):
     a BaseException, so that the DataLoader's own ``except Exception`` lets it through."""
 
 
+class DataStopped(UserError):
+    """The data stream of a one-process run stopped (storage that did not answer, no usable shard) before the step
+    began: the last finished step can still be checkpointed."""
+
+
 class Preemption:
     """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps; while ``interruptible`` (waiting for data,
     nothing of the step done yet) into ``WaitInterrupted`` at once."""
@@ -97,9 +102,10 @@ def resume_point(config: Config) -> Path | None:
     if config.checkpoint.resume == "never":
         existing = checkpoint.find(config.run_dir)
         if existing is not None:  # this run's checkpoints would replace and prune that run's
-            raise UserError(f"checkpoint.resume=never starts fresh, but run_dir {config.run_dir} holds another run's "
-                            f"checkpoints (newest {existing.name}); give a new run_dir, or delete "
-                            f"{Path(config.run_dir) / 'checkpoints'} to start over there")
+            raise UserError(f"checkpoint.resume=never starts fresh, but run_dir {config.run_dir} holds checkpoints "
+                            f"(newest {existing.name}: of an earlier run, or of this one before a restart); to go on "
+                            f"from them set checkpoint.resume=auto, to start fresh give a new run_dir or delete "
+                            f"{Path(config.run_dir) / 'checkpoints'}")
         return None
     if config.checkpoint.resume == "auto":
         return checkpoint.find(config.run_dir)
@@ -222,7 +228,8 @@ class Trainer:
         self.hinted = False
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
-                             self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode)
+                             self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode,
+                             config.data.storage_patience_s)
         self.batches = loader(stream, config.data.workers, self.backend.device.type == "cuda")
         if config.data.decode == "device":
             self.batches = DeviceDecoded(self.batches, config.model.image_size, self.backend.device)
@@ -259,16 +266,16 @@ class Trainer:
                             f"{len(classes)} classes; set model.num_classes={len(classes)}")
         if data.val:  # top-1 with the model's head
             shards.check_same_classes(self.train_set, data.train, shards.resolve(data.val, "data.val"), data.val)
-        if self.config.log.fewshot_every:
-            probe = [(data.fewshot_train or data.train, "data.fewshot_train" if data.fewshot_train else "data.train"),
-                     (data.fewshot_val or data.val, "data.fewshot_val" if data.fewshot_val else "data.val")]
-            (train, train_key), (test, test_key) = [(shards.resolve(spec, key), key) for spec, key in probe]
-            for shard_set, key in ((train, train_key), (test, test_key)):
+        if self.config.log.fewshot_every:  # its sets: fewshot_train (or train) and fewshot_val (or val)
+            draw, test = ("fewshot_train" if data.fewshot_train else "train"), ("fewshot_val" if data.fewshot_val else "val")
+            sets = {key: self.train_set if key == "train" else shards.resolve(getattr(data, key), f"data.{key}")
+                    for key in (draw, test)}
+            for key, shard_set in sets.items():
                 if shard_set.multi_label:
-                    raise UserError(few_shot_needs_single_label(f"{key} {getattr(data, key.split('.')[1])}") +
-                                    "; set data.fewshot_train and data.fewshot_val to single-label shards (the paper "
-                                    "probes ImageNet), or log.fewshot_every=0")
-            shards.check_same_classes(test, probe[1][0], train, probe[0][0])
+                    raise UserError(few_shot_needs_single_label(f"data.{key} {getattr(data, key)}") + "; set "
+                                    "data.fewshot_train and data.fewshot_val to single-label shards (the paper probes "
+                                    "ImageNet), or log.fewshot_every=0")
+            shards.check_same_classes(sets[test], getattr(data, test), sets[draw], getattr(data, draw))
 
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend
@@ -284,10 +291,14 @@ class Trainer:
                 try:
                     norm = self.train_step(window)
                 except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
-                    self._checkpoint(window)
-                    print(f"preempted while waiting for data: checkpoint written at step {self.step}; rerun the "
-                          f"same command to resume", flush=True)
+                    self._checkpoint_at_stop(window)
+                    print(f"preempted while waiting for data: checkpoint at step {self.step}; rerun the same command "
+                          f"to resume", flush=True)
                     return {"step": self.step, "preempted": 1.0}
+                except DataStopped as e:
+                    if self.step:
+                        self._checkpoint_at_stop(window)
+                    raise UserError(f"{e}{f' (at step {self.step}, checkpointed)' if self.step else ''}") from None
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
@@ -340,6 +351,10 @@ class Trainer:
                 self.preemption.interruptible = True
             try:
                 batch = next(self.batches)
+            except UserError as e:
+                if interruptible:
+                    raise DataStopped(str(e)) from None
+                raise
             finally:
                 if interruptible:
                     self.preemption.interruptible = False
@@ -399,6 +414,12 @@ class Trainer:
                                   self.config.model.image_size, self.backend.device, seed=self.config.seed)
             self.metrics.log(self.step, result, prefix="fewshot")
         self.backend.barrier()
+
+    def _checkpoint_at_stop(self, window: dict) -> None:
+        """The last finished step's checkpoint, unless it has one (just resumed or written): rewriting it would only
+        spend the time a preemption leaves."""
+        if not (self.run_dir / "checkpoints" / checkpoint.folder_name(self.step) / checkpoint.STATE).is_file():
+            self._checkpoint(window)
 
     def _checkpoint(self, window: dict) -> None:
         """Also the loss of the steps since the last log step, so that a resumed run logs the same means."""

@@ -474,12 +474,33 @@ def test_a_photo_stored_turned_is_decoded_upright(orientation, upright):
 
 
 def test_storage_that_does_not_answer_is_asked_again_then_stops_the_run(small_shards, tmp_path, capfd, monkeypatch):
-    """Shards over HTTP (fsspec's, no retries of its own) from a server that is down, then up again."""
+    """Shards over HTTP (fsspec's, no retries of its own) from a server that is down, then up again; a forbidden
+    shard is skipped, not waited for."""
+    import http.server
     import threading
     import time
 
     from pretrain.data import shards
     from ports import free_port
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503 if "busy" in self.path else 403)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    refusing = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=refusing.serve_forever, daemon=True).start()
+    at = f"http://127.0.0.1:{refusing.server_port}"
+    assert read_shard(f"{at}/secret.tar", outage_s=0) == ([], f"{at}/secret.tar: cannot be read (ClientResponseError: "
+                                                             f"403, message='Forbidden', url='{at}/secret.tar')")
+    with pytest.raises(shards.StorageUnreachable, match="could not be read for 0 s .ClientResponseError: 503"):
+        read_shard(f"{at}/busy.tar", outage_s=0)  # a server error is storage that may answer again
+    refusing.shutdown()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/train-000000.tar"

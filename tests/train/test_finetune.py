@@ -154,7 +154,7 @@ def test_a_finetune_leaves_other_runs_alone_and_names_what_its_start_is(small_sh
 
     assert "is a checkpoint of a pretrain run and this recipe is stage: finetune; give this run a run_dir of its " \
            "own" in refused(f"init_from={pre}", f"run_dir={pre}")
-    assert f"run_dir {pre} holds another run's checkpoints" in refused(f"init_from={pre}", f"run_dir={pre}",
+    assert f"run_dir {pre} holds checkpoints (newest " in refused(f"init_from={pre}", f"run_dir={pre}",
                                                                       "checkpoint.resume=never")
     assert sorted(p.name for p in (pre / "checkpoints").iterdir()) == before
     out = tmp_path / "ft"

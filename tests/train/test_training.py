@@ -175,7 +175,9 @@ def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_
 
 def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_resume_is_exact(small_shards, tmp_path):
     """Shards over HTTP from a server that goes down: the reader asks again (saying so), and a preemption then
-    checkpoints the last finished step at once instead of waiting for the data; resumed, the run is exact."""
+    checkpoints the last finished step at once instead of waiting for the data; storage that stays down past
+    data.storage_patience_s stops the run in one sentence; resumed, the run is exact."""
+    import http.server
     import threading
 
     from ports import free_port
@@ -197,30 +199,54 @@ def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_re
     assert clean.returncode == 0, clean.stderr
     args = overrides({"train": f"http://127.0.0.1:{port}/"}, tmp_path / "run", **short)
     server = serve()
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    said: list[str] = []
-    threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
     try:
         wait_for_step(tmp_path / "run", 2, proc)
     finally:
         server.terminate()
         server.wait()
     deadline = time.time() + 120
-    while not any("asking again in" in line for line in said):
-        assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
+    while "asking again in" not in errors.read_text():
+        assert time.time() < deadline and proc.poll() is None, errors.read_text()[-3000:]
         time.sleep(0.05)
     reached, still = max(losses(tmp_path / "run")), time.time()
-    while time.time() - still < 2:  # until the batches read before the server went down are trained: the run waits
-        assert time.time() < deadline and proc.poll() is None, "".join(said)[-3000:]
+    while time.time() - still < 4:  # until the batches read before the server went down are trained: the run waits
+        assert time.time() < deadline and proc.poll() is None, errors.read_text()[-3000:]
         if (now := max(losses(tmp_path / "run"))) != reached:
             reached, still = now, time.time()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "preempted while waiting for data: checkpoint written at step" in out, out
+    assert proc.returncode == 0 and "preempted while waiting for data: checkpoint at step" in out, out
     step = int(checkpoint.find(tmp_path / "run").name[5:])
     assert 2 <= step < 16 and max(losses(tmp_path / "run")) == step
+
+    class Busy(http.server.BaseHTTPRequestHandler):  # the manifest, then 503 for every shard
+        def do_GET(self):
+            body = (Path(small_shards["train"]) / "manifest.json").read_bytes() if "manifest" in self.path else b""
+            self.send_response(200 if body else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    busy = http.server.ThreadingHTTPServer(("127.0.0.1", port), Busy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    state = checkpoint.find(tmp_path / "run") / checkpoint.STATE
+    written = state.stat().st_mtime_ns
+    try:
+        stopped = run([*args, "data.storage_patience_s=1"])
+    finally:
+        busy.shutdown()
+        busy.server_close()
+    assert stopped.returncode == 2 and "could not be read for" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].endswith(f"(at step {step}, checkpointed)")
+    assert state.stat().st_mtime_ns == written  # the checkpoint it resumed from was not written again
     server = serve()
     try:
         resumed = run(args)
