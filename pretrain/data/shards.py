@@ -61,7 +61,7 @@ def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet
 
 
 OUTAGE_S = 600.0  # how long storage that does not answer is asked again for a shard before the run stops
-RETRY_S = (5, 10, 20, 40, 60)  # the waits between those attempts; the last repeats
+RETRY_S = (2, 5, 10, 30, 60)  # the waits between those attempts; the last repeats
 
 
 def transient(e: BaseException) -> bool:

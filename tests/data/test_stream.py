@@ -511,7 +511,7 @@ def test_storage_that_does_not_answer_is_asked_again_then_stops_the_run(small_sh
     reader = threading.Thread(target=lambda: got.update(result=read_shard(url, outage_s=60)))
     reader.start()
     said = ""
-    while "asking again in 5 s" not in said:  # the first attempt failed while the server was down
+    while "asking again in 2 s" not in said:  # the first attempt failed while the server was down
         said += capfd.readouterr().err
         time.sleep(0.05)
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
