@@ -292,8 +292,8 @@ class Trainer:
                     norm = self.train_step(window)
                 except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
                     self._checkpoint_at_stop(window)
-                    print(f"preempted while waiting for data: checkpoint at step {self.step}; rerun the same command "
-                          f"to resume", flush=True)
+                    print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume",
+                          flush=True)  # the same line as between steps: which of the two met it is timing
                     return {"step": self.step, "preempted": 1.0}
                 except DataStopped as e:
                     if self.step:
