@@ -66,9 +66,10 @@ class StreamState:
 class TrainStream(IterableDataset):
     def __init__(self, urls: list[str], image_size: int, micro_batch: int, seed: int, rank: int, world: int,
                  min_scale: float, resume: StreamState | None = None, decode: str = "host",
-                 patience_s: float | None = None):
+                 patience_s: float | None = None, counts: list[int] | None = None):
         super().__init__()
         self.urls, self.image_size, self.micro_batch, self.seed = urls, image_size, micro_batch, seed
+        self.counts = counts  # samples in each shard (the manifest's): what a damaged shard lacks is bad_samples
         self.rank, self.world, self.min_scale, self.resume = rank, world, min_scale, resume
         self.patience_s = patience_s  # read_shard's outage_s
         self.views = JpegBatch if decode == "device" else HostBatch
@@ -104,6 +105,8 @@ class TrainStream(IterableDataset):
                 if error:
                     damaged.append(error)
                     errors.append(error)
+                    if self.counts and state.offset == 0:  # resumed inside the shard: counted before the checkpoint
+                        bad += max(self.counts[shard] - len(samples), 0)
                 order = np.random.default_rng([self.seed, state.epoch, shard]).permutation(len(samples))
                 while state.offset < len(order):
                     i = int(order[state.offset])

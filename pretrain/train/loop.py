@@ -229,7 +229,7 @@ class Trainer:
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
                              self.backend.world, config.data.crop_min_scale, stream_state, config.data.decode,
-                             config.data.storage_patience_s)
+                             config.data.storage_patience_s, self.train_set.counts)
         self.batches = loader(stream, config.data.workers, self.backend.device.type == "cuda")
         if config.data.decode == "device":
             self.batches = DeviceDecoded(self.batches, config.model.image_size, self.backend.device)

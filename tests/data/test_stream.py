@@ -318,18 +318,40 @@ def damaged(small_shards, tmp_path_factory) -> dict:
 
 
 def test_damaged_shards_are_counted_and_the_stream_goes_on(damaged):
-    """Reading through the first epoch: one bad sample, one damaged shard, and batches keep coming."""
-    urls = resolve(damaged["folder"]).urls
-    bad, reasons, epoch0 = 0, [], 0
-    for batch in loader(train_stream(urls), 0, pin=False):
-        bad += batch["bad_samples"]
-        reasons += batch["damaged_shards"]
-        epoch0 += 1
-        if batch["state"]["epoch"] >= 1:
-            break
-    assert bad == 1
-    assert len(reasons) == 1 and reasons[0].startswith(damaged["truncated"])
-    assert epoch0 < PER_EPOCH  # the truncated shard lost samples, the epoch is shorter
+    """Reading through the first epoch: one bad sample, one damaged shard, and batches keep coming. With the
+    manifest's counts, the samples the cut shard lost are bad samples too, so that the epoch adds up."""
+    shard_set = resolve(damaged["folder"])
+    for counts in (None, shard_set.counts):
+        stream = TrainStream(shard_set.urls, SIZE, MICRO, SEED, 0, 1, MIN_SCALE, counts=counts)
+        bad, reasons, read = 0, [], 0
+        for batch in loader(stream, 0, pin=False):
+            bad += batch["bad_samples"]
+            reasons += batch["damaged_shards"]
+            read += len(batch["labels"])
+            if batch["state"]["epoch"] >= 1:  # this batch ends with the next epoch's first samples
+                read -= batch["state"]["offset"]
+                break
+        assert len(reasons) == 1 and reasons[0].startswith(damaged["truncated"])
+        assert 300 < read < 399  # the truncated shard lost samples, the epoch is shorter
+        assert bad == (1 if counts is None else 400 - read)
+
+
+def test_a_missing_shard_counts_its_samples_as_bad_once_and_not_again_on_resume(small_shards, tmp_path):
+    """Resumed inside a damaged shard, the stream reads it again but does not count its loss a second time."""
+    shutil.copytree(small_shards["train"], tmp_path / "train")
+    shard_set = resolve(str(tmp_path / "train"))
+    mine = np.random.default_rng([SEED, 0]).permutation(len(shard_set.urls))
+    Path(shard_set.urls[mine[0]]).unlink()  # the first shard the one reader reads: 50 samples
+    cut = tmp_path / "train" / Path(shard_set.urls[mine[1]]).name
+    middle = members(cut)[31]  # the 16th sample's image
+    cut.write_bytes(cut.read_bytes()[: middle.offset_data + middle.size // 2])
+    (first,) = take(TrainStream(shard_set.urls, SIZE, MICRO, SEED, 0, 1, MIN_SCALE, counts=shard_set.counts), 0, 1)
+    assert first["bad_samples"] == 50 + 35  # the missing shard's, and what the one cut after 15 samples lacks
+    assert len(first["damaged_shards"]) == 2
+    inside_the_cut_one = StreamState(1, 1, {0: ReaderState(0, 1, 5)})
+    (again,) = take(TrainStream(shard_set.urls, SIZE, MICRO, SEED, 0, 1, MIN_SCALE, inside_the_cut_one,
+                                counts=shard_set.counts), 0, 1)
+    assert again["bad_samples"] == 0 and len(again["damaged_shards"]) == 1 and again["state"]["cursor"] == 2
 
 
 def test_a_damaged_shard_is_named_once_however_many_epochs(damaged):
