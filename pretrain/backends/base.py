@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
+
+
+def collective_timeout(config: Config) -> timedelta:
+    """How long a collective waits for the slowest rank before the run is taken for hung: longer than a rank may
+    wait by design, for storage that does not answer (``data.storage_patience_s``) or for rank 0 alone probing
+    few-shot or writing a checkpoint. NCCL's default, 10 minutes, ended such runs with a watchdog abort."""
+    return timedelta(seconds=max(1800.0, config.data.storage_patience_s + 600.0))
 
 
 class Backend(ABC):
@@ -107,7 +115,8 @@ class Backend(ABC):
         if self.world == 1:
             return flag
         if not hasattr(self, "_host_group"):  # the first call is on every rank at once, as new_group needs
-            self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            timeout = collective_timeout(self.config)
+            self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
         t = torch.tensor([float(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
         return bool(t.item())

@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..train.loop import micro_batch
 from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
 from ..weights_file import save_weights
-from .base import Backend
+from .base import Backend, collective_timeout
 from .torch_backend import TorchBackend
 
 try:
@@ -84,7 +84,7 @@ class DeepSpeedBackend(TorchBackend):
             dist.init_process_group(accelerator.communication_backend_name(), store=dist.HashStore(), rank=0,
                                     world_size=1)
             os.environ["LOCAL_RANK"] = "0"
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=collective_timeout(config))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def setup(self, model: nn.Module) -> None:

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
 from ..weights_file import save_weights
-from .base import Backend
+from .base import Backend, collective_timeout
 
 
 class TorchBackend(Backend):
@@ -29,7 +29,9 @@ class TorchBackend(Backend):
         else:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", device_id=self.device if self.device.type == "cuda" else None)
+            cuda = self.device.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None,
+                                    timeout=collective_timeout(config))
 
     def setup(self, model: nn.Module) -> None:
         self.module = model.to(self.device)

@@ -46,7 +46,7 @@ from ..errors import UserError
 from ..models.vit import Block
 from ..train.optim import clip_and_flag, param_groups, set_lr
 from ..weights_file import save_weights
-from .base import Backend
+from .base import Backend, collective_timeout
 from .xla_plan import mesh_axis
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class XlaBackend(Backend):
             raise UserError(f"data.batch_size {config.data.batch_size} / {config.optim.grad_accum} accumulation steps "
                             f"does not split over {n} XLA devices; make it a multiple of {n * config.optim.grad_accum}")
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo", init_method="xla://")  # host-side agreement and checkpoint planning
+            # host-side agreement and checkpoint planning
+            dist.init_process_group("gloo", init_method="xla://", timeout=collective_timeout(config))
         # Steps that compile: the first (it creates the optimizer state), the second, and the first after a log
         # step (the loop's loss sum starts again from a new tensor); the graphs are cached from then on.
         self.warmup = max(3, config.log.every + 1)

@@ -46,6 +46,7 @@ from pretrain.config import Config
 
 config = Config(run_dir=sys.argv[1])
 config.data.batch_size = 2
+config.data.storage_patience_s = 3000  # the process group waits longer than that: checked in the report
 report = {}
 for stage in range(4):
     config.deepspeed.zero_stage = stage
@@ -62,6 +63,7 @@ for stage in range(4):
         changed = any(not torch.equal(before[k], v) for k, v in backend.model_state().items())
         seen.append([math.isfinite(norm.item()), bool(updated), changed])
     report[stage] = backend.gather(seen)
+report["timeout_s"] = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 if backend.is_main:
     print(json.dumps(report))
 """
@@ -215,7 +217,7 @@ def test_a_nonfinite_gradient_is_skipped_on_every_rank(tmp_path):
     script.write_text(NONFINITE)
     report = json.loads(torchrun([str(tmp_path)], script=(str(script),)).stdout.splitlines()[-1])
     skipped_then_updated = [[False, False, False], [True, True, True]]  # [finite norm, updated, weights changed]
-    assert report == {str(stage): [skipped_then_updated] * 2 for stage in range(4)}
+    assert report == {**{str(stage): [skipped_then_updated] * 2 for stage in range(4)}, "timeout_s": 3600.0}
 
 
 def test_a_zero_1_or_2_step_never_reads_the_device_and_zero_3_once(tmp_path):
@@ -276,3 +278,23 @@ def test_deepspeed_missing_names_the_extra(small_shards, tmp_path):
     code = "import sys; sys.modules['deepspeed'] = None; from pretrain import run; sys.exit(run.main(sys.argv[1:]))"
     result = run(args(small_shards, tmp_path, backend="deepspeed"), launcher=(sys.executable, "-c", code), env=ENV)
     assert "pip install vit-pretrain[gpu]" in one_error_line(result)
+
+
+TIMEOUTS = """
+import json, sys, torch, torch.distributed as dist
+from pretrain.backends.torch_backend import TorchBackend
+from pretrain.config import Config
+
+config = Config(run_dir=sys.argv[1])
+config.data.storage_patience_s = 3000
+backend = TorchBackend(config)
+print(json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
+"""
+
+
+def test_collectives_wait_longer_than_a_rank_waits_for_storage(tmp_path):
+    """A rank asking storage again for data.storage_patience_s must not be taken for hung by the others (NCCL's
+    watchdog ends a collective after 10 minutes by default). The deepspeed backend's: in the non-finite test."""
+    script = tmp_path / "timeouts.py"
+    script.write_text(TIMEOUTS)
+    assert json.loads(torchrun([str(tmp_path)], script=(str(script),)).stdout.splitlines()[-1]) == 3600.0
