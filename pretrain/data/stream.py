@@ -291,7 +291,9 @@ def _stop_workers(batches) -> None:
 def loader(dataset: IterableDataset, workers: int, pin: bool) -> Batches:
     if isinstance(dataset, TrainStream):
         dataset.check_readers(workers)
+    # A generator of its own: otherwise each new DataLoader iterator draws its seed from torch's global one, so a
+    # resumed run (which starts one after restoring the RNG states) would draw other dropout masks.
     return Batches(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
-                              prefetch_factor=4 if workers else None,
+                              prefetch_factor=4 if workers else None, generator=torch.Generator(),
                               worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers else None,
                               multiprocessing_context=worker_context() if workers else None))
