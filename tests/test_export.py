@@ -146,6 +146,8 @@ def test_hybrid_onnx_holds_each_weight_once(tmp_path):
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    preprocessor = json.loads(session.get_modelmeta().custom_metadata_map["preprocessor"])
+    assert preprocessor["image_mean"] == preprocessor["image_std"] == [0.5] * 3  # the image's channels, not the trunk's
 
 
 def test_evaluate_cli_reproduces_the_runs_last_eval(runs, small_shards):

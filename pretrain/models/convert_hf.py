@@ -201,7 +201,7 @@ def _hf_config(model: VisionTransformer, classifier: bool, id2label: dict[int, s
         "layer_norm_eps": model.norm_eps,
         "image_size": model.image_size,
         "patch_size": model.patch_size,
-        "num_channels": model.patch_embed.proj.in_channels,
+        "num_channels": model.patch_embed.in_chans,
         "qkv_bias": True,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
@@ -225,7 +225,7 @@ def preprocessor_config(model: VisionTransformer) -> dict:
     """What ``pretrain.evaluate`` does to an image, as an image processor: the shorter side resized to size / 0.875,
     the centre crop, then [0, 1] -> mean 0.5, std 0.5. ``ViTImageProcessor`` only resizes to a square; BiT's
     processor (loaded by ``AutoImageProcessor`` and the pipelines for any model type) crops."""
-    channels = model.patch_embed.proj.in_channels
+    channels = model.patch_embed.in_chans
     return {
         "image_processor_type": "BitImageProcessor",
         "do_convert_rgb": True,

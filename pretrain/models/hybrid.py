@@ -143,7 +143,7 @@ class HybridEmbed(nn.Module):
         super().__init__()
         self.backbone = ResNetBackbone(layers, in_chans)
         self.proj = nn.Conv2d(self.backbone.out_channels, width, 1)
-        self.stride = self.backbone.stride
+        self.stride, self.in_chans = self.backbone.stride, in_chans
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -86,7 +86,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, width: int, in_chans: int = 3):
         super().__init__()
-        self.stride = patch_size
+        self.stride, self.in_chans = patch_size, in_chans
         self.proj = nn.Conv2d(in_chans, width, patch_size, stride=patch_size)
 
     @torch.no_grad()
