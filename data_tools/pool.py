@@ -1,48 +1,97 @@
-"""The process pool of the command-line tools: spawned, and stopped by Ctrl-C in the main process alone."""
+"""The process pool of the command-line tools: spawned, stopped by Ctrl-C or SIGTERM in the main process alone, and
+gone with that process however it ends."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-
+from multiprocessing import resource_tracker
 
 @contextlib.contextmanager
-def signals_ignored(*signals: signal.Signals) -> Iterator[None]:
-    """Processes started meanwhile ignore ``signals`` from their first instruction (exec keeps an ignored signal),
-    so that one sent to every process of a group (Ctrl-C's SIGINT from a terminal, Slurm's SIGUSR1) reaches this
-    process alone, which then handles it as before."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may change handlers
-        yield
-        return
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+def signals_blocked(*signals: signal.Signals) -> Iterator[None]:
+    """Processes started meanwhile never receive ``signals``: they start with them blocked (fork and exec keep a
+    thread's signal mask, and Python never unblocks it), so that one sent to every process of a group (Ctrl-C's
+    SIGINT from a terminal, Slurm's SIGTERM or SIGUSR1) reaches this process alone. This process keeps its handlers:
+    a signal that arrives meanwhile is handled when the block ends, or at once if another thread takes it; it is
+    never dropped, as it was when the handlers were set to ignore."""
+    resource_tracker.ensure_running()  # its start unblocks SIGINT and SIGTERM (bpo-33613): not inside the block
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def exit_when_gone(pid: int) -> None:
+    """Start a thread that ends this process once process ``pid`` has ended, however it ended (SIGKILL too): a worker
+    whose parent is gone would otherwise wait for work forever."""
+    threading.Thread(target=_exit_after, args=(pid,), name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
+    except ProcessLookupError:
+        pass
+    except OSError:  # no pidfd (Linux before 5.3): ask every second
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+    os._exit(0)
+
+
+def _start_worker(parent: int, initializer, initargs: tuple) -> None:
+    exit_when_gone(parent)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 class ProcessPool(ProcessPoolExecutor):
     """Spawned workers (fork does not mix with fsspec's event loops); a pool of futures, unlike multiprocessing.Pool,
     fails instead of hanging when a worker dies (say in an image decoder).
 
-    The workers start at the first submits, which ignore SIGINT meanwhile. When Ctrl-C (or anything but an
-    error) leaves the ``with`` block, the tasks the workers are on finish and the rest are not started.
+    The workers start at the first submits with SIGINT blocked (not SIGTERM, which the executor sends to stop them
+    when one has died), and end when this process does. When Ctrl-C (or anything but an error) leaves the ``with``
+    block, the tasks the workers are on finish and the rest are not started.
     """
 
     def __init__(self, workers: int, initializer=None, initargs: tuple = ()):
-        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
-                         initargs=initargs)
+        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                         initargs=(os.getpid(), initializer, initargs))
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        with signals_ignored(signal.SIGINT):
+        with signals_blocked(signal.SIGINT):
             return super().submit(fn, *args, **kwargs)
 
     def __exit__(self, exc_type, exc, traceback):
         if exc_type is not None and not issubclass(exc_type, Exception):  # KeyboardInterrupt, GeneratorExit
             self.shutdown(cancel_futures=True)
         return super().__exit__(exc_type, exc, traceback)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's, the OOM killer's notice, ``kill``) stops a command as Ctrl-C does: the workers' current
+    tasks finish and the command says what is kept, instead of dying with its temporary files and workers left."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import queue
 import re
-import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from pretrain.errors import UserError
 
 from . import sources
 from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
-from .pool import ProcessPool, signals_ignored
+from .pool import ProcessPool, terminate_as_interrupt
 from .sources import Corpus, Item
 from .storage import Location
 from .writer import Options, write_shard
@@ -201,8 +200,7 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
             for name, items in todo:
                 records.append(finish(write_shard(out.url, name, items, options, advance)))
             return records
-        with signals_ignored(signal.SIGINT):
-            progress = multiprocessing.get_context("spawn").Manager().Queue()
+        progress = multiprocessing.get_context("spawn").Queue()  # handed to each worker as it starts
         with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
             pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}
             while pending:
@@ -330,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)
-    shard(args)
+    with terminate_as_interrupt():
+        shard(args)
     return 0
 
 

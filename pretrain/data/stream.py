@@ -17,10 +17,7 @@ import functools
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import select
 import signal
-import threading
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_tools.pool import signals_ignored
+from data_tools.pool import exit_when_gone, signals_blocked
 
 from ..errors import UserError
 from .device_decode import JpegBatch
@@ -222,22 +219,7 @@ def _start_worker(trainer: int, worker_id: int) -> None:
     exits when that process is gone (killed: its parent is the fork server, which PyTorch's own check watches)."""
     for s in PREEMPTION_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    threading.Thread(target=_exit_after, args=(trainer,), name="exit-with-trainer", daemon=True).start()
-
-
-def _exit_after(pid: int) -> None:
-    try:
-        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
-    except ProcessLookupError:
-        pass
-    except OSError:  # no pidfd (Linux before 5.3): ask every second
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(1)
-    os._exit(0)
+    exit_when_gone(trainer)
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -246,13 +228,13 @@ def worker_context() -> multiprocessing.context.BaseContext:
     Forking a process whose other threads (gloo, NCCL, DeepSpeed, the autograd engine) may hold Python's thread-state
     lock leaves the child deadlocked before its first line (seen resuming DeepSpeed ZeRO-3: 2 of 11 resumes hung).
     The server forks from a fresh interpreter that has already imported this module (torch, PIL, webdataset) and the
-    main module, so a worker starts in milliseconds. It starts with SIGTERM and SIGUSR1 ignored, a disposition that
-    survives exec, so that a signal sent to the whole process group (Slurm, a shell) leaves it and its workers alone
-    while the training process checkpoints.
+    main module, so a worker starts in milliseconds. It starts with SIGTERM and SIGUSR1 blocked, a mask that fork and
+    exec keep, so that a signal sent to the whole process group (Slurm, a shell) leaves it and its workers alone
+    while the training process checkpoints; one that reaches the training process meanwhile waits for its handler.
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", __name__])
-    with signals_ignored(*PREEMPTION_SIGNALS):
+    with signals_blocked(*PREEMPTION_SIGNALS):
         multiprocessing.forkserver.ensure_running()
     return ctx
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 
 from corpus import CLASSES, i21k_tars, image_bytes, image_folder, image_list
 from data_tools import manifest as mf
+from data_tools.pool import signals_blocked
 from data_tools.shard import main
 from data_tools.storage import register_webdataset_schemes
 
@@ -286,13 +288,26 @@ def test_a_finished_set_with_a_shard_lost_or_cut_short_is_mended_by_the_same_com
     assert verify([str(out), "--decode"]) == 0
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def session(sid: int) -> list[int]:
+    """The processes of session ``sid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
-    """Killed, or Ctrl-C in a terminal (SIGINT to the whole process group, workers included: one line, no
-    traceback)."""
+    """Killed (its workers must not outlive it), Ctrl-C in a terminal (SIGINT to the whole process group, workers
+    included) or SIGTERM (to it alone, as a scheduler or kill sends it): one line, no traceback, then resumed."""
     image_folder(tmp_path / "src", per_class=60)
     command = [sys.executable, "-m", "data_tools.shard", str(tmp_path / "src")]
-    options = ["--shard-samples", "6", "--workers", "1" if how == "SIGKILL" else "2", "--check", "decode"]
+    options = ["--shard-samples", "6", "--workers", "2", "--check", "decode"]
     assert subprocess.run([*command, str(tmp_path / "clean"), *options], capture_output=True).returncode == 0
 
     out = tmp_path / "out"
@@ -301,12 +316,19 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     deadline = time.time() + 60
     while not (out / "_parts" / "train-000004.tar.json").exists() and time.time() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
-    if how == "Ctrl-C":
+    if how != "SIGKILL":
         assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
         assert err.splitlines()[-1].startswith("interrupted; the finished shards are kept")
+    deadline = time.time() + 30
+    while session(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not session(proc.pid), "workers outlived the command"
     finished = len(list((out / "_parts").glob("*.tar.json")))
     other = subprocess.run([*command, str(out), *options, "--seed", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "unfinished run of another command (--seed 0 there, 3 here)" in other.stderr
@@ -317,6 +339,17 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     resumed = json.loads((out / mf.MANIFEST).read_text())
     assert resumed["shards"] == clean["shards"] and resumed["class_counts"] == clean["class_counts"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+
+
+def test_a_signal_that_arrives_while_workers_start_is_handled_not_lost():
+    with signals_blocked(signal.SIGINT):
+        started = subprocess.run([sys.executable, "-c", "import signal; print(signal.SIGINT in "
+                                  "signal.pthread_sigmask(signal.SIG_BLOCK, []))"], capture_output=True, text=True)
+    assert started.stdout.strip() == "True"  # a process started meanwhile never receives it
+    with pytest.raises(KeyboardInterrupt):  # this one does: as the block ends, or at once through another thread
+        with signals_blocked(signal.SIGINT):
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
 
 
 def test_resize_short_reencodes(tmp_path):
