@@ -11,7 +11,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,6 +177,16 @@ def new_window(device: torch.device) -> dict:
     return {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
 
 
+def aside(window: dict, work: Callable[[], Any]) -> Any:
+    """``work()`` (an evaluation, a few-shot probe, a checkpoint) off the log window's clock, so that its img/s,
+    MFU and data-wait share are the training steps' own."""
+    start = time.perf_counter()
+    try:
+        return work()
+    finally:
+        window["start"] += time.perf_counter() - start
+
+
 class Trainer:
     def __init__(self, config: Config, backend: Backend | None = None):
         self.config = config
@@ -302,12 +314,12 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
-                    self.last_eval = self._evaluate()
+                    self.last_eval = aside(window, self._evaluate)
                 if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
-                    self._fewshot()
+                    aside(window, self._fewshot)
                 stop = backend.any(preemption.requested)
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
-                    self._checkpoint(window)
+                    aside(window, lambda: self._checkpoint(window))
                 if stop:
                     if backend.is_main:
                         print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume", flush=True)

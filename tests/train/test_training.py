@@ -139,6 +139,30 @@ def test_a_checkpoint_inside_a_log_window_resumes_to_the_same_logged_means(small
     assert losses(tmp_path / "killed") == losses(tmp_path / "clean")
 
 
+SLOW_ASIDES = """
+import sys, time
+from pretrain import run
+from pretrain.train.loop import Trainer
+for name in ("_evaluate", "_checkpoint"):
+    def slow(self, *args, work=getattr(Trainer, name)):
+        time.sleep(2)
+        return work(self, *args)
+    setattr(Trainer, name, slow)
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_evaluations_and_checkpoints_are_not_counted_as_training_time(small_shards, tmp_path):
+    """Each evaluation and checkpoint takes 2 s more here; the windows after them must not show it in img/s."""
+    every = {"schedule.total_steps": 6, "log.every": 2, "log.eval_every": 2, "checkpoint.every": 2,
+             "data.val": small_shards["val"]}
+    result = run(overrides(small_shards, tmp_path, **every), launcher=(sys.executable, "-c", SLOW_ASIDES))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["step"]: 32 / r["img_per_s"] for r in rows if r["split"] == "train"}  # 2 steps of 16 images
+    assert seconds[4] < 3 and seconds[6] < 3, seconds  # each after an evaluation and a checkpoint: 4 s aside
+
+
 def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_shards, tmp_path):
     """The checkpoint at step 6 cuts the log window 5-8 of a 2-rank run; the run resumes on one rank (the stream
     restarts at the next epoch). Its step-8 row must be the mean of the two ranks' steps 5-6 and its own 7-8, which
