@@ -23,7 +23,6 @@ final losses.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -40,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import recipe  # noqa: E402
+from pretrain.cli import OneLineParser, command  # noqa: E402
 from pretrain.config import Config  # noqa: E402
 from pretrain.data import shards  # noqa: E402
 from pretrain.metrics import peak_flops  # noqa: E402
@@ -244,8 +244,9 @@ def make_shards(folder: Path, images: int, workers: int) -> str:
     return str(folder / "shards")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="benchmarks/throughput.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="key=value, as for python -m pretrain.run")
     parser.add_argument("--data", nargs="+", choices=["synthetic", "shards"], default=["synthetic", "shards"])

@@ -38,6 +38,13 @@ def test_throughput_runs_our_step_and_the_references_and_prints_json_lines(tmp_p
         assert "aten::addmm" in table and "Self CPU time total" in table
 
 
+def test_throughput_says_what_is_wrong_with_its_arguments_in_one_sentence():
+    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "optim.lrr=1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "did you mean 'optim.lr'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_decode_throughput_times_both_paths():
     result = subprocess.run(
         [sys.executable, "benchmarks/decode_throughput.py", "--images", "12", "--batch", "6", "--repeats", "1"],
