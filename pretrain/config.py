@@ -14,10 +14,11 @@ from .models.posemb import Interpolation
 from .models.vit import Head, Pool
 
 
-def doc(default: Any, text: str, low: float | None = None, high: float | None = None) -> Any:
-    """A field with an immutable default, its documentation (shown by ``--help-recipe``) and, for a number, the
-    range a recipe's value must lie in (``low``/``high`` inclusive)."""
-    return field(default=default, metadata={"doc": text, "range": (low, high)})
+def doc(default: Any, text: str, low: float | None = None, high: float | None = None, *, above: float | None = None,
+        below: float | None = None) -> Any:
+    """A field with an immutable default, its documentation (shown by ``--help-recipe``) and, for a number (or each
+    number of a tuple), the range a recipe's value must lie in: ``low``/``high`` inclusive, ``above``/``below`` not."""
+    return field(default=default, metadata={"doc": text, "range": (low, high), "open": (above, below)})
 
 
 def section(cls: type, text: str) -> Any:
@@ -34,7 +35,7 @@ class ModelConfig:
     pool: Pool = doc("cls", "Representation: cls reads the [CLS] token; gap averages all tokens (no [CLS] token).")
     dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).", low=0, high=1)
     attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.", low=0, high=1)
-    norm_eps: float = doc(1e-6, "LayerNorm epsilon.")
+    norm_eps: float = doc(1e-6, "LayerNorm epsilon.", above=0)
     bf16_residual: bool = doc(False, "Under bf16 autocast (precision bf16 or float8), carry the residual stream between the blocks in bf16, as Megatron-LM and torchtitan do, instead of the fp32 the fp32 position embeddings promote it to: a fifth fewer bytes through a compiled block's memory-bound elementwise kernels (benchmarks/block_bytes.py), 3-5% faster on an H100 with the same 200-step loss; each residual add is rounded to bf16.")
     posemb_interp: Interpolation = doc("bilinear", "How position embeddings are resampled to a new grid: bilinear (the paper) or bicubic.")
     posemb_align_corners: bool = doc(True, "Resampling maps corner embeddings onto corners (the paper's scipy zoom); false: cell centres (timm, big_vision).")
@@ -59,7 +60,7 @@ class DataConfig:
 class OptimConfig:
     name: Literal["adamw", "sgd"] = doc("adamw", "adamw (pre-training) or sgd with momentum (fine-tuning).")
     lr: float = doc(1e-3, "Peak learning rate, reached at the end of warm-up.", low=0)
-    betas: tuple[float, float] = doc((0.9, 0.999), "Adam b1, b2.")
+    betas: tuple[float, float] = doc((0.9, 0.999), "Adam b1, b2.", low=0, below=1)
     momentum: float = doc(0.9, "SGD momentum.", low=0, high=1)
     weight_decay: float = doc(0.1, "Decoupled weight decay (PyTorch AdamW: multiplied by the lr), on weight matrices only.", low=0)
     clip_grad_norm: float = doc(1.0, "Clip gradients at this global L2 norm; 0 turns clipping off.", low=0)
@@ -71,7 +72,7 @@ class ScheduleConfig:
     total_steps: int = doc(100_000, "Optimizer steps in the whole run, warm-up included.", low=1)
     warmup_steps: int = doc(10_000, "Linear warm-up from 0 to optim.lr over this many steps.", low=0)
     decay: Literal["linear", "cosine"] = doc("linear", "Decay after warm-up, down to final_lr at total_steps.")
-    final_lr: float = doc(0.0, "Learning rate at the last step.", low=0)
+    final_lr: float = doc(0.0, "Learning rate the decay ends at, at step total_steps (the last step trained, total_steps - 1 from 0, is one step of decay above it); at most optim.lr.", low=0)
 
 
 @dataclass

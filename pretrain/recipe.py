@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from pathlib import Path
@@ -32,14 +33,33 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         value = text if field_type is str else _parse_yaml(text, COMMAND_LINE)
         _check({key.strip(): value}, Config, COMMAND_LINE)
         _set_dotted(values, key.strip(), value)
-    return _build(Config, values)
+    return _check_together(_build(Config, values), f"{path}{' with the overrides' if overrides else ''}")
 
 
 def from_dict(values: dict[str, Any], source: str) -> Config:
     """A Config from plain data (e.g. a checkpoint's saved recipe), checked like a recipe file."""
     values = _expand(values)
     _check(values, Config, source)
-    return _build(Config, values)
+    return _check_together(_build(Config, values), source)
+
+
+def _check_together(config: Config, source: str) -> Config:
+    """Settings that each are in range but contradict each other."""
+    if config.schedule.final_lr > config.optim.lr:
+        raise RecipeError(f"{source}: schedule.final_lr {config.schedule.final_lr} is above optim.lr {config.optim.lr}, "
+                          f"the peak the schedule decays from; lower schedule.final_lr")
+    return config
+
+
+def warnings(config: Config) -> list[str]:
+    """What is allowed but likely not meant; said at the start of a run and by --dry-run."""
+    schedule = config.schedule
+    if schedule.warmup_steps >= schedule.total_steps:
+        return [f"schedule.warmup_steps {schedule.warmup_steps} is not below schedule.total_steps "
+                f"{schedule.total_steps}: the run is all warm-up, its learning rate never decays and reaches optim.lr "
+                f"{'at the last step only' if schedule.warmup_steps == schedule.total_steps else 'at no step'}; "
+                f"lower the warm-up"]
+    return []
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -229,16 +249,27 @@ def _in_range(value: Any, key: str, source: str) -> None:
     cls: Any = Config
     for part in path:
         cls = typing.get_type_hints(cls)[part]
-    low, high = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("range", (None, None))
-    if (low is not None and value < low) or (high is not None and value > high):
-        expected = f"between {low} and {high}" if low is not None and high is not None else (
-            f"at least {low}" if low is not None else f"at most {high}")
-        raise RecipeError(f"{source}: '{key}' must be {expected}, got {value!r}")
+    meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+    (low, high), (above, below) = meta.get("range", (None, None)), meta.get("open", (None, None))
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (str, bool)):
+            continue
+        if (low is not None and v < low) or (high is not None and v > high) or (above is not None and v <= above) \
+                or (below is not None and v >= below):
+            raise RecipeError(f"{source}: '{key}' must be {_range_words(low, high, above, below)}, got {value!r}")
+
+
+def _range_words(low: float | None, high: float | None, above: float | None, below: float | None) -> str:
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    floor = f"at least {low}" if low is not None else f"above {above}" if above is not None else ""
+    ceiling = f"at most {high}" if high is not None else f"below {below}" if below is not None else ""
+    return " and ".join(part for part in (floor, ceiling) if part)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     def bad(expected: str) -> RecipeError:
-        return RecipeError(f"{source}: '{key}' must be {expected}, got {value!r}")
+        return RecipeError(f"{source}: '{key}' must be {expected}, got {'an empty value' if value is None else repr(value)}")
 
     if get_origin(tp) is Literal:
         choices = get_args(tp)
@@ -270,12 +301,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise bad("a number") from None
+        if not math.isfinite(number):  # every range check passes a NaN
+            raise bad("a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad("a string (quote it)")

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(recipe.to_yaml(config), end="")
         print("\n".join("# " + line for line in summary(config).splitlines()))
+        for warning in recipe.warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         if config.init_from:  # a warning: a dry run also shows a recipe before its start exists
             from .checkpoint import check_init_from
 

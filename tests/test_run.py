@@ -36,6 +36,15 @@ def test_overrides_reach_the_model(root, capsys):
     assert "vit_l16" in capsys.readouterr().out
 
 
+def test_dry_run_warns_of_a_run_that_is_all_warm_up(root, capsys):
+    assert main([str(root / "recipes/demo.yaml"), "schedule.total_steps=100", "--dry-run"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main([str(root / "recipes/demo.yaml"), "schedule.total_steps=20", "schedule.warmup_steps=20", "--dry-run"]) == 0
+    assert capsys.readouterr().err == ("warning: schedule.warmup_steps 20 is not below schedule.total_steps 20: the run is "
+                                       "all warm-up, its learning rate never decays and reaches optim.lr at the last "
+                                       "step only; lower the warm-up\n")
+
+
 def test_user_errors_are_one_line_on_stderr(root):
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain.run", "recipes/demo.yaml", "optim.lrr=1", "--dry-run"],

@@ -262,10 +262,8 @@ class Trainer:
         if cfg.init_from and cfg.stage != "finetune":
             raise UserError(f"init_from={cfg.init_from} is read by stage: finetune only (its encoder, new heads); set "
                             f"stage=finetune, or to continue a pre-training run set checkpoint.resume={cfg.init_from}")
-        if cfg.schedule.warmup_steps >= cfg.schedule.total_steps and self.backend.is_main:
-            print(f"warning: schedule.warmup_steps {cfg.schedule.warmup_steps} is not below schedule.total_steps "
-                  f"{cfg.schedule.total_steps}, so the learning rate never reaches optim.lr; lower the warm-up",
-                  flush=True)
+        for warning in recipe.warnings(cfg) if self.backend.is_main else []:
+            print(f"warning: {warning}", flush=True)
         data, log = cfg.data, cfg.log
         if log.fewshot_every and not (data.fewshot_val or data.val):
             raise UserError("log.fewshot_every needs a few-shot test set; set data.fewshot_val (or data.val) to shards, "
