@@ -76,8 +76,8 @@ def to_hf(model: VisionTransformer, folder: str | Path, id2label: dict[int, str]
     _check_exportable(model)
     classifier = model.head_type == "linear" and model.num_classes > 0
     if model.head_type == "prelogits" and model.num_classes:
-        log.warning("%s: HF's ViTModel has no classifier after its pooler; the %d-class head is not exported",
-                    folder, model.num_classes)
+        log.warning("%s: HF's ViTModel has no classifier after its pooler; the %d-class head is not exported "
+                    "(for its predictions export --format onnx, or fine-tune first)", folder, model.num_classes)
     ours = model.state_dict()
     prefix = "vit." if classifier else ""
     tensors = {}
