@@ -64,7 +64,14 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
         for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
             refused += bad
-    return Corpus("i21k", classes, False, items, refused)
+    first: dict[str, Item] = {}
+    for item in items:  # in tar and member order; a tar's members cannot be renamed in place: skip them, not stop
+        if item.key in first:
+            refused.append({"source": item.where, "reason": f"makes the same sample key '{item.key}' as "
+                            f"{first[item.key].where} (a key drops the extension and folders inside a tar), which is kept"})
+        else:
+            first[item.key] = item
+    return Corpus("i21k", classes, False, [it for it in items if first[it.key] is it], refused)
 
 
 def plan(items: list[Item], seed: int, shard_samples: int, shard_bytes: int) -> list[list[Item]]:

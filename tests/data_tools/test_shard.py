@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,7 +86,13 @@ def test_linked_folders_in_a_class_are_read_once(tmp_path):
 
 
 def test_imagenet21k_tar_of_tars(tmp_path):
+    """Unsafe, corrupt and twin members (one key: a tar cannot be renamed in place) are skipped and listed."""
     good = i21k_tars(tmp_path / "i21k")
+    with tarfile.open(tmp_path / "i21k" / f"{CLASSES[2]}.tar", "a") as tar:
+        data = image_bytes(np.random.default_rng(5))
+        info = tarfile.TarInfo(f"more/{CLASSES[2]}_3.jpeg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
     assert main([str(tmp_path / "i21k"), str(out), "--shard-size", "20kB", "--workers", "2"]) == 0
     manifest, samples = read_back(str(out))
@@ -94,7 +101,9 @@ def test_imagenet21k_tar_of_tars(tmp_path):
     reasons = {r["source"].rsplit(":", 1)[-1]: r["reason"] for r in map(json.loads, (out / mf.REPORT).read_text().splitlines())}
     assert reasons["../escape.JPEG"].startswith("refused")
     assert reasons["n01440764_bad.JPEG"].startswith("not an image")
-    assert manifest.skipped == 2
+    twin = f"more/{CLASSES[2]}_3.jpeg"
+    assert reasons[twin].startswith(f"makes the same sample key '{CLASSES[2]}/{CLASSES[2]}_3' as ")
+    assert manifest.skipped == 3
 
 
 def test_a_truncated_synset_tar_keeps_the_images_before_the_cut(tmp_path):
