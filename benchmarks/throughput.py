@@ -81,11 +81,16 @@ def release(dev: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
+def significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant figures: a tiny CPU model's TFLOP/s must not print as 0.0."""
+    return float(f"{x:.{digits}g}")
+
+
 def figures(images: int, seconds: float, flops_per_image: float, peak: tuple[float, str], dev: torch.device) -> dict:
     tflops = images * flops_per_image / seconds / 1e12
     sheet = peak_flops(dev)
-    return {"img_per_s": round(images / seconds, 2), "tflops": round(tflops, 3), "mfu": round(tflops / peak[0], 4),
-            "mfu_datasheet": round(tflops * 1e12 / sheet, 4) if sheet else None,
+    return {"img_per_s": round(images / seconds, 2), "tflops": significant(tflops), "mfu": significant(tflops / peak[0]),
+            "mfu_datasheet": significant(tflops * 1e12 / sheet) if sheet else None,
             "peak_memory_gb": round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else None}
 
 
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = matmul_tflops(dev)
         head = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "model": config.model.name,
                 "image_size": config.model.image_size, "batch": config.data.batch_size, "precision": config.precision}
-        print(json.dumps({"run": "matmul", **head, "tflops": round(peak[0], 2), "dtype": peak[1]}), flush=True)
+        print(json.dumps({"run": "matmul", **head, "tflops": significant(peak[0]), "dtype": peak[1]}), flush=True)
         results = {}
         for data in args.data:
             results[f"ours-{data}"] = ours(config, data, args.steps, args.warmup, peak, args.profile)
