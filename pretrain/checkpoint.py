@@ -226,13 +226,19 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
         raise damaged(found, e, "init_from") from None
 
 
-def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
-    """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
+def find_given(path: str | Path) -> Path:
+    """The checkpoint a command was given (a run directory's newest, or the checkpoint itself), or one sentence."""
     if not Path(path).exists():
         raise UserError(f"{path} does not exist; give a run directory or a checkpoints/step_* folder")
     found = find(path)
     if found is None:
         raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
+    return found
+
+
+def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
+    """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
+    found = find_given(path)
     config = saved_config(found)
     with readable(found):
         weights = load_file(weights_file(found))

@@ -19,9 +19,7 @@ from .errors import UserError
 
 def consolidate(path: str | Path) -> Path:
     """The checkpoint's model.safetensors, written (atomically) unless it is there already."""
-    found = checkpoint.find(path)
-    if found is None:
-        raise UserError(f"{path} holds no complete checkpoint; give a run directory or a checkpoints/step_* folder")
+    found = checkpoint.find_given(path)
     target = found / "model.safetensors"
     if target.is_file():  # ZeRO stages 0-2 and the other backends write it while training
         return target

@@ -54,6 +54,16 @@ def test_user_errors_are_one_line_on_stderr(root):
     assert proc.stderr == "error: command line: unknown key 'optim.lrr'; did you mean 'optim.lr'?\n"
 
 
+def test_a_run_that_is_not_there_is_called_so_by_every_command(tmp_path, capsys):
+    from pretrain import consolidate, evaluate, export
+
+    missing = str(tmp_path / "runs" / "typo")
+    for command in (lambda: consolidate.main([missing]), lambda: evaluate.main([missing, "data=shards/val"]),
+                    lambda: export.main([missing, "--format", "onnx", str(tmp_path / "m.onnx")])):
+        assert command() == 2
+        assert capsys.readouterr().err == f"error: {missing} does not exist; give a run directory or a checkpoints/step_* folder\n"
+
+
 def test_help_recipe_lists_documented_keys(capsys):
     assert main(["--help-recipe"]) == 0
     out = capsys.readouterr().out
