@@ -29,6 +29,9 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"command line: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+        if key.strip() == "base":
+            raise RecipeError(f"command line: base: belongs in a recipe file; give {text or 'that recipe'} as the recipe, "
+                              f"or write one with base: {text or '...'} and your changes")
         field_type = _field_type(key.strip(), COMMAND_LINE)
         value = text if field_type is str else _parse_yaml(text, COMMAND_LINE)
         _check({key.strip(): value}, Config, COMMAND_LINE)

@@ -79,6 +79,7 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["data.workers=-1"], "command line: 'data.workers' must be at least 0, got -1"),
         ("", ["optim.lr=.nan"], "command line: 'optim.lr' must be a finite number, got nan"),
         ("", ["optim.weight_decay=inf"], "command line: 'optim.weight_decay' must be a finite number, got 'inf'"),
+        ("", ["base=recipes/demo.yaml"], "command line: base: belongs in a recipe file; give recipes/demo.yaml as the recipe"),
         ("", ["optim.lr="], "command line: 'optim.lr' must be a number, got an empty value"),
         ("", ["optim.betas=[2, -1]"], "command line: 'optim.betas' must be at least 0 and below 1, got (2.0, -1.0)"),
         ("", ["model.norm_eps=0"], "command line: 'model.norm_eps' must be above 0, got 0.0"),
