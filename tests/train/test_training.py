@@ -166,13 +166,15 @@ def test_evaluations_and_checkpoints_are_not_counted_as_training_time(small_shar
 def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_shards, tmp_path):
     """The checkpoint at step 6 cuts the log window 5-8 of a 2-rank run; the run resumes on one rank (the stream
     restarts at the next epoch). Its step-8 row must be the mean of the two ranks' steps 5-6 and its own 7-8, which
-    runs logging every 2 steps give: the same start without a cut window, then the same resumed steps."""
+    runs logging every 2 steps give: the same start without a cut window, then the same resumed steps. The 2-rank
+    runs read in the training processes and evaluate at the end, which hung one DDP exit in three."""
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                 "pretrain.run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     mean = {}
     for every in (2, 4):
-        cut = {"schedule.total_steps": 8, "checkpoint.every": 6, "log.every": every, "data.workers": 1}
+        cut = {"schedule.total_steps": 8, "checkpoint.every": 6, "log.every": every, "data.workers": 0,
+               "data.val": small_shards["val"]}
         started = run(overrides(small_shards, tmp_path / f"two-{every}", **cut), launcher=torchrun, env=env)
         assert started.returncode == 0, started.stderr[-3000:]
         resumed = run(overrides(small_shards, tmp_path / f"one-{every}", **{
