@@ -125,15 +125,25 @@ def find(path: str | Path) -> Path | None:
 DAMAGED = (OSError, json.JSONDecodeError, SafetensorError, EOFError, pickle.UnpicklingError)
 
 
-def damaged(folder: Path, e: Exception, setting: str = "checkpoint.resume") -> UserError:
+def is_damage(e: BaseException) -> bool:
+    """Whether ``e`` says a checkpoint's files cannot be read (missing, cut short, garbled), not that they do not fit:
+    torch.load of a cut file raises RuntimeError, DeepSpeed's reader of a set of shards missing one ValueError."""
+    return isinstance(e, DAMAGED) or (isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)) or (
+        isinstance(e, ValueError) and "_optim_states.pt" in str(e))
+
+
+def damaged(folder: Path, e: Exception, setting: str | None = "checkpoint.resume") -> UserError:
     """One sentence for a checkpoint whose files cannot be read, naming the checkpoint before it as the value of
-    ``setting`` (checkpoint.resume to resume from it, init_from to fine-tune from it)."""
+    ``setting`` (checkpoint.resume to resume from it, init_from to fine-tune from it; None: to consolidate it)."""
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     older = [p for p in sorted(folder.parent.glob("step_*")) if p.name < folder.name and (p / STATE).is_file()]
     if older:
-        use = f"use the one before it, {setting}={older[-1]}"
+        use = f"use the one before it, {setting}={older[-1]}" if setting else \
+            f"consolidate the one before it, python -m pretrain.consolidate {older[-1]}"
+    elif setting == "checkpoint.resume":
+        use = "start fresh in a new run_dir"
     else:
-        use = "start fresh in a new run_dir" if setting == "checkpoint.resume" else f"give {setting} another checkpoint"
+        use = f"give {setting} another checkpoint" if setting else "the run has no other checkpoint to consolidate"
     return UserError(f"checkpoint {folder} is damaged ({type(e).__name__}: {reason}); {use}")
 
 
@@ -163,6 +173,8 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     except DAMAGED as e:
         raise damaged(folder, e) from None
     except (RuntimeError, KeyError, ValueError) as e:
+        if is_damage(e):
+            raise damaged(folder, e) from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for ...:" then each
             lines = lines[1:]

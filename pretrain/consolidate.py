@@ -15,6 +15,7 @@ from pathlib import Path
 from . import checkpoint
 from .cli import OneLineParser, command
 from .errors import UserError
+from .weights_file import readable_as_its_folder
 
 
 def consolidate(path: str | Path) -> Path:
@@ -31,9 +32,15 @@ def consolidate(path: str | Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
     with tempfile.TemporaryDirectory(dir=found, prefix=".consolidate-") as tmp:
-        convert_zero_checkpoint_to_fp32_state_dict(str(found), tmp, max_shard_size=None, safe_serialization=True,
-                                                   tag=TAG)
+        try:
+            convert_zero_checkpoint_to_fp32_state_dict(str(found), tmp, max_shard_size=None, safe_serialization=True,
+                                                       tag=TAG)
+        except Exception as e:  # noqa: BLE001 (DeepSpeed's reader raises what its parts raise)
+            if checkpoint.is_damage(e):
+                raise checkpoint.damaged(found, e, None) from None
+            raise
         os.replace(Path(tmp) / target.name, target)
+    readable_as_its_folder(target)
     return target
 
 

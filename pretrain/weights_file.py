@@ -18,4 +18,9 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     The folder's mode, without execute bits, is the file mode its umask gives.
     """
     save_file(tensors, path, metadata=metadata)
+    readable_as_its_folder(path)
+
+
+def readable_as_its_folder(path: Path) -> None:
+    """Give a file written by safetensors the mode its folder's umask would have given it (see save_weights)."""
     os.chmod(path, stat.S_IMODE(os.stat(path.parent).st_mode) & 0o666)

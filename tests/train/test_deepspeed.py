@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -194,8 +195,18 @@ def test_zero3_checkpoint_consolidated_finetuned_with_torch_and_exported(zero, r
 
     with pytest.raises(UserError, match="python -m pretrain.consolidate"):
         checkpoint.init_weights(zero[3], "vit_mu8")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(zero[3], damaged)
+    newest = checkpoint.find(damaged)
+    next(newest.glob("deepspeed/*rank_1*optim_states.pt")).unlink()
+    consolidate = run([str(damaged)], launcher=(sys.executable, "-m", "pretrain.consolidate"), env=ENV)
+    assert consolidate.returncode == 2, consolidate.stderr[-3000:]
+    assert consolidate.stderr.splitlines()[-1].startswith(f"error: checkpoint {newest} is damaged (ValueError: ")
+    assert "consolidate the one before it, python -m pretrain.consolidate " in consolidate.stderr
     consolidate = run([str(zero[3])], launcher=(sys.executable, "-m", "pretrain.consolidate"), env=ENV)
     assert consolidate.returncode == 0 and "model.safetensors" in consolidate.stdout, consolidate.stderr[-3000:]
+    newest = checkpoint.find(zero[3])
+    assert (newest / "model.safetensors").stat().st_mode == (newest / "state.json").stat().st_mode  # not 0600
     for name, w in weights(reference).items():
         torch.testing.assert_close(weights(zero[3])[name], w, atol=1e-4, rtol=0)
 

@@ -361,10 +361,7 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_one_before(small_shards
     steps = {"schedule.total_steps": 4, "checkpoint.every": 2}
     assert run(overrides(small_shards, tmp_path, **steps)).returncode == 0
     newest, before = checkpoint.find(tmp_path), tmp_path / "checkpoints" / "step_000000002"
-    if damage == "optimizer.pt":
-        (newest / damage).unlink()
-    else:
-        (newest / damage).write_bytes((newest / damage).read_bytes()[:100])
+    (newest / damage).write_bytes((newest / damage).read_bytes()[:1000])  # torch.load of a cut file: RuntimeError
     resumed = run(overrides(small_shards, tmp_path, **{**steps, "schedule.total_steps": 6}))
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
     assert resumed.stderr.startswith(f"error: checkpoint {newest} is damaged (")
