@@ -7,6 +7,7 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -448,11 +449,27 @@ def finished(config: Config) -> str:
     """Why rerunning the command of a run that reached schedule.total_steps does nothing, or '' if it did not."""
     found = resume_point(config) if config.checkpoint.resume == "auto" and config.run_dir else None
     step = int(found.name[len("step_"):]) if found is not None else 0
-    if found is None or step < config.schedule.total_steps:
-        return ""
+    if found is None or step < config.schedule.total_steps or (config.data.val and not evaluated_at(config, step)):
+        return ""  # a run stopped after its last checkpoint and before its final evaluation goes on to that
     return (f"{config.run_dir} is complete (its checkpoint is at step {step}, schedule.total_steps is "
             f"{config.schedule.total_steps}); nothing was changed. Raise schedule.total_steps to train on, evaluate it "
             f"with python -m pretrain.evaluate {config.run_dir} data=SHARDS, or give another run_dir to start over")
+
+
+def evaluated_at(config: Config, step: int) -> bool:
+    """Whether the run's metrics.jsonl holds an evaluation at ``step`` (a line cut short by a kill is not one)."""
+    try:
+        lines = (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("split") == "eval" and row.get("step") == step:
+            return True
+    return False
 
 
 def train(config: Config) -> dict[str, float]:

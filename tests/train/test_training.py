@@ -87,6 +87,29 @@ def test_sigkill_mid_epoch_then_resume_is_exact(small_shards, tmp_path):
     assert written == {name: (killed_dir / name).read_bytes() for name in written}, "a finished run was changed"
 
 
+KILL_IN_FINAL_EVAL = """
+import os, signal, sys
+from pretrain import run
+from pretrain.train.loop import Trainer
+def die(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+Trainer._evaluate = die
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_in_its_final_evaluation_evaluates_when_run_again(small_shards, tmp_path):
+    """Its last checkpoint is written, its final evaluation is not: run again, it evaluates and trains nothing."""
+    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "data.val": small_shards["val"]})
+    assert run(args, launcher=(sys.executable, "-c", KILL_IN_FINAL_EVAL)).returncode == -signal.SIGKILL
+    weights = (checkpoint.find(tmp_path) / "model.safetensors").read_bytes()
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "eval step 4/4 | top1" in again.stdout and "train step" not in again.stdout
+    assert (checkpoint.find(tmp_path) / "model.safetensors").read_bytes() == weights
+    assert "is complete" in run(args).stdout
+
+
 KILL_IN_CHECKPOINT = """
 import os, signal, sys
 from pretrain import checkpoint, run
