@@ -7,9 +7,12 @@ and the compute instead. Under torchrun every process runs this same command.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+from data_tools.pool import exit_when_gone
 
 from . import recipe
 from .config import Config
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .train.loop import train
 
+    if "LOCAL_RANK" in os.environ:  # started by torchrun or deepspeed: killed (SIGKILL), it cannot stop its workers
+        exit_when_gone(os.getppid())  # which would train on beside a rerun in the same run_dir
     train(config)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -321,6 +322,48 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_sh
     assert sorted(one) == sorted(two) == list(range(1, 11))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def living_children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:  # gone meanwhile
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
+            found.append(int(status.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return not (Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z"))
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_ranks_end_with_a_launcher_that_is_killed(small_shards, tmp_path):
+    """torchrun starts each rank in a session of its own: SIGKILLed, it left them training beside the rerun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "pretrain.run"]
+    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 2000, "data.workers": 0})
+    proc = subprocess.Popen([*launcher, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_step(tmp_path, 2, proc)
+    ranks = living_children(proc.pid)
+    assert len(ranks) == 2, ranks
+    try:
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while any(map(alive, ranks)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, ranks)), "the ranks outlived torchrun"
+    finally:
+        for pid in ranks:  # not left training when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_started_in_another_directory_is_evaluated_from_here(small_shards, tmp_path):
