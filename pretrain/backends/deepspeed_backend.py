@@ -94,11 +94,7 @@ class DeepSpeedBackend(TorchBackend):
                             "pretrain.evaluate --fewshot-train")
         model.to(self.device)
         self.optimizer = build_optimizer(model, self.config.optim)
-        config = ds_config(self.config, self.world, self.autocast_dtype() is not None)
-        if self.is_main:
-            run_dir = Path(self.config.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        config = self.ds_config = ds_config(self.config, self.world, self.autocast_dtype() is not None)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.model, self.module = self.engine, self.engine.module
         if self.stage == 3:
@@ -145,6 +141,8 @@ class DeepSpeedBackend(TorchBackend):
         self.engine.save_checkpoint(str(folder), tag=TAG, save_latest=False)  # the `latest` pointer is ours
         if self.stage < 3 and self.is_main:
             save_weights(self.model_state(), folder / "model.safetensors")
+        if self.is_main:  # written with a checkpoint, so that a resume refused (another stage) leaves it as it was
+            (Path(self.config.run_dir) / CONFIG_FILE).write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     def load(self, folder: Path) -> None:
         state = json.loads((folder / checkpoint.STATE).read_text())
@@ -154,7 +152,7 @@ class DeepSpeedBackend(TorchBackend):
                             f"deepspeed.zero_stage={stage}, or give a new run_dir to start fresh")
         if stage and world != self.world:
             raise UserError(f"checkpoint {folder} was written by {world} processes and ZeRO-{stage} cannot re-shard "
-                            f"its optimizer state for {self.world}; resume it with {world} processes, or use "
+                            f"its optimizer state for {self.world}; resume it with {world} processes, or "
                             f"give a new run_dir to start fresh")
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder} lacks the engine's files ({TAG}/); resume from another checkpoint, "

@@ -283,6 +283,7 @@ def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero
     for extra, says in cases:
         result = run(args(small_shards, tmp_path, **{"checkpoint.resume": folder}, **extra), env=ENV)
         assert says in one_error_line(result)
+    assert not (tmp_path / "deepspeed_config.json").exists()  # a refused resume writes nothing
 
 
 def test_deepspeed_missing_names_the_extra(small_shards, tmp_path):
