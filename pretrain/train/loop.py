@@ -235,6 +235,9 @@ class Trainer:
                 self.resumed_window["mean_loss"] = self.resumed_window.pop("loss") / len(ranks)
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
+            if stream_state is not saved:
+                changed += (f"; the data stream of {saved.world} ranks x {saved.workers} workers restarts at epoch "
+                            f"{stream_state.readers[0].epoch} on {self.backend.world} x {stream_state.workers}")
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}{changed}", flush=True)
         self.skips = Skips(skipped_steps, config.max_nonfinite)

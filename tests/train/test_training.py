@@ -205,6 +205,7 @@ def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_s
             **cut, "data.allow_resharding": "true",
             "checkpoint.resume": str(tmp_path / f"two-{every}" / "checkpoints" / "step_000000006")}))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "the data stream of 2 ranks x 1 workers restarts at epoch 1 on 1 x 1" in resumed.stdout
         mean[every] = losses(tmp_path / f"one-{every}")[8]
     steps_5_6 = losses(tmp_path / "two-2")[6]
     assert mean[4] == pytest.approx((steps_5_6 + mean[2]) / 2, rel=1e-5)
