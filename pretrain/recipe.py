@@ -118,8 +118,14 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, 
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, key + ".")
         else:
-            rows.append((key, _type_name(tp), repr(f.default), f.metadata.get("doc", "")))
+            rows.append((key, _type_name(tp), _inline_yaml(f.default), f.metadata.get("doc", "")))
     return rows
+
+
+def _inline_yaml(value: Any) -> str:
+    """A default as a recipe would write it: [0.9, 0.999], true, 1.0e-06, ''."""
+    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True, width=1000)
+    return text.strip().removesuffix("...").strip()
 
 
 def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:

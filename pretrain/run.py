@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
     if args.help_recipe:
-        for key, tp, default, text in recipe.describe():
-            print(f"{key:28} {tp:22} {default:14} {text}")
+        rows = recipe.describe()
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for key, tp, default, text in rows:
+            print(f"{key:{widths[0]}}  {tp:{widths[1]}}  {default:{widths[2]}}  {text}")
         return 0
     if not args.recipe:
         parser.error("a recipe is required, e.g. python -m pretrain.run recipes/demo.yaml --dry-run")

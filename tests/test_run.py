@@ -6,6 +6,7 @@ import sys
 import pytest
 import yaml
 
+from pretrain import recipe
 from pretrain.run import main
 
 
@@ -68,6 +69,10 @@ def test_help_recipe_lists_documented_keys(capsys):
     assert main(["--help-recipe"]) == 0
     out = capsys.readouterr().out
     assert "optim.weight_decay" in out and "on weight matrices only" in out
+    rows = out.splitlines()
+    assert "[0.9, 0.999]" in next(row for row in rows if row.startswith("optim.betas "))  # YAML, not a Python tuple
+    docs = [doc for _, _, _, doc in recipe.describe()]
+    assert len(rows) == len(docs) and len({row.rindex(doc) for row, doc in zip(rows, docs)}) == 1, "not aligned"
 
 
 LOUD = """
