@@ -35,6 +35,9 @@ def resolve(spec: str, what: str = "data.train") -> ShardSet:
     """``spec``: a manifest.json, a folder holding one, or a brace pattern like shards/train-{000000..000127}.tar."""
     if not spec:
         raise UserError(f"{what} is empty; set it to the OUTPUT of python -m data_tools.shard (a folder or manifest.json)")
+    if spec.startswith("[") and spec.endswith("]"):
+        raise UserError(f"{what}={spec} is a list; it takes one shard set (a folder, its manifest.json or a brace "
+                        f"pattern): shard the sources together with python -m data_tools.shard, or give one")
     if "{" in spec:
         return ShardSet(list(braceexpand(spec)), None, False, None)
     try:

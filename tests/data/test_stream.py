@@ -434,6 +434,12 @@ def test_a_missing_shard_set_is_a_user_error_naming_the_key(tmp_path, spec):
         resolve(str(tmp_path / spec) if spec else "")
 
 
+def test_a_list_of_shard_sets_is_one_sentence(small_shards):
+    spec = f"[{small_shards['train']},{small_shards['val']}]"  # what data.train=[a,b] gives: the text, as a path
+    with pytest.raises(UserError, match=re.escape(f"data.train={spec} is a list; it takes one shard set")):
+        resolve(spec)
+
+
 def test_one_shard_given_as_the_set_names_its_folder(small_shards):
     one = f"{small_shards['train']}/train-000000.tar"
     with pytest.raises(UserError, match=re.escape(f"data.train: {one} is one shard; give its folder "
