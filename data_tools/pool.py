@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
+
 @contextlib.contextmanager
 def signals_blocked(*signals: signal.Signals) -> Iterator[None]:
     """Processes started meanwhile never receive ``signals``: they start with them blocked (fork and exec keep a
@@ -29,13 +30,13 @@ def signals_blocked(*signals: signal.Signals) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def exit_when_gone(pid: int) -> None:
-    """Start a thread that ends this process once process ``pid`` has ended, however it ended (SIGKILL too): a worker
-    whose parent is gone would otherwise wait for work forever."""
-    threading.Thread(target=_exit_after, args=(pid,), name=f"exit-with-{pid}", daemon=True).start()
+def exit_when_gone(pid: int, code: int = 0, why: str = "") -> None:
+    """Start a thread that ends this process (exit status ``code``, ``why`` on stderr) once process ``pid`` has ended,
+    however it ended (SIGKILL too): a worker whose parent is gone would otherwise wait for work forever."""
+    threading.Thread(target=_exit_after, args=(pid, code, why), name=f"exit-with-{pid}", daemon=True).start()
 
 
-def _exit_after(pid: int) -> None:
+def _exit_after(pid: int, code: int = 0, why: str = "") -> None:
     try:
         select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
     except ProcessLookupError:
@@ -47,7 +48,9 @@ def _exit_after(pid: int) -> None:
             except ProcessLookupError:
                 break
             time.sleep(1)
-    os._exit(0)
+    if why:
+        os.write(2, f"{why}\n".encode())
+    os._exit(code)
 
 
 def _start_worker(parent: int, initializer, initargs: tuple) -> None:
@@ -61,8 +64,8 @@ class ProcessPool(ProcessPoolExecutor):
     fails instead of hanging when a worker dies (say in an image decoder).
 
     The workers start at the first submits with SIGINT blocked (not SIGTERM, which the executor sends to stop them
-    when one has died), and end when this process does. When Ctrl-C (or anything but an error) leaves the ``with``
-    block, the tasks the workers are on finish and the rest are not started.
+    when one has died), and end when this process does. When Ctrl-C or an error leaves the ``with`` block, the tasks
+    the workers are on finish and the rest are not started.
     """
 
     def __init__(self, workers: int, initializer=None, initargs: tuple = ()):
@@ -74,15 +77,16 @@ class ProcessPool(ProcessPoolExecutor):
             return super().submit(fn, *args, **kwargs)
 
     def __exit__(self, exc_type, exc, traceback):
-        if exc_type is not None and not issubclass(exc_type, Exception):  # KeyboardInterrupt, GeneratorExit
+        if exc_type is not None:  # Ctrl-C, or a task's error: the tasks not begun are not started
             self.shutdown(cancel_futures=True)
         return super().__exit__(exc_type, exc, traceback)
 
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's, the OOM killer's notice, ``kill``) stops a command as Ctrl-C does: the workers' current
-    tasks finish and the command says what is kept, instead of dying with its temporary files and workers left."""
+    """SIGTERM to this process (``kill``, a scheduler's notice to it alone) stops a command as Ctrl-C does: the
+    workers' current tasks finish and the command says what is kept, instead of dying with its temporary files and
+    workers left. A SIGTERM to the whole process group ends the workers too; the finished shards are kept."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

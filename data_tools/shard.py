@@ -178,6 +178,7 @@ _progress_queue = None
 def _init_worker(q) -> None:
     global _progress_queue
     _progress_queue = q
+    q.cancel_join_thread()  # progress only: a worker that stops while nobody reads it must not wait to flush it
 
 
 def _report(samples: int, nbytes: int) -> None:

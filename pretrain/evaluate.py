@@ -93,8 +93,8 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
         shards.check_same_classes(test, spec, draw, fewshot_train)
     if batch:
         config.data.eval_batch_size = batch
-    # One process on this host's GPU or CPU: no DeepSpeed engine (it would rewrite the run's deepspeed_config.json),
-    # no torch-xla (a run trained on TPUs is evaluated anywhere).
+    # One process on this host's GPU or CPU: no DeepSpeed engine, no torch-xla (a run trained on TPUs is evaluated
+    # anywhere).
     config.backend = "torch"
     backend = backends.create(config)
     backend.setup(model)

@@ -55,7 +55,9 @@ def export_hf(model: VisionTransformer, config: Config, out: Path) -> str:
     labelled = model.head_type == "linear" and model.num_classes > 0
     multi_label = config.loss.kind == "sigmoid"
     to_hf(model, out, class_names(config, model.num_classes) if labelled else None, multi_label)
-    kind = "ViTModel (a feature extractor: pooler_output is the pre-logits; a pipeline would classify at random)"
+    kind = "ViTModel (a feature extractor: a pipeline on it would classify at random)"
+    if model.head_type == "prelogits":
+        kind = "ViTModel (a feature extractor: pooler_output is the pre-logits; a pipeline would classify at random)"
     if labelled:
         kind = f"ViTForImageClassification ({model.num_classes} classes{', multi-label' if multi_label else ''})"
     return f"wrote {kind} to {out}/: {', '.join(HF_FILES)}"

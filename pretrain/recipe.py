@@ -30,8 +30,8 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         if not sep or not key:
             raise RecipeError(f"command line: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
         if key.strip() == "base":
-            raise RecipeError(f"command line: base: belongs in a recipe file; give {text or 'that recipe'} as the recipe, "
-                              f"or write one with base: {text or '...'} and your changes")
+            raise RecipeError(f"command line: base: belongs in a recipe file; give {text or 'the base recipe'} as the "
+                              f"recipe, or write one with base: {text or 'FILE'} and your changes")
         field_type = _field_type(key.strip(), COMMAND_LINE)
         value = text if field_type is str else _parse_yaml(text, COMMAND_LINE)
         _check({key.strip(): value}, Config, COMMAND_LINE)
@@ -43,11 +43,11 @@ def from_dict(values: dict[str, Any], source: str) -> Config:
     """A Config from plain data (e.g. a checkpoint's saved recipe), checked like a recipe file."""
     values = _expand(values)
     _check(values, Config, source)
-    return _check_together(_build(Config, values), source)
+    return _build(Config, values)  # not _check_together: a saved run's recipe is read as it was, to evaluate it
 
 
 def _check_together(config: Config, source: str) -> Config:
-    """Settings that each are in range but contradict each other."""
+    """Settings that each are in range but contradict each other, in a recipe about to run."""
     if config.schedule.final_lr > config.optim.lr:
         raise RecipeError(f"{source}: schedule.final_lr {config.schedule.final_lr} is above optim.lr {config.optim.lr}, "
                           f"the peak the schedule decays from; lower schedule.final_lr")
@@ -265,7 +265,8 @@ def _in_range(value: Any, key: str, source: str) -> None:
             continue
         if (low is not None and v < low) or (high is not None and v > high) or (above is not None and v <= above) \
                 or (below is not None and v >= below):
-            raise RecipeError(f"{source}: '{key}' must be {_range_words(low, high, above, below)}, got {value!r}")
+            raise RecipeError(f"{source}: '{key}' must be {_range_words(low, high, above, below)}, got "
+                              f"{_inline_yaml(value)}")
 
 
 def _range_words(low: float | None, high: float | None, above: float | None, below: float | None) -> str:

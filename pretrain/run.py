@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train.loop import train
 
     if "LOCAL_RANK" in os.environ:  # started by torchrun or deepspeed: killed (SIGKILL), it cannot stop its workers
-        exit_when_gone(os.getppid())  # which would train on beside a rerun in the same run_dir
+        launcher = os.getppid()  # which would train on beside a rerun in the same run_dir
+        exit_when_gone(launcher, 1, f"error: the launcher (pid {launcher}) is gone, so this rank stops; its newest "
+                                    f"checkpoint is kept, and rerunning the command resumes from it")
     train(config)
     return 0
 

@@ -81,7 +81,7 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["optim.weight_decay=inf"], "command line: 'optim.weight_decay' must be a finite number, got 'inf'"),
         ("", ["base=recipes/demo.yaml"], "command line: base: belongs in a recipe file; give recipes/demo.yaml as the recipe"),
         ("", ["optim.lr="], "command line: 'optim.lr' must be a number, got an empty value"),
-        ("", ["optim.betas=[2, -1]"], "command line: 'optim.betas' must be at least 0 and below 1, got (2.0, -1.0)"),
+        ("", ["optim.betas=[2, -1]"], "command line: 'optim.betas' must be at least 0 and below 1, got [2.0, -1.0]"),
         ("", ["model.norm_eps=0"], "command line: 'model.norm_eps' must be above 0, got 0.0"),
         ("", ["optim.lr=0.002", "schedule.final_lr=0.01"],
          "r.yaml with the overrides: schedule.final_lr 0.01 is above optim.lr 0.002, the peak the schedule decays from"),
@@ -98,6 +98,14 @@ def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):
         recipe.load(path, overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_saved_recipe_is_read_as_it_was(tmp_path):
+    """What a recipe about to run may not contradict, a finished run's saved recipe may: it is evaluated as it was."""
+    values = {"optim": {"lr": 1e-5}, "schedule": {"final_lr": 1e-4}}
+    assert recipe.from_dict(values, "state.json").schedule.final_lr == 1e-4
+    with pytest.raises(RecipeError, match="schedule.final_lr 0.0001 is above optim.lr 1e-05"):
+        recipe.load(write(tmp_path / "r.yaml", yaml.safe_dump(values)))
 
 
 def test_missing_base_and_loops(tmp_path):

@@ -125,6 +125,7 @@ class Backend(ABC):
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group; ``finished``: every rank got here alike (not on the way out of an error)."""
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -38,15 +38,17 @@ class TorchBackend(Backend):
         self.model = DistributedDataParallel(self.module) if self.world > 1 else self.module
         self.optimizer = build_optimizer(self.module, self.config.optim)
 
-    def close(self) -> None:
-        if isinstance(self.model, DistributedDataParallel):
+    def close(self, finished: bool = True) -> None:
+        if isinstance(getattr(self, "model", None), DistributedDataParallel):
             # DDP's reducer holds the process group. Dropped after the group is destroyed (when the trainer goes),
             # its last reference destroys the group, which joins gloo's threads while holding the GIL, as one of them
             # waits for the GIL to free a tensor: a hang at exit. Dropped here, those threads finish while this one
-            # waits in the barrier, which releases the GIL.
+            # waits in the barrier, which releases the GIL; only when every rank finished, or it would wait for
+            # ranks that wait for this one in a collective.
             self.model = self.module
-            dist.barrier()
-        super().close()
+            if finished:
+                dist.barrier()
+        super().close(finished)
 
     def micro_step(self, sync: bool):
         if self.world > 1 and not sync:

@@ -102,8 +102,8 @@ class TrainStream(IterableDataset):
                 if error:
                     damaged.append(error)
                     errors.append(error)
-                    if self.counts and state.offset == 0:  # resumed inside the shard: counted before the checkpoint
-                        bad += max(self.counts[shard] - len(samples), 0)
+                    if state.offset == 0:  # resumed inside the shard: counted before the checkpoint
+                        bad += max(self.counts[shard] - len(samples), 1) if self.counts else 1
                 order = np.random.default_rng([self.seed, state.epoch, shard]).permutation(len(samples))
                 while state.offset < len(order):
                     i = int(order[state.offset])

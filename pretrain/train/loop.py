@@ -180,7 +180,10 @@ def new_window(device: torch.device) -> dict:
 
 def aside(window: dict, work: Callable[[], Any]) -> Any:
     """``work()`` (an evaluation, a few-shot probe, a checkpoint) off the log window's clock, so that its img/s,
-    MFU and data-wait share are the training steps' own."""
+    MFU and data-wait share are the training steps' own. The steps a GPU still has queued are finished first: they
+    are training time (under xla they run when the work first reads the device, a small error this accepts)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     try:
         return work()
@@ -236,8 +239,8 @@ class Trainer:
             saved = StreamState.from_dict(ranks[self.backend.rank] if self.backend.rank < len(ranks) else ranks[0])
             stream_state = check_resumable(saved, config.data.workers, self.backend.world, config.data.allow_resharding)
             if stream_state is not saved:
-                changed += (f"; the data stream of {saved.world} ranks x {saved.workers} workers restarts at epoch "
-                            f"{stream_state.readers[0].epoch} on {self.backend.world} x {stream_state.workers}")
+                changed += (f"; the data stream of {saved.world} ranks x {saved.workers} readers each restarts at "
+                            f"epoch {stream_state.readers[0].epoch} on {self.backend.world} x {stream_state.workers}")
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}{changed}", flush=True)
         self.skips = Skips(skipped_steps, config.max_nonfinite)
@@ -300,7 +303,7 @@ class Trainer:
             window["steps"] = self.resumed_window["steps"]
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
-                self._evaluate()
+                aside(window, self._evaluate)
             while self.step < cfg.schedule.total_steps:
                 try:
                     norm = self.train_step(window)
@@ -482,6 +485,9 @@ def train(config: Config) -> dict[str, float]:
         return {"step": config.schedule.total_steps}
     trainer = Trainer(config)
     try:
-        return trainer.train()
-    finally:
-        trainer.backend.close()
+        result = trainer.train()
+    except BaseException:
+        trainer.backend.close(finished=False)
+        raise
+    trainer.backend.close()
+    return result

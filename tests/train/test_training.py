@@ -169,7 +169,7 @@ from pretrain import run
 from pretrain.train.loop import Trainer
 for name in ("_evaluate", "_checkpoint"):
     def slow(self, *args, work=getattr(Trainer, name)):
-        time.sleep(2)
+        time.sleep(4)
         return work(self, *args)
     setattr(Trainer, name, slow)
 sys.exit(run.main(sys.argv[1:]))
@@ -177,14 +177,14 @@ sys.exit(run.main(sys.argv[1:]))
 
 
 def test_evaluations_and_checkpoints_are_not_counted_as_training_time(small_shards, tmp_path):
-    """Each evaluation and checkpoint takes 2 s more here; the windows after them must not show it in img/s."""
-    every = {"schedule.total_steps": 6, "log.every": 2, "log.eval_every": 2, "checkpoint.every": 2,
+    """Each evaluation and checkpoint takes 4 s more here; the window after them must not show it in img/s."""
+    every = {"schedule.total_steps": 4, "log.every": 2, "log.eval_every": 2, "checkpoint.every": 2,
              "data.val": small_shards["val"]}
     result = run(overrides(small_shards, tmp_path, **every), launcher=(sys.executable, "-c", SLOW_ASIDES))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     seconds = {r["step"]: 32 / r["img_per_s"] for r in rows if r["split"] == "train"}  # 2 steps of 16 images
-    assert seconds[4] < 3 and seconds[6] < 3, seconds  # each after an evaluation and a checkpoint: 4 s aside
+    assert seconds[4] < 4, seconds  # steps 3-4, after the evaluation and the checkpoint at step 2: 8 s aside
 
 
 def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_shards, tmp_path):
@@ -205,7 +205,7 @@ def test_a_log_window_cut_on_two_ranks_and_finished_on_one_logs_its_mean(small_s
             **cut, "data.allow_resharding": "true",
             "checkpoint.resume": str(tmp_path / f"two-{every}" / "checkpoints" / "step_000000006")}))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "the data stream of 2 ranks x 1 workers restarts at epoch 1 on 1 x 1" in resumed.stdout
+        assert "the data stream of 2 ranks x 1 readers each restarts at epoch 1 on 1 x 1" in resumed.stdout
         mean[every] = losses(tmp_path / f"one-{every}")[8]
     steps_5_6 = losses(tmp_path / "two-2")[6]
     assert mean[4] == pytest.approx((steps_5_6 + mean[2]) / 2, rel=1e-5)
@@ -423,12 +423,16 @@ def test_resuming_with_another_model_is_one_sentence(small_shards, tmp_path):
            in other_grid.stderr
 
 
-@pytest.mark.parametrize("damage", ["model.safetensors", "state.json", "optimizer.pt"])
+@pytest.mark.parametrize("damage", ["model.safetensors", "state.json", "optimizer.pt", "optimizer.pt gone"])
 def test_a_damaged_checkpoint_is_one_sentence_naming_the_one_before(small_shards, tmp_path, damage):
     steps = {"schedule.total_steps": 4, "checkpoint.every": 2}
     assert run(overrides(small_shards, tmp_path, **steps)).returncode == 0
     newest, before = checkpoint.find(tmp_path), tmp_path / "checkpoints" / "step_000000002"
-    (newest / damage).write_bytes((newest / damage).read_bytes()[:1000])  # torch.load of a cut file: RuntimeError
+    if damage.endswith(" gone"):
+        damage = damage.removesuffix(" gone")
+        (newest / damage).unlink()
+    else:
+        (newest / damage).write_bytes((newest / damage).read_bytes()[:1000])  # torch.load of a cut one: RuntimeError
     resumed = run(overrides(small_shards, tmp_path, **{**steps, "schedule.total_steps": 6}))
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
     assert resumed.stderr.startswith(f"error: checkpoint {newest} is damaged (")
