@@ -261,8 +261,6 @@ def _in_range(value: Any, key: str, source: str) -> None:
     meta = next(f for f in dataclasses.fields(cls) if f.name == name).metadata
     (low, high), (above, below) = meta.get("range", (None, None)), meta.get("open", (None, None))
     for v in value if isinstance(value, tuple) else (value,):
-        if isinstance(v, (str, bool)):
-            continue
         if (low is not None and v < low) or (high is not None and v > high) or (above is not None and v <= above) \
                 or (below is not None and v >= below):
             raise RecipeError(f"{source}: '{key}' must be {_range_words(low, high, above, below)}, got "

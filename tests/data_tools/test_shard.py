@@ -12,7 +12,6 @@ import sys
 import tarfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -21,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from corpus import CLASSES, i21k_tars, image_bytes, image_folder, image_list
+from procs import living
 from data_tools import manifest as mf
 from data_tools.pool import signals_blocked
 from data_tools.shard import main
@@ -297,19 +297,6 @@ def test_a_finished_set_with_a_shard_lost_or_cut_short_is_mended_by_the_same_com
     assert verify([str(out), "--decode"]) == 0
 
 
-def session(sid: int) -> list[int]:
-    """The processes of session ``sid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     """Killed (its workers must not outlive it), Ctrl-C in a terminal (SIGINT to the whole process group, workers
@@ -335,9 +322,9 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
         assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
         assert err.splitlines()[-1].startswith("interrupted; the finished shards are kept")
     deadline = time.time() + 30
-    while session(proc.pid) and time.time() < deadline:
+    while living(session=proc.pid) and time.time() < deadline:
         time.sleep(0.1)
-    assert not session(proc.pid), "workers outlived the command"
+    assert not living(session=proc.pid), "workers outlived the command"
     finished = len(list((out / "_parts").glob("*.tar.json")))
     other = subprocess.run([*command, str(out), *options, "--seed", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "unfinished run of another command (--seed 0 there, 3 here)" in other.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from procs import alive, living
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain import checkpoint
@@ -325,25 +326,6 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_sh
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
 
 
-def living_children(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:  # gone meanwhile
-            continue
-        if fields.get("PPid", "").strip() == str(pid) and not fields.get("State", "").startswith("Z"):
-            found.append(int(status.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return not (Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z"))
-    except (OSError, IndexError):
-        return False
-
-
 def test_the_ranks_end_with_a_launcher_that_is_killed(small_shards, tmp_path):
     """torchrun starts each rank in a session of its own: SIGKILLed, it left them training beside the rerun."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
@@ -352,7 +334,7 @@ def test_the_ranks_end_with_a_launcher_that_is_killed(small_shards, tmp_path):
     proc = subprocess.Popen([*launcher, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_step(tmp_path, 2, proc)
-    ranks = living_children(proc.pid)
+    ranks = living(parent=proc.pid)
     assert len(ranks) == 2, ranks
     try:
         proc.kill()
