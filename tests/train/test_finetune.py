@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import checkpoint
+from pretrain import run as pretrain_run
 from pretrain.config import ModelConfig
 from pretrain.models.convert import load_into
 from pretrain.models.zoo import build_model
@@ -91,21 +92,26 @@ def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
     assert F.cosine_similarity(a, b).item() > F.cosine_similarity(a, unrelated).item()
 
 
-def test_finetune_needs_a_start(small_shards, tmp_path):
-    result = run("recipes/demo_finetune.yaml", "init_from=", f"run_dir={tmp_path}", f"data.train={small_shards['train']}",
-                 f"data.val={small_shards['val']}", "model.name=vit_mu8")
-    assert result.returncode == 2 and "stage: finetune needs init_from" in result.stderr
-    result = run("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing", f"run_dir={tmp_path}",
-                 f"data.train={small_shards['train']}", f"data.val={small_shards['val']}")
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    result = run("recipes/demo.yaml", f"init_from={tmp_path}", f"run_dir={tmp_path}",
-                 f"data.train={small_shards['train']}")
-    assert result.returncode == 2 and f"init_from={tmp_path} is read by stage: finetune only" in result.stderr
-    result = run("recipes/demo.yaml", "run_dir=", f"data.train={small_shards['train']}")
-    assert result.returncode == 2 and "run_dir is empty" in result.stderr
-    result = run("recipes/demo.yaml", "run_dir=gs://bucket/runs/x", f"data.train={small_shards['train']}")
-    assert result.returncode == 2 and "run_dir gs://bucket/runs/x is a URL" in result.stderr
-    assert not (ROOT / "gs:").exists()
+def test_finetune_needs_a_start(small_shards, tmp_path, monkeypatch, capsys):
+    """Refused before anything is written; in this process (the command's own exit code and stderr)."""
+    monkeypatch.chdir(ROOT)
+
+    def error(*args: str) -> str:
+        assert pretrain_run.main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    data = [f"data.train={small_shards['train']}", f"data.val={small_shards['val']}"]
+    assert "stage: finetune needs init_from" in error("recipes/demo_finetune.yaml", "init_from=", f"run_dir={tmp_path}",
+                                                       *data, "model.name=vit_mu8")
+    assert "does not exist" in error("recipes/demo_finetune.yaml", f"init_from={tmp_path}/nothing",
+                                     f"run_dir={tmp_path}", *data)
+    assert f"init_from={tmp_path} is read by stage: finetune only" in error(
+        "recipes/demo.yaml", f"init_from={tmp_path}", f"run_dir={tmp_path}", *data[:1])
+    assert "run_dir is empty" in error("recipes/demo.yaml", "run_dir=", *data[:1])
+    assert "run_dir gs://bucket/runs/x is a URL" in error("recipes/demo.yaml", "run_dir=gs://bucket/runs/x", *data[:1])
+    assert not (ROOT / "gs:").exists() and not list(tmp_path.iterdir())
 
 
 def test_the_hybrid_finetunes_at_a_larger_grid(small_shards, tmp_path):
