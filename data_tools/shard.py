@@ -294,7 +294,7 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
         multi_label=corpus.multi_label,
         shards=[Shard(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in ordered],
         class_counts=[counts.get(i, 0) for i in range(len(corpus.classes))],
-        skipped=len(skipped),
+        skipped=sum(not s.get("tar") for s in skipped),
         options=run["options"],
         tool=f"data_tools.shard {tool_version()}",
     )
@@ -302,9 +302,12 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     out.write_bytes(MANIFEST, manifest.to_json().encode())
     out.remove(PARTS)
     size = sum(s.bytes for s in manifest.shards)
+    tars = len(skipped) - manifest.skipped
+    damaged = f", {tars} tar{'s' * (tars != 1)} read in part or not at all" if tars else ""
     print(
         f"wrote {len(names)} shards ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
-        f"{size / 1e9:.2f} GB to {out.url}; {len(skipped)} skipped" + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
+        f"{size / 1e9:.2f} GB to {out.url}; {manifest.skipped} images skipped{damaged}"
+        + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
     return manifest
 

@@ -48,7 +48,8 @@ class Corpus:
     classes: list[str]
     multi_label: bool
     items: list[Item]
-    refused: list[dict] = field(default_factory=list)  # {"source", "reason"} found while listing
+    refused: list[dict] = field(default_factory=list)  # {"source", "reason"} found while listing; "tar": true
+    # marks a whole tar that could not be read to its end (its images are not counted, being unknown)
     ignored: Counter = field(default_factory=Counter)  # files of an ImageFolder tree not named as images, by ending
 
 
@@ -163,14 +164,14 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except (tarfile.TarError, EOFError) as e:
-            return [], [{"source": tar_url, "reason": f"unreadable tar ({e})"}]
+            return [], [{"source": tar_url, "reason": f"unreadable tar ({e})", "tar": True}]
         try:
             while tar.next() is not None:
                 pass
         except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged: keep the members before it
             n = len(tar.members)
             kept = f"the {n} members before the damage are read" if n else "no member is readable"
-            refused.append({"source": tar_url, "reason": f"the rest of the tar is unreadable ({e}); {kept}"})
+            refused.append({"source": tar_url, "reason": f"the rest of the tar is unreadable ({e}); {kept}", "tar": True})
     for m in tar.members:
         where = f"{tar_url}:{m.name}"
         if m.name.startswith("/") or ".." in m.name.split("/"):

@@ -106,7 +106,7 @@ def test_imagenet21k_tar_of_tars(tmp_path):
     assert manifest.skipped == 3
 
 
-def test_a_truncated_synset_tar_keeps_the_images_before_the_cut(tmp_path):
+def test_a_truncated_synset_tar_keeps_the_images_before_the_cut(tmp_path, capsys):
     good = i21k_tars(tmp_path / "i21k")
     tar = tmp_path / "i21k" / f"{CLASSES[1]}.tar"
     data = tar.read_bytes()
@@ -120,6 +120,9 @@ def test_a_truncated_synset_tar_keeps_the_images_before_the_cut(tmp_path):
     cut = next(r for r in reasons if r.startswith("the rest of the tar is unreadable"))
     read = int(re.search(r"the (\d+) members before the damage are read", cut)[1])
     assert len(kept) in (read - 1, read)  # the last member read may itself be cut: skipped, with its own reason
+    skipped_images = len(reasons) - 1  # the tar's own note is not an image
+    assert manifest.skipped == skipped_images
+    assert f"; {skipped_images} images skipped, 1 tar read in part or not at all (listed in " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["folder", "i21k"])
