@@ -87,7 +87,8 @@ def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str
         try:
             to_rgb(Image.open(io.BytesIO(sample[images[0]])))
         except Exception as e:  # PIL raises a different type for each kind of bad data
-            problems.append(f"image does not decode ({type(e).__name__}: {e})")
+            problems.append(f"image does not decode ({type(e).__name__}: {e}); training skips and counts it "
+                            f"(bad_samples), and data_tools.shard --check decode leaves such images out")
     if len(labels) != 1:
         found = ", ".join(labels) or "none"
         problems.append(f"{len(labels)} label members ({found}); expected one .cls or .labels.json")

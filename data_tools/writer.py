@@ -33,7 +33,8 @@ FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gi
 @dataclass(frozen=True)
 class Options:
     multi_label: bool
-    check: str  # "header": PIL parses the header (and PNG checksums); "decode": every pixel is decoded
+    check: str  # "header": PIL parses the header (and PNG checksums, and decodes a JPEG that lacks its end marker);
+    # "decode": every pixel is decoded
     resize_short: int  # 0: keep the bytes as they are
     quality: int  # JPEG quality when re-encoding
 
@@ -106,8 +107,8 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
                     raise BadImage(f"unsupported image format {img.format}")
                 if options.resize_short:
                     return "jpg", _resized(img, options.resize_short, options.quality)
-                if options.check == "decode":
-                    img.load()
+                if options.check == "decode" or (img.format == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9")):
+                    img.load()  # a JPEG without its end marker is most often cut short (some have data after it)
                 else:
                     img.verify()
                 return FORMATS[img.format], data

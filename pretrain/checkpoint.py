@@ -15,9 +15,9 @@ import os
 import pickle
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from .models.convert import load_weights
 from .models.vit import VisionTransformer
 from .models.zoo import build_model
 
+T = TypeVar("T")
 STATE = "state.json"
 LATEST = "latest"
 
@@ -134,26 +135,26 @@ def is_damage(e: BaseException) -> bool:
 
 def damaged(folder: Path, e: Exception, setting: str | None = "checkpoint.resume") -> UserError:
     """One sentence for a checkpoint whose files cannot be read, naming the checkpoint before it as the value of
-    ``setting`` (checkpoint.resume to resume from it, init_from to fine-tune from it; None: to consolidate it)."""
+    ``setting`` (checkpoint.resume to resume from it, init_from to fine-tune from it), as the path to give a command
+    that reads a checkpoint (``setting`` ""), or as the one to consolidate (None)."""
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     older = [p for p in sorted(folder.parent.glob("step_*")) if p.name < folder.name and (p / STATE).is_file()]
     if older:
-        use = f"use the one before it, {setting}={older[-1]}" if setting else \
-            f"consolidate the one before it, python -m pretrain.consolidate {older[-1]}"
-    elif setting == "checkpoint.resume":
-        use = "start fresh in a new run_dir"
+        use = {None: f"consolidate the one before it, python -m pretrain.consolidate {older[-1]}",
+               "": f"give the one before it, {older[-1]}"}.get(setting, f"use the one before it, {setting}={older[-1]}")
     else:
-        use = f"give {setting} another checkpoint" if setting else "the run has no other checkpoint to consolidate"
+        use = {None: "the run has no other checkpoint to consolidate", "": "the run has no other checkpoint",
+               "checkpoint.resume": "start fresh in a new run_dir"}.get(setting, f"give {setting} another checkpoint")
     return UserError(f"checkpoint {folder} is damaged ({type(e).__name__}: {reason}); {use}")
 
 
 @contextlib.contextmanager
-def readable(folder: Path) -> Iterator[None]:
+def readable(folder: Path, setting: str | None = "checkpoint.resume") -> Iterator[None]:
     """Reading the files of checkpoint ``folder``: a file that cannot be read becomes ``damaged``'s sentence."""
     try:
         yield
     except DAMAGED as e:
-        raise damaged(folder, e) from None
+        raise damaged(folder, e, setting) from None
 
 
 def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
@@ -187,19 +188,20 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     return state
 
 
-def saved_config(folder: Path) -> Config:
-    """The resolved recipe a checkpoint was trained with."""
-    with readable(folder):
+def saved_config(folder: Path, setting: str | None = "checkpoint.resume") -> Config:
+    """The resolved recipe a checkpoint was trained with (``setting``: as for ``damaged``)."""
+    with readable(folder, setting):
         state = json.loads((folder / STATE).read_text())
     return recipe.from_dict(state["config"], str(folder / STATE))
 
 
-def weights_file(folder: Path) -> Path:
-    """A checkpoint's full weights; a ZeRO-3 checkpoint has them once consolidated."""
-    if not (folder / "model.safetensors").is_file():
+def weights_file(folder: Path, config: Config) -> Path:
+    """A checkpoint's full weights (``config``: its recipe); a ZeRO-3 checkpoint has them once consolidated."""
+    path = folder / "model.safetensors"
+    if not path.is_file() and config.backend == "deepspeed" and config.deepspeed.zero_stage == 3:
         raise UserError(f"checkpoint {folder} has no model.safetensors (ZeRO-3 keeps the weights sharded); "
                         f"write it with python -m pretrain.consolidate {folder}")
-    return folder / "model.safetensors"
+    return path  # else read: missing, it is damaged
 
 
 def check_init_from(config: Config) -> None:
@@ -225,17 +227,22 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
                               or path.name.startswith("step_") or (path / STATE).is_file())
     if not ours:
         return load_weights(path)
-    found = find(path)
-    if found is None:
-        raise UserError(f"init_from={path} is a run of ours with no complete checkpoint yet; wait for its first "
-                        f"checkpoint, or give init_from a checkpoint that is complete (a step_* folder with {STATE})")
-    try:
-        saved = json.loads((found / STATE).read_text()).get("config", {}).get("model", {}).get("name")
-        if saved and saved != model_name:
-            raise UserError(f"init_from={path} holds a {saved} and the recipe builds {model_name}; set model.name={saved}")
-        return load_file(weights_file(found))
-    except DAMAGED as e:
-        raise damaged(found, e, "init_from") from None
+
+    def locate() -> Path:
+        if (found := find(path)) is None:
+            raise UserError(f"init_from={path} is a run of ours with no complete checkpoint yet; wait for its first "
+                            f"checkpoint, or give init_from a checkpoint that is complete (a step_* folder with {STATE})")
+        return found
+
+    def read(found: Path) -> dict[str, torch.Tensor]:
+        config = saved_config(found, "init_from")
+        if config.model.name != model_name:
+            raise UserError(f"init_from={path} holds a {config.model.name} and the recipe builds {model_name}; set "
+                            f"model.name={config.model.name}")
+        with readable(found, "init_from"):
+            return load_file(weights_file(found, config))
+
+    return read_newest(path, locate, read)
 
 
 def find_given(path: str | Path) -> Path:
@@ -248,12 +255,33 @@ def find_given(path: str | Path) -> Path:
     return found
 
 
+def read_newest(path: str | Path, locate: Callable[[], Path], read: Callable[[Path], T]) -> T:
+    """``read`` of the checkpoint ``locate`` finds at ``path``. A run in progress that prunes that checkpoint
+    meanwhile (checkpoint.keep_last) has a newer one: that is read instead."""
+    for _ in range(5):
+        found = locate()
+        try:
+            return read(found)
+        except UserError:
+            if find(path) not in (None, found):
+                continue
+            if (found / STATE).is_file():
+                raise  # damaged, or not what the command needs
+            raise UserError(f"checkpoint {found} was removed while it was read (its run keeps only its newest "
+                            f"checkpoint.keep_last); give the run directory, which reads the newest") from None
+    raise UserError(f"the checkpoints of {path} were replaced faster than one could be read; read it when its run has "
+                    f"stopped, or raise its checkpoint.keep_last")
+
+
 def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
     """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
-    found = find_given(path)
-    config = saved_config(found)
-    with readable(found):
-        weights = load_file(weights_file(found))
+
+    def read(found: Path) -> tuple[dict[str, torch.Tensor], Config]:
+        config = saved_config(found, "")
+        with readable(found, ""):
+            return load_file(weights_file(found, config)), config
+
+    weights, config = read_newest(path, lambda: find_given(path), read)
     model = build_model(config.model)
     model.load_state_dict(weights)
     return model.eval(), config

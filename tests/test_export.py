@@ -21,6 +21,7 @@ from transformers import AutoImageProcessor, ViTForImageClassification, ViTModel
 from pretrain import checkpoint, evaluate, export
 from pretrain.config import Config
 from pretrain.data import shards
+from pretrain.data.transforms import eval_view
 from pretrain.errors import UserError
 from pretrain.models.hybrid import StdConv2dSame
 from pretrain.models.zoo import build_model
@@ -61,6 +62,12 @@ def test_finetuned_run_to_hf_classifier(runs, small_shards, tmp_path, capsys):
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     pixels = processor(Image.new("RGB", (60, 40), (255, 0, 0)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 48, 48) and pixels[0, 0].eq(1).all() and pixels[0, 1].eq(-1).all()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 97, 3), dtype=np.uint8))
+    scored = eval_view(photo, 48).float() / 127.5 - 1  # what pretrain.evaluate feeds the model
+    pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    torch.testing.assert_close(pil(photo, return_tensors="pt")["pixel_values"][0], scored, atol=1e-6, rtol=0)
+    default = processor(photo, return_tensors="pt")["pixel_values"][0]  # torchvision's resize: within a grey level
+    assert (default - scored).abs().max() <= 2 / 255 + 1e-6
 
 
 def test_pretraining_run_to_hf_vitmodel(runs, tmp_path, capsys, caplog):

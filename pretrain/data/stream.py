@@ -88,7 +88,7 @@ class TrainStream(IterableDataset):
                             f"lower data.workers or reshard into more shards (data_tools.shard --shard-samples)")
 
     def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
-        views, labels, bad, damaged = self.views(self.image_size, self.min_scale), [], 0, []
+        views, labels, bad, damaged, unread = self.views(self.image_size, self.min_scale), [], 0, [], []
         while True:
             mine = np.random.default_rng([self.seed, state.epoch]).permutation(len(self.urls))[index::readers]
             whole_epoch, read, errors = state.cursor == state.offset == 0, 0, []
@@ -110,14 +110,16 @@ class TrainStream(IterableDataset):
                     state.offset += 1
                     try:
                         labels.append(views.add(samples[i], [self.seed, state.epoch, shard, i]))
-                    except BadSample:
+                    except BadSample as e:
                         bad += 1
+                        unread.append((f"{self.urls[shard]}: sample {samples[i].get('__key__')}", str(e)))
                         continue
                     read += 1
                     if len(views) == self.micro_batch:
                         yield {**views.take(), "labels": labels_tensor(labels), "reader": reader,
-                               "state": asdict(state), "bad_samples": bad, "damaged_shards": damaged}
-                        labels, bad, damaged = [], 0, []
+                               "state": asdict(state), "bad_samples": bad, "damaged_shards": damaged,
+                               "unread": unread}
+                        labels, bad, damaged, unread = [], 0, [], []
                 state.cursor, state.offset = state.cursor + 1, 0
             if whole_epoch and not read:  # it would read on forever and the training process wait for it
                 cause = errors[0] if errors else f"{bad} samples, none a readable image with a label"
@@ -128,6 +130,9 @@ class TrainStream(IterableDataset):
             state.epoch, state.cursor = state.epoch + 1, 0
 
 
+NAMED_BAD_SAMPLES = 10  # by each rank; more are only counted
+
+
 class StreamTracker:
     """Follows the batches a rank consumed, to save the stream's position in a checkpoint."""
 
@@ -135,14 +140,21 @@ class StreamTracker:
         self.state = resume or StreamState(max(workers, 1), world, {})
         self.bad_samples = 0
         self.damaged_shards: dict[str, str] = {}  # url -> what is wrong with it, once however many epochs
+        self.unread: set[str] = set()  # the bad samples named so far ("shard url: sample key")
+        self.new_unread: list[str] = []
 
     def consumed(self, batch: dict) -> list[str]:
-        """Take in a consumed batch; what is wrong with the damaged shards it is the first to meet."""
+        """Take in a consumed batch; what is wrong with the damaged shards it is the first to meet. The bad samples
+        it is the first to meet are in ``new_unread``, up to ``NAMED_BAD_SAMPLES`` in all."""
         self.state.readers[batch["reader"]] = ReaderState(**batch["state"])
         self.state.next_reader = (batch["reader"] + 1) % self.state.workers
         self.bad_samples += batch["bad_samples"]
         new = [why for why in batch["damaged_shards"] if why.split(": ", 1)[0] not in self.damaged_shards]
         self.damaged_shards |= {why.split(": ", 1)[0]: why for why in new}
+        room = NAMED_BAD_SAMPLES - len(self.unread)
+        new_unread = {where: why for where, why in batch.get("unread", []) if where not in self.unread}
+        self.new_unread = [f"{where} {why}" for where, why in new_unread.items()][:max(room, 0)]
+        self.unread |= set(list(new_unread)[:max(room, 0)])
         return new
 
 

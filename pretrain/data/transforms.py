@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
@@ -30,18 +30,23 @@ class BadSample(Exception):
 def open_sample(sample: dict) -> tuple[Image.Image, bytes, list[int]]:
     """A raw webdataset sample's image, opened (its header read, its pixels not yet decoded), the image's encoded
     bytes and the label ids; BadSample if either member is missing or unreadable."""
-    key = sample.get("__key__")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise BadSample(f"{key}: no image member")
+        raise BadSample("has no image member")
     try:
         labels = label_ids(sample)
     except (KeyError, ValueError):
-        raise BadSample(f"{key}: no readable label member (.cls or .labels.json)") from None
+        raise BadSample("has no readable label member (.cls or .labels.json)") from None
     try:
         return Image.open(io.BytesIO(sample[ext])), sample[ext], labels
     except Exception as e:  # PIL raises many types for damaged images
-        raise BadSample(f"{key}: image does not decode ({type(e).__name__})") from None
+        raise BadSample(undecodable(e)) from None
+
+
+def undecodable(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "has no image PIL can identify"
+    return f"has an image that does not decode ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
 
 
 def decode(img: Image.Image) -> Image.Image:
@@ -50,7 +55,7 @@ def decode(img: Image.Image) -> Image.Image:
         img.load()
         return to_rgb(img)
     except Exception as e:
-        raise BadSample(f"image does not decode ({type(e).__name__})") from None
+        raise BadSample(undecodable(e)) from None
 
 
 def image_and_labels(sample: dict) -> tuple[Image.Image, list[int]]:

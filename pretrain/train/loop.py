@@ -24,7 +24,7 @@ from ..backends.base import Backend
 from ..config import Config
 from ..data import shards
 from ..data.device_decode import DeviceDecoded
-from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
+from ..data.stream import NAMED_BAD_SAMPLES, StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
 from ..fewshot import few_shot_needs_single_label, fewshot_eval
@@ -379,6 +379,11 @@ class Trainer:
             for why in self.tracker.consumed(batch):
                 print(f"warning: {why}; its readable samples train, the rest are skipped (python -m "
                       f"data_tools.verify {cfg.data.train} checks every shard)", flush=True)
+            for why in self.tracker.new_unread:
+                last = len(self.tracker.unread) == NAMED_BAD_SAMPLES
+                print(f"warning: {why}; it is skipped and counted in bad_samples, each epoch"
+                      + (f" (more are counted without a line each; python -m data_tools.verify {cfg.data.train} "
+                         f"--decode lists them)" if last else ""), flush=True)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
             images, y = backend.to_device(batch)
@@ -457,6 +462,9 @@ def finished(config: Config) -> str:
     step = int(found.name[len("step_"):]) if found is not None else 0
     if found is None or step < config.schedule.total_steps or (config.data.val and not evaluated_at(config, step)):
         return ""  # a run stopped after its last checkpoint and before its final evaluation goes on to that
+    saved = checkpoint.saved_config(found)
+    if (saved.stage, saved.model.name) != (config.stage, config.model.name):
+        return ""  # not this recipe's run: resuming it refuses in one sentence
     return (f"{config.run_dir} is complete (its checkpoint is at step {step}, schedule.total_steps is "
             f"{config.schedule.total_steps}); nothing was changed. Raise schedule.total_steps to train on, evaluate it "
             f"with python -m pretrain.evaluate {config.run_dir} data=SHARDS, or give another run_dir to start over")

@@ -314,7 +314,8 @@ def damaged(small_shards, tmp_path_factory) -> dict:
     cut = out / "train-000005.tar"
     middle = members(cut)[50]
     cut.write_bytes(cut.read_bytes()[: middle.offset_data + middle.size // 2])
-    return {"folder": str(out), "truncated": str(cut), "original": str(Path(small_shards["train"]) / cut.name)}
+    return {"folder": str(out), "truncated": str(cut), "original": str(Path(small_shards["train"]) / cut.name),
+            "garbled": f"{garbled}: sample {victim.removesuffix('.jpg')}"}
 
 
 def test_damaged_shards_are_counted_and_the_stream_goes_on(damaged):
@@ -355,14 +356,16 @@ def test_lost_samples_are_counted_once_even_when_resumed_inside_the_damaged_shar
     assert again["bad_samples"] == 0 and len(again["damaged_shards"]) == 1 and again["state"]["cursor"] == 2
 
 
-def test_a_damaged_shard_is_named_once_however_many_epochs(damaged):
-    tracker, named = StreamTracker(0, 1, None), []
+def test_a_damaged_shard_and_a_bad_sample_are_named_once_however_many_epochs(damaged):
+    tracker, named, unread = StreamTracker(0, 1, None), [], []
     for batch in loader(train_stream(resolve(damaged["folder"]).urls), 0, pin=False):
         named += tracker.consumed(batch)
+        unread += tracker.new_unread
         if batch["state"]["epoch"] >= 3:
             break
     assert len(named) == 1 and named[0].startswith(damaged["truncated"])
     assert list(tracker.damaged_shards) == [damaged["truncated"]]
+    assert unread == [f"{damaged['garbled']} has no image PIL can identify"]
 
 
 def test_the_eval_stream_counts_what_damaged_shards_lack(damaged):

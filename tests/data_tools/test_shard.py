@@ -85,6 +85,25 @@ def test_linked_folders_in_a_class_are_read_once(tmp_path):
     assert sorted(report) == [f"{CLASSES[0]}/notes", f"{CLASSES[1]}/cut", f"{CLASSES[2]}/gone"]
 
 
+def test_a_jpeg_cut_short_is_skipped_and_one_with_data_after_its_end_is_kept(tmp_path):
+    """A download cut short keeps a readable header: the default check decodes a JPEG that lacks its end marker."""
+    rng = np.random.default_rng(3)
+    for name in CLASSES:
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(image_bytes(rng, size=(64, 64)))
+    whole = image_bytes(rng, size=(64, 64))
+    (tmp_path / "src" / CLASSES[0] / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    (tmp_path / "src" / CLASSES[1] / "tail.jpg").write_bytes(whole + b"camera maker's notes")
+    with Image.open(tmp_path / "src" / CLASSES[0] / "cut.jpg") as img:
+        img.verify()  # what the header check alone saw
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(tmp_path / "out"))
+    assert f"{CLASSES[1]}/tail" in samples and f"{CLASSES[0]}/cut" not in samples and manifest.skipped == 1
+    reason = json.loads((tmp_path / "out" / mf.REPORT).read_text())["reason"]
+    assert reason.startswith("not a readable image (OSError: image file is truncated")
+
+
 def test_imagenet21k_tar_of_tars(tmp_path):
     """Unsafe, corrupt and twin members (one key: a tar cannot be renamed in place) are skipped and listed."""
     good = i21k_tars(tmp_path / "i21k")

@@ -420,11 +420,12 @@ def test_resuming_with_another_model_is_one_sentence(small_shards, two_checkpoin
            in other_grid.stderr
 
 
-@pytest.mark.parametrize("damage", ["model.safetensors", "state.json", "optimizer.pt", "optimizer.pt gone"])
+@pytest.mark.parametrize("damage", ["model.safetensors", "model.safetensors gone", "state.json", "optimizer.pt",
+                                    "optimizer.pt gone"])
 def test_a_damaged_checkpoint_is_one_sentence_naming_the_one_before(small_shards, two_checkpoints, tmp_path, damage):
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     newest, before = checkpoint.find(tmp_path), tmp_path / "checkpoints" / "step_000000002"
-    if damage.endswith(" gone"):
+    if damage.endswith(" gone"):  # a backend=torch checkpoint, so not ZeRO-3's missing weights
         damage = damage.removesuffix(" gone")
         (newest / damage).unlink()
     else:
@@ -434,13 +435,42 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_one_before(small_shards
     assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
     assert resumed.stderr.startswith(f"error: checkpoint {newest} is damaged (")
     assert f"checkpoint.resume={before}" in resumed.stderr
-    if damage != "optimizer.pt":  # evaluate and export read the weights and the recipe only
-        with pytest.raises(UserError, match=f"checkpoint {newest} is damaged"):
+    if damage != "optimizer.pt":  # evaluate and export read the weights and the recipe, and take a path
+        with pytest.raises(UserError, match=f"checkpoint {newest} is damaged") as refused:
             checkpoint.load_model(tmp_path)
+        assert str(refused.value).endswith(f"; give the one before it, {before}")
     if damage == "model.safetensors":  # the advice works (the same for every kind of damage)
         resumed = run(overrides(small_shards, tmp_path, **longer, **{"checkpoint.resume": str(before)}))
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "at step 2" in resumed.stdout and max(losses(tmp_path)) == 6
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_read_as_its_runs_newest(two_checkpoints, tmp_path, monkeypatch):
+    """evaluate, export and init_from of a run in progress: it writes a checkpoint and prunes the one being read
+    (checkpoint.keep_last), here at the moment its recipe has been read."""
+    root, read = tmp_path / "checkpoints", checkpoint.saved_config
+
+    def run_goes_on(folder, *args):
+        config = read(folder, *args)
+        if folder == root / "step_000000004":
+            shutil.copytree(folder, root / "step_000000006")
+            (root / checkpoint.LATEST).write_text("step_000000006")
+            shutil.rmtree(folder)
+        return config
+
+    names = set(checkpoint.init_weights(two_checkpoints, "vit_mu8"))
+    monkeypatch.setattr(checkpoint, "saved_config", run_goes_on)
+    for read_it in (lambda: checkpoint.load_model(tmp_path)[0].state_dict(),
+                    lambda: checkpoint.init_weights(tmp_path, "vit_mu8")):
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        shutil.copytree(two_checkpoints, tmp_path)
+        assert set(read_it()) == names
+        assert checkpoint.find(tmp_path).name == "step_000000006" and not (root / "step_000000004").exists()
+    shutil.rmtree(tmp_path)
+    shutil.copytree(two_checkpoints, tmp_path)
+    with pytest.raises(UserError, match=f"checkpoint {root / 'step_000000004'} was removed while it was read .*; "
+                                        f"give the run directory, which reads the newest"):
+        checkpoint.load_model(root / "step_000000004")  # given the folder itself: no newer one to read
 
 
 @pytest.mark.parametrize("key", ["data.val", "data.fewshot_train"])
