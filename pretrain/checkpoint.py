@@ -109,8 +109,11 @@ def _prune(root: Path, newest: int, keep_last: int, keep_every: int) -> None:
 
 
 def find(path: str | Path) -> Path | None:
-    """The checkpoint at ``path``: a checkpoint folder, or the newest complete one of a run directory."""
+    """The checkpoint at ``path``: a checkpoint folder, or the newest complete one of a run directory (or of the
+    ``latest`` pointer of its checkpoints folder)."""
     path = Path(path)
+    if path.name == LATEST and path.is_file():
+        path = path.parent.parent
     if (path / STATE).is_file():
         return path
     root = path / "checkpoints"
@@ -223,8 +226,9 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     """Weights to start fine-tuning ``model_name`` from: a run directory or checkpoint of ours, else any format
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     path = Path(path)
-    ours = path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
-                              or path.name.startswith("step_") or (path / STATE).is_file())
+    ours = (path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
+                               or path.name.startswith("step_") or (path / STATE).is_file())) or (
+        path.name == LATEST and path.is_file())
     if not ours:
         return load_weights(path)
 
@@ -275,13 +279,19 @@ def read_newest(path: str | Path, locate: Callable[[], Path], read: Callable[[Pa
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:
     """(model, config) of a run directory or checkpoint of ours, on the CPU, in eval mode."""
+    model, config, _ = load_checkpoint(path)
+    return model, config
 
-    def read(found: Path) -> tuple[dict[str, torch.Tensor], Config]:
+
+def load_checkpoint(path: str | Path) -> tuple[VisionTransformer, Config, Path]:
+    """``load_model``, and the checkpoint folder it read."""
+
+    def read(found: Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
         config = saved_config(found, "")
         with readable(found, ""):
-            return load_file(weights_file(found, config)), config
+            return load_file(weights_file(found, config)), config, found
 
-    weights, config = read_newest(path, lambda: find_given(path), read)
+    weights, config, found = read_newest(path, lambda: find_given(path), read)
     model = build_model(config.model)
     model.load_state_dict(weights)
-    return model.eval(), config
+    return model.eval(), config, found

@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if occupied and not args.overwrite:
         what = "exists" if args.out.is_file() else "is a folder that is not empty"
         raise UserError(f"{args.out} {what}; give a new path, or pass --overwrite to replace what export writes there")
-    model, config = checkpoint.load_model(args.run)
-    print(export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, config, args.out))
+    model, config, found = checkpoint.load_checkpoint(args.run)
+    wrote = export_hf(model, config, args.out) if args.format == "hf" else export_onnx(model, config, args.out)
+    print(f"from {found}: {wrote}")
     return 0
 
 

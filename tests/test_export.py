@@ -51,7 +51,8 @@ def images(n: int, size: int) -> torch.Tensor:
 
 def test_finetuned_run_to_hf_classifier(runs, small_shards, tmp_path, capsys):
     assert export.main([str(runs["finetune"]), "--format", "hf", str(tmp_path)]) == 0
-    assert "ViTForImageClassification (10 classes)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"from {checkpoint.find(runs['finetune'])}: wrote ViTForImageClassification (10 classes)")
     model, _ = checkpoint.load_model(runs["finetune"])
     hf = ViTForImageClassification.from_pretrained(tmp_path).eval()
     x = images(3, 48)

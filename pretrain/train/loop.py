@@ -153,7 +153,8 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     side = math.isqrt(tokens)
     if tokens and (side, side) != model.grid:
         line += (f"; position embeddings resampled from its {side}x{side} grid to {model.grid[0]}x{model.grid[1]} "
-                 f"({config.model.posemb_interp})")
+                 f"({config.model.posemb_interp}, {'corners' if config.model.posemb_align_corners else 'cell centres'} "
+                 f"aligned)")
     return line
 
 

@@ -40,7 +40,7 @@ def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretr
                  "data.batch_size=32", "model.name=vit_mu8")
     assert result.returncode == 0, result.stderr
     assert (f"fine-tuning from {pretrained}: its encoder, without its heads; a zero-initialised 10-class head; "
-            f"position embeddings resampled from its 4x4 grid to 6x6 (bilinear)") in result.stdout
+            f"position embeddings resampled from its 4x4 grid to 6x6 (bilinear, corners aligned)") in result.stdout
     first, last = evals(tmp_path)[0], evals(tmp_path)[-1]
     assert first["step"] == 0 and first["loss"] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=1e-5)
     assert first["top1"] == pytest.approx(0.1)  # all logits 0: top-1 is class 0, a tenth of the eval set
@@ -63,6 +63,8 @@ def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_
             f"'{ROOT / 'elsewhere/weights.safetensors'}', schedule.total_steps 2 -> 3 (init_from is not used") in again.stdout
     saved = checkpoint.saved_config(checkpoint.find(tmp_path))
     assert saved.init_from == str(pretrained) and saved.schedule.total_steps == 3
+    pointer = pretrained / "checkpoints" / checkpoint.LATEST  # a path a user may well give
+    assert checkpoint.init_weights(pointer, "vit_mu8").keys() == checkpoint.init_weights(pretrained, "vit_mu8").keys()
     assert f"init_from: {pretrained}" in (tmp_path / "config.yaml").read_text()
 
 
