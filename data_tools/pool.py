@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
+from pretrain.cli import Terminated
+
 
 @contextlib.contextmanager
 def signals_blocked(*signals: signal.Signals) -> Iterator[None]:
@@ -89,7 +91,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     workers left. A SIGTERM to the whole process group ends the workers too; the finished shards are kept."""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
         yield

@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.cli import OneLineParser, command
+from pretrain.cli import OneLineParser, command, plural
 from pretrain.errors import UserError
 
 from . import sources
@@ -303,9 +303,9 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     out.remove(PARTS)
     size = sum(s.bytes for s in manifest.shards)
     tars = len(skipped) - manifest.skipped
-    damaged = f", {tars} tar{'s' * (tars != 1)} read in part or not at all" if tars else ""
+    damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
     print(
-        f"wrote {len(names)} shards ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
+        f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
         f"{size / 1e9:.2f} GB to {out.url}; {manifest.skipped} images skipped{damaged}"
         + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )

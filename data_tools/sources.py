@@ -81,7 +81,10 @@ def read_classes(spec: str) -> list[str]:
     """``--classes``: a shard set (folder or manifest.json: its classes) or a text file, one name per line."""
     fs, path = url_to_fs(spec)
     if fs.isdir(path) or spec.rstrip("/").endswith(".json"):
-        classes = load_manifest(spec)[1].classes
+        try:
+            classes = load_manifest(spec)[1].classes
+        except UserError as e:
+            raise UserError(f"--classes {spec}: {e}") from None
         if not classes:
             raise UserError(f"--classes {spec}: its manifest names no classes")
         return classes
@@ -90,12 +93,17 @@ def read_classes(spec: str) -> list[str]:
     classes, lines = [], {}
     for lineno, line in enumerate(read_lines(fs, path), 1):
         name = line.strip()
+        if name.startswith("#"):
+            raise UserError(f"--classes {spec} line {lineno}: '{name}' looks like a comment; the file holds one class "
+                            f"name per line and nothing else (a comment would become a class): remove it")
         if name in lines:
             raise UserError(f"--classes {spec} names '{name}' twice (lines {lines[name]} and {lineno}); a label is "
                             f"the index of its class, so list each class once")
         if name:
             classes.append(name)
             lines[name] = lineno
+    if not classes:
+        raise UserError(f"--classes {spec} names no class; give a file with one class name per line or a shard set")
     return classes
 
 
@@ -204,17 +212,23 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     index = {c: i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)
     folder = Location(source).parent()
-    items, seen = [], {}
+    items, seen, files = [], {}, {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if line.lstrip().startswith("#"):
+            raise UserError(f"{source} line {lineno}: '{line.strip()}' looks like a comment; the list holds one image "
+                            f"per line and nothing else: remove it")
         if spaced and not line.lstrip().startswith("{"):
             raise UserError(f"{source} line {lineno}: a CSV line separates its labels by spaces, so it cannot name "
                             f"the class '{spaced}' of {classes_file}; write the list as JSON lines, "
                             f'{{"path": "...", "labels": ["{spaced}"]}}')
         path, labels = _parse_line(line, source, lineno)
         if not labels:
-            raise UserError(f"{source} line {lineno}: no labels for '{path}'; every image needs at least one label")
+            hint = ("; separate the path from its labels with a comma: 'path, label label'"
+                    if "," not in line and len(line.split()) > 1 and not line.lstrip().startswith("{") else "")
+            raise UserError(f"{source} line {lineno}: no labels for '{path}'; every image needs at least one "
+                            f"label{hint}")
         # A class named twice is one label, not a double count in the manifest.
         ids = tuple(dict.fromkeys(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels))
         if "://" in path:
@@ -222,13 +236,15 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         else:
             path = posixpath.normpath(path)  # ./a.jpg is a.jpg
             key, resolved = sample_key(path), path if path.startswith("/") else folder.url_of(path)
-        if key in seen:
-            first, before = seen[key]
-            if before == path:
-                raise UserError(f"{source} lines {first} and {lineno} name the same image '{path}'; remove one")
+        file = resolved if "://" in resolved else os.path.abspath(resolved)
+        if key in seen or file in files:
+            first, before = seen[key] if key in seen else files[file]
+            if before == path or file in files:
+                named = f"'{path}'" if before == path else f"('{before}' and '{path}')"
+                raise UserError(f"{source} lines {first} and {lineno} name the same image {named}; remove one")
             raise UserError(f"{source} lines {first} and {lineno}: '{before}' and '{path}' make the same sample key "
                             f"'{key}' (a key drops the extension and turns dots and spaces into _); rename one")
-        seen[key] = lineno, path
+        seen[key] = files[file] = lineno, path
         items.append(Item(key, resolved, ids, -1))
     return Corpus("list", classes, True, _with_sizes(items))
 
@@ -237,6 +253,9 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
     if line.lstrip().startswith("{"):
         try:
             record = json.loads(line)
+            if "labels" not in record and "label" in record:
+                raise UserError(f"{source} line {lineno}: the key is 'labels' (a list), not 'label'; write "
+                                f'"labels": [{json.dumps(record["label"])}]')
             labels = record.get("labels") or []
             if not isinstance(labels, list):
                 raise UserError(f"{source} line {lineno}: 'labels' is {json.dumps(labels)}, not a list; write "

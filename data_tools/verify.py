@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.cli import OneLineParser, command
+from pretrain.cli import OneLineParser, command, plural
 
 from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
 from .pixels import to_rgb
@@ -70,10 +70,6 @@ def reason(error: Exception) -> str:
 
 def image_extensions(sample: dict) -> list[str]:
     return [ext for ext in sample if ext in IMAGE_EXTENSIONS]
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str], list[int]]:

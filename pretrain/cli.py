@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 
 from .errors import UserError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C but ending with its own exit status (128 + 15)."""
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def command(main: Callable[[list[str] | None], int | None] | None = None, *, interrupted: str = "interrupted"):
     """Wraps a command's ``main(argv)``: a ``UserError`` becomes ``error: ...`` on stderr and exit code 2, Ctrl-C
-    the line ``interrupted`` (what is kept and how to go on) and exit code 130. ``@command`` or
+    the line ``interrupted`` (what is kept and how to go on) and exit code 130 (143 for ``Terminated``). ``@command`` or
     ``@command(interrupted=...)``."""
     if main is None:
         return functools.partial(command, interrupted=interrupted)
@@ -32,9 +41,9 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *, int
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print(interrupted, file=sys.stderr)
-            return 130
+            return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         except BrokenPipeError:  # the reader stopped early (| head): stop quietly, as the shell's own tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail
             return 1

@@ -46,9 +46,9 @@ def few_shot_needs_single_label(what: str) -> str:
 @torch.no_grad()
 def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, device: torch.device | str,
                      workers: int = 0, enough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 on the CPU, labels (N,)) of the samples of single-label ``spec`` (a brace pattern
-    without a manifest: each sample's first label), samples without a label left out. ``model`` is moved to
-    ``device``.
+    """(features (N, D) float32 on the CPU, labels (N,)) of the samples of single-label ``spec`` (a brace pattern,
+    which has no manifest to say so, is refused at its first multi-label sample), samples without a label left out.
+    ``model`` is moved to ``device``.
 
     With ``enough`` and a manifest, only a prefix of the shards is read: 1, 2, 4, ... shards at a time, until every
     class has ``enough`` samples or all it has (data_tools.shard shuffles samples across shards, so a prefix is a
@@ -72,6 +72,8 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
         for b in loader(stream, min(workers, len(part.urls)), device.type == "cuda"):
             for why in b["damaged_shards"]:
                 log.warning("%s; the few-shot probe goes on without its missing samples", why)
+            if b["labels"].shape[1] > 1 and (b["labels"][:, 1] >= 0).any():
+                raise UserError(few_shot_needs_single_label(spec) + "; give single-label shards")
             if len(b["image"]):
                 feats.append(model.representation(normalise(b["image"].to(device))).float().cpu())
                 labels.append(b["labels"][:, 0])

@@ -98,7 +98,8 @@ def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path):
     """Which of a sample's labels would be its class is arbitrary, so multi-label shards are refused in one sentence."""
     from data_tools import shard
 
-    images = sorted((Path(small_shards["train"]).parent / "images/train").rglob("*.*"))[:20]
+    folders = sorted((Path(small_shards["train"]).parent / "images/train").iterdir())
+    images = [image for folder in folders for image in sorted(folder.iterdir())[:2]]
     classes = sorted({p.parent.name for p in images})
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
     (tmp_path / "list.csv").write_text("".join(f"{p}, {p.parent.name} {classes[0]}\n" for p in images))
@@ -108,3 +109,6 @@ def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path):
     with pytest.raises(UserError, match=f"the few-shot probe fits one class per sample, and {tmp_path / 'jft'} is "
                                         "multi-label"):
         fewshot_eval(model, str(tmp_path / "jft"), small_shards["val"], config.model.image_size, "cpu")
+    pattern = f"{tmp_path / 'jft'}/train-{{000000..000000}}.tar"  # no manifest to say so: its samples do
+    with pytest.raises(UserError, match=f"the few-shot probe fits one class per sample, and {pattern} is multi-label"):
+        fewshot_eval(model, pattern, small_shards["val"], config.model.image_size, "cpu")

@@ -226,6 +226,21 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     listing.write_text("path,labels\n" + "\n".join(lines) + "\n")
     assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
     assert "line 1: label 'labels' is not in" in (err := capsys.readouterr().err) and "a header line?" in err
+    for listed, said in [("# my corpus\n" + lines[0], "line 1: '# my corpus' looks like a comment"),
+                         (f"images/im1.jpg {CLASSES[0]}", "no labels for 'images/im1.jpg " + CLASSES[0] + "'; every "
+                          "image needs at least one label; separate the path from its labels with a comma"),
+                         ('{"path": "images/im1.jpg", "label": "x"}', """the key is 'labels' (a list), not 'label'""")]:
+        listing.write_text(listed + "\n")
+        assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+        assert said in capsys.readouterr().err
+    listing.write_text("\n".join(lines) + "\n")
+    for names, said in [("#v2\n" + "\n".join(CLASSES), "line 1: '#v2' looks like a comment; the file holds one class"),
+                        ("\n", "names no class")]:
+        (tmp_path / "odd.txt").write_text(names)
+        assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "odd.txt")]) == 2
+        assert said in capsys.readouterr().err
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "images")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --classes {tmp_path / 'images'}: ")
     assert not (tmp_path / "out").exists()
 
 
@@ -248,6 +263,8 @@ def test_lists_from_spreadsheets_and_their_mistakes(tmp_path, capsys):
     (tmp_path / "images" / "a_b.jpg").write_bytes((tmp_path / "images" / "im1.jpg").read_bytes())
     for lines, said in [(["images/im0.jpg, " + CLASSES[0], "./images/im0.jpg, " + CLASSES[1]],
                          "lines 1 and 2 name the same image 'images/im0.jpg'; remove one"),
+                        (["images/im0.jpg, " + CLASSES[0], f"{tmp_path}/images/im0.jpg, " + CLASSES[1]],
+                         f"lines 1 and 2 name the same image ('images/im0.jpg' and '{tmp_path}/images/im0.jpg')"),
                         (["images/a.b.jpg, " + CLASSES[0], "images/a_b.jpg, " + CLASSES[1]],
                          "lines 1 and 2: 'images/a.b.jpg' and 'images/a_b.jpg' make the same sample key 'images/a_b'")]:
         listing.write_text("\n".join(lines) + "\n")
@@ -341,7 +358,7 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     _, err = proc.communicate(timeout=60)
     assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
     if how != "SIGKILL":
-        assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+        assert proc.returncode == {"Ctrl-C": 130, "SIGTERM": 143}[how] and "Traceback" not in err, err[-3000:]
         assert err.splitlines()[-1].startswith("interrupted; the finished shards are kept")
     deadline = time.time() + 30
     while living(session=proc.pid) and time.time() < deadline:
