@@ -52,7 +52,7 @@ class DataConfig:
     eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.", low=0)
     fewshot_train: str = doc("", "Single-label shards the few-shot linear probe draws its 1/5/10/25 shots from; empty: data.train.")
     fewshot_val: str = doc("", "Single-label shards the few-shot probe is tested on, of fewshot_train's classes (a JFT run probes ImageNet); empty: data.val.")
-    storage_patience_s: float = doc(600.0, "Seconds a shard's storage that does not answer (no connection, a 5xx) is asked again, with a warning each time, before the run stops; a missing or forbidden shard is skipped and counted at once.", low=0)
+    storage_patience_s: float = doc(600.0, "Seconds a shard's storage that does not answer (no connection, a 5xx) is asked again, with a warning each time, before the run stops; a missing or forbidden shard is skipped and counted at once. The storage client's own retries come first (gcsfs: about 30 s), so the first warning comes after them.", low=0)
     allow_resharding: bool = doc(False, "On resume with another ranks x workers layout, restart the stream at the next epoch instead of refusing.")
 
 
