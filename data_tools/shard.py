@@ -301,12 +301,17 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     out.write_bytes(REPORT, "".join(json.dumps(s) + "\n" for s in skipped).encode())
     out.write_bytes(MANIFEST, manifest.to_json().encode())
     out.remove(PARTS)
+    empty = [c for c, n in zip(corpus.classes, manifest.class_counts) if not n]
+    if empty:
+        shown = ", ".join(f"'{c}'" for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        print(f"warning: {len(empty)} of {len(corpus.classes)} classes have no sample: {shown} (a comment or header "
+              f"line in a --classes file would be one)")
     size = sum(s.bytes for s in manifest.shards)
     tars = len(skipped) - manifest.skipped
     damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
     print(
         f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
-        f"{size / 1e9:.2f} GB to {out.url}; {manifest.skipped} images skipped{damaged}"
+        f"{size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} skipped{damaged}"
         + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
     return manifest

@@ -93,9 +93,6 @@ def read_classes(spec: str) -> list[str]:
     classes, lines = [], {}
     for lineno, line in enumerate(read_lines(fs, path), 1):
         name = line.strip()
-        if name.startswith("#"):
-            raise UserError(f"--classes {spec} line {lineno}: '{name}' looks like a comment; the file holds one class "
-                            f"name per line and nothing else (a comment would become a class): remove it")
         if name in lines:
             raise UserError(f"--classes {spec} names '{name}' twice (lines {lines[name]} and {lineno}); a label is "
                             f"the index of its class, so list each class once")
@@ -218,7 +215,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
             continue
         if line.lstrip().startswith("#"):
             raise UserError(f"{source} line {lineno}: '{line.strip()}' looks like a comment; the list holds one image "
-                            f"per line and nothing else: remove it")
+                            f"per line and nothing else: remove it (an image whose path starts with # is ./#...)")
         if spaced and not line.lstrip().startswith("{"):
             raise UserError(f"{source} line {lineno}: a CSV line separates its labels by spaces, so it cannot name "
                             f"the class '{spaced}' of {classes_file}; write the list as JSON lines, "

@@ -108,12 +108,22 @@ def _prune(root: Path, newest: int, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(root / folder_name(s))
 
 
+def is_pointer(path: Path) -> bool:
+    """Whether ``path`` is a run's ``checkpoints/latest``: a file naming a checkpoint folder beside it."""
+    if path.name != LATEST or not path.is_file():
+        return False
+    try:
+        return (path.parent / path.read_text().strip()).name.startswith("step_")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def find(path: str | Path) -> Path | None:
     """The checkpoint at ``path``: a checkpoint folder, or the newest complete one of a run directory (or of the
     ``latest`` pointer of its checkpoints folder)."""
     path = Path(path)
-    if path.name == LATEST and path.is_file():
-        path = path.parent.parent
+    if is_pointer(path):
+        path = path.absolute().parent.parent
     if (path / STATE).is_file():
         return path
     root = path / "checkpoints"
@@ -228,7 +238,7 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     ours = (path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
                                or path.name.startswith("step_") or (path / STATE).is_file())) or (
-        path.name == LATEST and path.is_file())
+        is_pointer(path))
     if not ours:
         return load_weights(path)
 
@@ -266,15 +276,15 @@ def read_newest(path: str | Path, locate: Callable[[], Path], read: Callable[[Pa
         found = locate()
         try:
             return read(found)
-        except UserError:
+        except UserError as e:
             if find(path) not in (None, found):
+                last = e
                 continue
             if (found / STATE).is_file():
                 raise  # damaged, or not what the command needs
             raise UserError(f"checkpoint {found} was removed while it was read (its run keeps only its newest "
                             f"checkpoint.keep_last); give the run directory, which reads the newest") from None
-    raise UserError(f"the checkpoints of {path} were replaced faster than one could be read; read it when its run has "
-                    f"stopped, or raise its checkpoint.keep_last")
+    raise last
 
 
 def load_model(path: str | Path) -> tuple[VisionTransformer, Config]:

@@ -11,6 +11,7 @@ import torch
 from sklearn.linear_model import Ridge
 
 from pretrain import checkpoint, evaluate
+from pretrain import run as pretrain_run
 from pretrain.errors import UserError
 from pretrain.fewshot import LAMBDAS, draw, extract_features, fewshot_accuracy, fewshot_eval, fits, ridge_fit, targets
 
@@ -94,7 +95,7 @@ def test_evaluate_cli_adds_fewshot_accuracy(run, small_shards, capsys):
     assert all(result[f"fewshot_{n}shot_lambda"] in LAMBDAS for n in (1, 5, 10, 25))
 
 
-def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path):
+def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path, monkeypatch, capsys):
     """Which of a sample's labels would be its class is arbitrary, so multi-label shards are refused in one sentence."""
     from data_tools import shard
 
@@ -112,3 +113,8 @@ def test_a_multi_label_set_is_no_few_shot_set(run, small_shards, tmp_path):
     pattern = f"{tmp_path / 'jft'}/train-{{000000..000000}}.tar"  # no manifest to say so: its samples do
     with pytest.raises(UserError, match=f"the few-shot probe fits one class per sample, and {pattern} is multi-label"):
         fewshot_eval(model, pattern, small_shards["val"], config.model.image_size, "cpu")
+    monkeypatch.chdir(ROOT)  # a run refuses it at its start, not at its first probe
+    assert pretrain_run.main(["recipes/demo.yaml", f"data.train={small_shards['train']}", f"data.val={small_shards['val']}",
+                              f"data.fewshot_train={pattern}", f"run_dir={tmp_path / 'run'}", "data.workers=0"]) == 2
+    assert f"and data.fewshot_train {pattern} is multi-label" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -48,6 +48,21 @@ def resolve(spec: str, what: str = "data.train") -> ShardSet:
                     [s.samples for s in manifest.shards], manifest.class_counts)
 
 
+def looks_multi_label(shard_set: ShardSet) -> bool:
+    """Whether a shard set is multi-label: its manifest's word, or for a brace pattern (no manifest) whether a sample
+    of its first shard has more than one label (this reads that shard)."""
+    if shard_set.classes is not None:
+        return shard_set.multi_label
+    samples, _ = read_shard(shard_set.urls[0])
+    for sample in samples:
+        try:
+            if len(mf.label_ids(sample)) > 1:
+                return True
+        except (KeyError, ValueError):
+            continue  # a bad sample: counted where it is read
+    return False
+
+
 def check_same_classes(reference: ShardSet, reference_spec: str, other: ShardSet, other_spec: str) -> None:
     """A sample's label is an index into its manifest's classes, so two shard sets agree on labels only when they
     list the same classes in the same order (one without a manifest is not checked)."""

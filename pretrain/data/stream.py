@@ -141,20 +141,21 @@ class StreamTracker:
         self.bad_samples = 0
         self.damaged_shards: dict[str, str] = {}  # url -> what is wrong with it, once however many epochs
         self.unread: set[str] = set()  # the bad samples named so far ("shard url: sample key")
-        self.new_unread: list[str] = []
+        self.new_unread: list[tuple[str, bool]] = []  # (what is wrong, whether it is the last one named)
 
     def consumed(self, batch: dict) -> list[str]:
         """Take in a consumed batch; what is wrong with the damaged shards it is the first to meet. The bad samples
-        it is the first to meet are in ``new_unread``, up to ``NAMED_BAD_SAMPLES`` in all."""
+        it is the first to meet are in ``new_unread``, up to ``NAMED_BAD_SAMPLES`` in all, the last marked."""
         self.state.readers[batch["reader"]] = ReaderState(**batch["state"])
         self.state.next_reader = (batch["reader"] + 1) % self.state.workers
         self.bad_samples += batch["bad_samples"]
         new = [why for why in batch["damaged_shards"] if why.split(": ", 1)[0] not in self.damaged_shards]
         self.damaged_shards |= {why.split(": ", 1)[0]: why for why in new}
-        room = NAMED_BAD_SAMPLES - len(self.unread)
         new_unread = {where: why for where, why in batch.get("unread", []) if where not in self.unread}
-        self.new_unread = [f"{where} {why}" for where, why in new_unread.items()][:max(room, 0)]
-        self.unread |= set(list(new_unread)[:max(room, 0)])
+        named = list(new_unread)[:max(NAMED_BAD_SAMPLES - len(self.unread), 0)]
+        self.new_unread = [(f"{where} {new_unread[where]}", len(self.unread) + i + 1 == NAMED_BAD_SAMPLES)
+                           for i, where in enumerate(named)]
+        self.unread |= set(named)
         return new
 
 

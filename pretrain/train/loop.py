@@ -24,7 +24,7 @@ from ..backends.base import Backend
 from ..config import Config
 from ..data import shards
 from ..data.device_decode import DeviceDecoded
-from ..data.stream import NAMED_BAD_SAMPLES, StreamState, StreamTracker, TrainStream, check_resumable, loader
+from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
 from ..fewshot import few_shot_needs_single_label, fewshot_eval
@@ -289,7 +289,7 @@ class Trainer:
             sets = {key: self.train_set if key == "train" else shards.resolve(getattr(data, key), f"data.{key}")
                     for key in (draw, test)}
             for key, shard_set in sets.items():
-                if shard_set.multi_label:
+                if shards.looks_multi_label(shard_set):
                     raise UserError(few_shot_needs_single_label(f"data.{key} {getattr(data, key)}") + "; set "
                                     "data.fewshot_train and data.fewshot_val to single-label shards (the paper probes "
                                     "ImageNet), or log.fewshot_every=0")
@@ -380,11 +380,10 @@ class Trainer:
             for why in self.tracker.consumed(batch):
                 print(f"warning: {why}; its readable samples train, the rest are skipped (python -m "
                       f"data_tools.verify {cfg.data.train} checks every shard)", flush=True)
-            for why in self.tracker.new_unread:
-                last = len(self.tracker.unread) == NAMED_BAD_SAMPLES
+            for why, last in self.tracker.new_unread:
                 print(f"warning: {why}; it is skipped and counted in bad_samples, each epoch"
-                      + (f" (more are counted without a line each; python -m data_tools.verify {cfg.data.train} "
-                         f"--decode lists them)" if last else ""), flush=True)
+                      + (f" (any further ones are counted without a line each; python -m data_tools.verify "
+                         f"{cfg.data.train} --decode lists them all)" if last else ""), flush=True)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
             images, y = backend.to_device(batch)

@@ -360,12 +360,24 @@ def test_a_damaged_shard_and_a_bad_sample_are_named_once_however_many_epochs(dam
     tracker, named, unread = StreamTracker(0, 1, None), [], []
     for batch in loader(train_stream(resolve(damaged["folder"]).urls), 0, pin=False):
         named += tracker.consumed(batch)
-        unread += tracker.new_unread
+        unread += [why for why, _ in tracker.new_unread]
         if batch["state"]["epoch"] >= 3:
             break
     assert len(named) == 1 and named[0].startswith(damaged["truncated"])
     assert list(tracker.damaged_shards) == [damaged["truncated"]]
     assert unread == [f"{damaged['garbled']} has no image PIL can identify"]
+
+
+def test_the_first_ten_bad_samples_are_named_and_the_tenth_says_so():
+    tracker, named = StreamTracker(0, 1, None), []
+    state = {"epoch": 0, "cursor": 0, "offset": 0}
+    for n, start in ((3, 0), (10, 3), (1, 13), (4, 0)):  # the last: samples named before, in the next epoch
+        unread = [(f"s.tar: sample k{start + i}", "has no image member") for i in range(n)]
+        tracker.consumed({"reader": 0, "state": state, "bad_samples": n, "damaged_shards": [], "unread": unread})
+        named.append(tracker.new_unread)
+    assert [len(lines) for lines in named] == [3, 7, 0, 0] and tracker.bad_samples == 18
+    assert [last for lines in named for _, last in lines] == [False] * 9 + [True]
+    assert named[1][-1][0] == "s.tar: sample k9 has no image member"
 
 
 def test_the_eval_stream_counts_what_damaged_shards_lack(damaged):

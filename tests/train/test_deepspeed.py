@@ -300,7 +300,8 @@ from pretrain.config import Config
 config = Config(run_dir=sys.argv[1])
 config.data.storage_patience_s = 3000
 backend = TorchBackend(config)
-print(json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
+if backend.is_main:  # one line: two ranks' prints can interleave
+    print(json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
 """
 
 

@@ -53,7 +53,8 @@ def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretr
     torch.testing.assert_close(model.pos_embed[:, :1], pre.pos_embed[:, :1], atol=0.2, rtol=0)  # [CLS] moved little
 
 
-def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_shards, pretrained, tmp_path):
+def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_shards, pretrained, tmp_path,
+                                                                         monkeypatch):
     args = ["recipes/demo_finetune.yaml", f"run_dir={tmp_path}", f"data.train={small_shards['train']}", "data.val=",
             "model.name=vit_mu8", "data.workers=1", "schedule.warmup_steps=1"]
     assert run(*args, f"init_from={pretrained}", "schedule.total_steps=2").returncode == 0
@@ -65,6 +66,8 @@ def test_a_resumed_finetune_names_what_changed_and_keeps_where_it_started(small_
     assert saved.init_from == str(pretrained) and saved.schedule.total_steps == 3
     pointer = pretrained / "checkpoints" / checkpoint.LATEST  # a path a user may well give
     assert checkpoint.init_weights(pointer, "vit_mu8").keys() == checkpoint.init_weights(pretrained, "vit_mu8").keys()
+    monkeypatch.chdir(pointer.parent)
+    assert checkpoint.find(checkpoint.LATEST) == checkpoint.find(pretrained)
     assert f"init_from: {pretrained}" in (tmp_path / "config.yaml").read_text()
 
 

@@ -495,6 +495,7 @@ def test_shards_without_a_readable_sample_stop_the_run_in_one_sentence(small_sha
 
 
 def test_the_demo_recipe_learns(pretrained_run):
-    """The demo recipe with a smaller model and batch (the shared pre-trained run), as `make demo` trains it."""
+    """The demo recipe's settings and loop learn, here with vit_mu8, batch 64 and 100 steps (the shared pre-trained
+    run); `make demo` trains its own vit_mu4 at batch 128 for 500 steps."""
     evals = [json.loads(line) for line in (pretrained_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["step"] == 100 and evals[-1]["top1"] > 0.3, evals  # chance is 0.1
