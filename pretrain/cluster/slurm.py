@@ -20,6 +20,7 @@ from .. import checkpoint, recipe
 from ..data import shards
 from ..data.stream import StreamState, check_resumable
 from ..errors import UserError
+from ..train.loop import finished
 from . import templates
 from .job import Job, job_dir, tool
 
@@ -38,9 +39,9 @@ def prepare(job: Job) -> Job:
     job.check_batch_split()
     config = dataclasses.replace(job.config, run_dir=str(Path(job.config.run_dir).resolve()))
     for what, path in (("run_dir", config.run_dir), ("the directory you submit from", str(Path.cwd()))):
-        if re.search(r"[\s'\"\\]", path):  # #SBATCH lines (--output, --chdir) take a path as one bare word
-            raise UserError(f"{what} {path} holds a space, quote or backslash, which sbatch's #SBATCH lines cannot; "
-                            f"use a path without them")
+        if re.search(r"[\s'\"\\#%]", path):  # #SBATCH lines (--output, --chdir) take a path as one bare word
+            raise UserError(f"{what} {path} holds a space, quote, backslash, # or %, which sbatch's #SBATCH lines "
+                            f"cannot take (# starts a comment there, % a pattern like %j); use a path without them")
     return dataclasses.replace(job, config=config)
 
 
@@ -55,7 +56,16 @@ def check_reachable(job: Job) -> None:
         value = getattr(data, key)
         if value and "://" not in value:
             shards.resolve(value, f"data.{key}")
-    if latest is None or latest.name == job.final_checkpoint:
+    if latest is None:
+        return
+    saved = checkpoint.saved_config(latest)
+    config = job.config
+    if (saved.stage, saved.model.name) != (config.stage, config.model.name):
+        raise UserError(f"{config.run_dir} holds a {saved.stage} run of {saved.model.name} ({latest.name}) and this "
+                        f"recipe is a {config.stage} run of {config.model.name}; give it a run_dir of its own")
+    if why := finished(config):
+        raise UserError(why)
+    if latest.name == job.final_checkpoint:
         return
     with checkpoint.readable(latest):
         ranks = json.loads((latest / checkpoint.STATE).read_text())["data"]

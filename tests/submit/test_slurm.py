@@ -92,12 +92,13 @@ def test_a_two_node_job_writes_checkpoints_and_tensorboard_events(finished_run):
     assert (finished_run / "job/recipe.yaml").is_file() and (finished_run / "job/train.sbatch").is_file()
 
 
-def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: str = "torch") -> int:
-    """A job that gets the time limit's warning mid-run and is requeued; the step it stopped at."""
+def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: str = "torch",
+                       to: str = "--batch") -> int:
+    """A job that gets USR1 mid-run and is requeued; the step it stopped at. ``to`` "--batch": the batch script
+    alone, as --signal=B:USR1@GRACE does at the time limit; "": the job's steps (scancel --signal=USR1 JOBID)."""
     job_id = submit(slurm, shards, run_dir, backend=backend)
     wait_for("step 8", lambda: max(logged_steps(run_dir), default=0) >= 8, timeout=300)
-    # What --signal=B:USR1@GRACE does at the time limit: USR1 to the batch script alone.
-    assert slurm.run(["scancel", "--batch", "--signal=USR1", job_id]).returncode == 0
+    assert slurm.run(["scancel", *filter(None, [to]), "--signal=USR1", job_id]).returncode == 0
     requeued = wait_for_state(slurm, job_id, "PENDING")
     assert requeued["Restarts"] == "1"
     # Skip the requeue delay (BeginTime) once the nodes are done with the first run, and a second later:
@@ -123,7 +124,7 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_exactly(slu
 
 def test_the_deepspeed_backend_is_requeued_and_resumed_too(slurm, small_shards, finished_run, tmp_path):
     pytest.importorskip("deepspeed")
-    preempt_and_resume(slurm, small_shards, tmp_path, backend="deepspeed")
+    preempt_and_resume(slurm, small_shards, tmp_path, backend="deepspeed", to="")  # USR1 to the steps, by hand
     ours, reference = load_file(tmp_path / FINAL), load_file(finished_run / FINAL)
     for name, weight in reference.items():  # ZeRO reduces in another order: equal up to rounding
         assert torch.allclose(ours[name], weight, atol=1e-3), name
@@ -174,8 +175,9 @@ def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeyp
         "error: --time 2h is not a Slurm time limit")
     assert submit_main(["slurm", "recipes/demo.yaml", "--time", "UNLIMITED", "--dry-run"]) == 0
     assert "#SBATCH --time=UNLIMITED\n" in capsys.readouterr().out
-    assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/my run", "--dry-run"]).startswith(
-        f"error: run_dir {tmp_path}/my run holds a space, quote or backslash")
+    for odd in ("my run", "run#2", "run%j"):  # # starts a comment in an #SBATCH line, %j is the job id there
+        assert error(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/{odd}", "--dry-run"]).startswith(
+            f"error: run_dir {tmp_path}/{odd} holds a space, quote, backslash, # or %")
     assert error(["status", str(tmp_path)]).startswith(f"error: {tmp_path} has no submitted job")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -189,9 +191,15 @@ def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeyp
                   "--gpus-per-node", "0"]).startswith(f"error: init_from={tmp_path}/nothing does not exist")
     assert error(["slurm", "recipes/demo.yaml", f"data.train={tmp_path}/nothing", f"run_dir={tmp_path}/run",
                   "--gpus-per-node", "0"]).startswith(f"error: data.train: {tmp_path}/nothing")
-    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "--nodes", "2",
-                  "--gpus-per-node", "0"]).startswith(f"error: {pretrained_run} resumes from step_000000100, but the "
-                                                      f"checkpoint's data stream ran on 1 ranks x ")
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "model.name=vit_mu8", "--nodes",
+                  "2", "--gpus-per-node", "0"]).startswith(f"error: {pretrained_run} resumes from step_000000100, but "
+                                                           f"the checkpoint's data stream ran on 1 ranks x ")
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "--gpus-per-node", "0"]).startswith(
+        f"error: {pretrained_run} holds a pretrain run of vit_mu8 (step_000000100) and this recipe is a pretrain run "
+        f"of vit_mu4; give it a run_dir of its own")
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "model.name=vit_mu8",
+                  "schedule.total_steps=100", "--gpus-per-node", "0"]).startswith(
+        f"error: {pretrained_run} is complete (its checkpoint is at step 100, schedule.total_steps is 100)")
 
 
 def test_the_script_asks_for_the_warning_signal_and_requeue(capsys):
