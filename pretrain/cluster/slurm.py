@@ -133,6 +133,10 @@ def submit(job: Job, script: str) -> dict[str, Any]:
             raise UserError(f"{e}; on nodes without GPUs pass --gpus-per-node 0") from None
         if "partition" in said:
             raise UserError(f"{e}; sinfo --summarize lists the partitions you may use") from None
+        if "node configuration is not available" in said:
+            raise UserError(f"{e}; the job asks each node for {job.cpus_per_node} CPUs ({job.nproc_per_node} trainer(s) "
+                            f"x (1 + data.workers)) and {job.gpus_per_node} GPUs: pass --cpus-per-node or lower "
+                            f"data.workers (sinfo --Node --long lists what the nodes have)") from None
         raise
     return {"scheduler": "slurm", "job_id": job_id, "script": str(path),
             "output": str(folder / f"slurm-{job_id}.out"), "run_dir": job.config.run_dir}
@@ -143,6 +147,10 @@ def fields(record: dict[str, Any]) -> dict[str, str]:
     shown = tool(["scontrol", "--oneliner", "show", "job", record["job_id"]], MISSING, check=False)
     if shown.returncode == 0:
         return dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    if "invalid job id" not in shown.stderr.lower():  # not "forgotten": the controller did not answer
+        said = (shown.stderr.strip() or f"exit status {shown.returncode}").splitlines()[-1]
+        raise UserError(f"scontrol show job {record['job_id']} failed: {said}; is slurmctld up, and SLURM_CONF this "
+                        f"cluster's?")
     accounted = tool(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", record["job_id"],
                       "--format", "State,ExitCode,Elapsed,NodeList"], MISSING, check=False)
     lines = accounted.stdout.strip().splitlines() if accounted.returncode == 0 else []
@@ -202,6 +210,9 @@ def _still_queued(record: dict[str, Any]) -> bool:
 
 
 def cancel(record: dict[str, Any]) -> str:
+    state = fields(record).get("JobState")
+    if state is not None and state not in ACTIVE:
+        return f"Slurm job {record['job_id']} had already ended ({state}); nothing to cancel"
     tool(["scancel", record["job_id"]], MISSING)
     return (f"cancelled Slurm job {record['job_id']}; its checkpoints stay in {record['run_dir']}, and submitting the "
             f"same recipe again resumes from the latest")

@@ -149,11 +149,16 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
     assert f"cancelled Slurm job {job_id}" in cli(["cancel", str(tmp_path)])
     wait_for_state(slurm, job_id, "CANCELLED", timeout=60)
     assert f"Slurm job {job_id}: CANCELLED" in cli(["status", str(tmp_path)])
+    assert f"Slurm job {job_id} had already ended (CANCELLED); nothing to cancel" in cli(["cancel", str(tmp_path)])
     followed = submit_cli(["logs", str(tmp_path), "--follow"], slurm.env)  # ends with the job (times out if not)
     assert followed.returncode == 0 and f"job {job_id}, start 1" in followed.stdout
     gpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/gpu", f"data.train={small_shards['train']}",
                 f"data.val={small_shards['val']}"], code=2)  # these nodes have no GPUs
     assert "; on nodes without GPUs pass --gpus-per-node 0" in gpus and not (tmp_path / "gpu/job").exists()
+    cpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/cpu", f"data.train={small_shards['train']}",
+                "data.val=", "data.workers=2", "--gpus-per-node", "0"], code=2)  # 3 CPUs, and these nodes have 2
+    assert "; the job asks each node for 3 CPUs (1 trainer(s) x (1 + data.workers)) and 0 GPUs: pass --cpus-per-node" \
+        in cpus
 
 
 def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeypatch, capsys):
