@@ -174,6 +174,12 @@ def status(record: dict[str, Any]) -> str:
              + (f", restarts {job['Restarts']}" if job.get("Restarts", "0") != "0" else "")
              + (f", exit code {job['ExitCode']}" if job["JobState"] not in ACTIVE else ""),
              f"output: {record['output']}"]
+    if job["JobState"] not in ACTIVE | {"COMPLETED"}:  # the trainers' one sentence, above torchrun's traceback
+        output = Path(record["output"])
+        said = [line for line in output.read_text(errors="replace").splitlines() if line.startswith("error: ")] \
+            if output.is_file() else []
+        if said:
+            lines.append(f"its last error: {said[-1].removeprefix('error: ')}")
     latest = checkpoint.find(record["run_dir"])
     if latest is not None:
         lines.append(f"latest checkpoint: {latest}")

@@ -159,6 +159,13 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
                 "data.val=", "data.workers=2", "--gpus-per-node", "0"], code=2)  # 3 CPUs, and these nodes have 2
     assert "; the job asks each node for 3 CPUs (1 trainer(s) x (1 + data.workers)) and 0 GPUs: pass --cpus-per-node" \
         in cpus
+    failing = tmp_path / "failing"  # its validation shards name other classes: the trainers refuse them at start
+    cli(["slurm", "recipes/demo.yaml", f"run_dir={failing}", f"data.train={small_shards['train']}", "model.name=vit_mu8",
+         f"data.val={small_shards['val_reversed']}", "data.workers=1", "--gpus-per-node", "0"])
+    failed = json.loads((failing / "job/job.json").read_text())["job_id"]
+    wait_for_state(slurm, failed, "FAILED")
+    assert f"its last error: {small_shards['val_reversed']} labels its samples by other classes" in \
+        cli(["status", str(failing)])
 
 
 def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeypatch, capsys):
