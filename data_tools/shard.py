@@ -310,8 +310,9 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     tars = len(skipped) - manifest.skipped
     damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
     print(
-        f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), {manifest.num_samples} samples, "
-        f"{size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} skipped{damaged}"
+        f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), "
+        f"{manifest.num_samples} samples, {size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} "
+        f"skipped{damaged}"
         + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
     return manifest
@@ -340,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (default 1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
     p.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
-    p.add_argument("--check", choices=["header", "decode"], default="header", help="how hard to check each image: header (the header, PNG checksums, the end of a JPEG; a JPEG cut short is decoded to tell) or decode (every pixel)")
+    p.add_argument("--check", choices=["header", "decode"], default="header",
+                   help="how hard to check each image: header (the header, PNG checksums, the end of a JPEG; a JPEG "
+                        "cut short is decoded to tell) or decode (every pixel)")
     p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)

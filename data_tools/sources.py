@@ -176,7 +176,8 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
         except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged: keep the members before it
             n = len(tar.members)
             kept = f"the {n} members before the damage are read" if n else "no member is readable"
-            refused.append({"source": tar_url, "reason": f"the rest of the tar is unreadable ({e}); {kept}", "tar": True})
+            refused.append({"source": tar_url, "tar": True,
+                            "reason": f"the rest of the tar is unreadable ({e}); {kept}"})
     for m in tar.members:
         where = f"{tar_url}:{m.name}"
         if m.name.startswith("/") or ".." in m.name.split("/"):

@@ -107,8 +107,10 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
                     raise BadImage(f"unsupported image format {img.format}")
                 if options.resize_short:
                     return "jpg", _resized(img, options.resize_short, options.quality)
-                if options.check == "decode" or (img.format in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(b"\xff\xd9")):
-                    img.load()  # a JPEG without its end marker is most often cut short (some have data after it)
+                # A JPEG without its end marker is most often cut short (some have data after it): decoded to tell.
+                unended = img.format in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(b"\xff\xd9")
+                if options.check == "decode" or unended:
+                    img.load()
                 else:
                     img.verify()
                 return FORMATS[img.format], data

@@ -236,9 +236,8 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     """Weights to start fine-tuning ``model_name`` from: a run directory or checkpoint of ours, else any format
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     path = Path(path)
-    ours = (path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
-                               or path.name.startswith("step_") or (path / STATE).is_file())) or (
-        is_pointer(path))
+    ours = is_pointer(path) or path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
+                                                  or path.name.startswith("step_") or (path / STATE).is_file())
     if not ours:
         return load_weights(path)
 

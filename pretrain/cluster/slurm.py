@@ -20,7 +20,7 @@ from .. import checkpoint, recipe
 from ..data import shards
 from ..data.stream import StreamState, check_resumable
 from ..errors import UserError
-from ..train.loop import finished
+from ..train.resume import finished
 from . import templates
 from .job import Job, job_dir, tool
 

@@ -7,7 +7,6 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -36,6 +35,7 @@ from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
+from .resume import continue_checkpoint, finished, resume_point
 
 
 class WaitInterrupted(BaseException):
@@ -99,43 +99,6 @@ def micro_batch(config: Config, world: int) -> int:
         raise UserError(f"data.batch_size {config.data.batch_size} does not split over {world} ranks x "
                         f"{config.optim.grad_accum} accumulation steps; make it a multiple of {per_step}")
     return config.data.batch_size // per_step
-
-
-def resume_point(config: Config) -> Path | None:
-    if config.checkpoint.resume == "never":
-        existing = checkpoint.find(config.run_dir)
-        if existing is not None:  # this run's checkpoints would replace and prune that run's
-            raise UserError(f"checkpoint.resume=never starts fresh, but run_dir {config.run_dir} holds checkpoints "
-                            f"(newest {existing.name}: of an earlier run, or of this one before a restart); to go on "
-                            f"from them set checkpoint.resume=auto, to start fresh give a new run_dir or delete "
-                            f"{Path(config.run_dir) / 'checkpoints'}")
-        return None
-    if config.checkpoint.resume == "auto":
-        return checkpoint.find(config.run_dir)
-    found = checkpoint.find(config.checkpoint.resume)
-    if found is None:
-        raise UserError(f"checkpoint.resume={config.checkpoint.resume} holds no complete checkpoint; give a "
-                        f"step_* folder or a run directory, or use auto / never")
-    return found
-
-
-def continue_checkpoint(config: Config, found: Path) -> str:
-    """A resumed run trains on from the checkpoint's weights, so its init_from stays the one the run started from
-    (config.yaml says so); returns a note naming the settings changed since the checkpoint was written, or ''."""
-    saved = checkpoint.saved_config(found)
-    if saved.stage != config.stage:
-        raise UserError(f"{found} is a checkpoint of a {saved.stage} run and this recipe is stage: {config.stage}; "
-                        f"give this run a run_dir of its own (a fine-tune reads its pre-training run through init_from)")
-    recipe.anchor_paths(saved)  # a checkpoint written before data paths were stored absolute
-    changed = recipe.changes(saved, config)
-    changed.pop("checkpoint.resume", None)
-    if not changed:
-        return ""
-    if "init_from" in changed:
-        config.init_from = saved.init_from
-    listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changed.items())
-    unused = " (init_from is not used: the weights come from the checkpoint)" if "init_from" in changed else ""
-    return f"; settings changed since it was written: {listed}{unused}"
 
 
 def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
@@ -454,36 +417,6 @@ class Trainer:
                  "log_window": log_window}
         c = self.config.checkpoint
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
-
-
-def finished(config: Config) -> str:
-    """Why rerunning the command of a run that reached schedule.total_steps does nothing, or '' if it did not."""
-    found = resume_point(config) if config.checkpoint.resume == "auto" and config.run_dir else None
-    step = int(found.name[len("step_"):]) if found is not None else 0
-    if found is None or step < config.schedule.total_steps or (config.data.val and not evaluated_at(config, step)):
-        return ""  # a run stopped after its last checkpoint and before its final evaluation goes on to that
-    saved = checkpoint.saved_config(found)
-    if (saved.stage, saved.model.name) != (config.stage, config.model.name):
-        return ""  # not this recipe's run: resuming it refuses in one sentence
-    return (f"{config.run_dir} is complete (its checkpoint is at step {step}, schedule.total_steps is "
-            f"{config.schedule.total_steps}); nothing was changed. Raise schedule.total_steps to train on, evaluate it "
-            f"with python -m pretrain.evaluate {config.run_dir} data=SHARDS, or give another run_dir to start over")
-
-
-def evaluated_at(config: Config, step: int) -> bool:
-    """Whether the run's metrics.jsonl holds an evaluation at ``step`` (a line cut short by a kill is not one)."""
-    try:
-        lines = (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("split") == "eval" and row.get("step") == step:
-            return True
-    return False
 
 
 def train(config: Config) -> dict[str, float]:
