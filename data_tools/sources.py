@@ -234,7 +234,8 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         else:
             path = posixpath.normpath(path)  # ./a.jpg is a.jpg
             key, resolved = sample_key(path), path if path.startswith("/") else folder.url_of(path)
-        file = resolved if "://" in resolved else os.path.abspath(resolved)
+        local = resolved.removeprefix("file://")
+        file = resolved if "://" in local else os.path.abspath(local)
         if key in seen or file in files:
             first, before = seen[key] if key in seen else files[file]
             if before == path or file in files:

@@ -34,6 +34,8 @@ class Location:
         except ValueError as e:
             raise UserError(f"{url}: not a path or URL fsspec knows ({e})") from None
         self.root = self.root.rstrip("/") or "/"
+        if self.is_local:  # '/data/a/../b' is '/data/b', in messages and in the manifest's source
+            self.root = posixpath.normpath(self.root)
 
     @property
     def canonical(self) -> str:

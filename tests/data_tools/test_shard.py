@@ -270,6 +270,8 @@ def test_lists_from_spreadsheets_and_their_mistakes(tmp_path, capsys):
                          "lines 1 and 2 name the same image 'images/im0.jpg'; remove one"),
                         (["images/im0.jpg, " + CLASSES[0], f"{tmp_path}/images/im0.jpg, " + CLASSES[1]],
                          f"lines 1 and 2 name the same image ('images/im0.jpg' and '{tmp_path}/images/im0.jpg')"),
+                        (["images/im0.jpg, " + CLASSES[0], f"file://{tmp_path}/images/im0.jpg, " + CLASSES[1]],
+                         "lines 1 and 2 name the same image"),
                         (["images/a.b.jpg, " + CLASSES[0], "images/a_b.jpg, " + CLASSES[1]],
                          "lines 1 and 2: 'images/a.b.jpg' and 'images/a_b.jpg' make the same sample key 'images/a_b'")]:
         listing.write_text("\n".join(lines) + "\n")
@@ -315,8 +317,10 @@ def test_output_is_never_overwritten(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     assert main([str(tmp_path / "src"), out, "--workers", "1"]) == 0
     monkeypatch.chdir(tmp_path)  # the same source, spelled another way
-    assert main(["src/", out, "--workers", "1"]) == 0
-    assert "already holds this run" in capsys.readouterr().out
+    for spelled in ("src/", "out/../src"):
+        assert main([spelled, out, "--workers", "1"]) == 0
+        assert "already holds this run" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / mf.MANIFEST).read_text())["source"] == str(tmp_path / "src")
     assert main([str(tmp_path / "src"), out, "--workers", "1", "--seed", "1"]) == 2
     assert "already holds the shards of another command (--seed 0 there, 1 here)" in capsys.readouterr().err
 
