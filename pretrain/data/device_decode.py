@@ -23,7 +23,7 @@ from torchvision.transforms import functional as F
 
 from data_tools.pixels import orientation
 
-from .transforms import BadSample, Crop, crop_params, decode, open_sample, train_view
+from .transforms import BadSample, Crop, crop_params, decode, open_sample, train_view, undecodable
 
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes decode_jpeg turns into RGB
 
@@ -39,6 +39,7 @@ class JpegBatch:
         self.jpegs: list[torch.Tensor] = []
         self.crops: list[Crop] = []
         self.jpeg_rows: list[int] = []
+        self.where: list[str] = []  # each JPEG's shard and key, to name one that does not decode
         self.images: list[torch.Tensor] = []
         self.image_rows: list[int] = []
 
@@ -53,6 +54,7 @@ class JpegBatch:
             self.jpegs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             self.crops.append(crop_params(img, self.min_scale, seed))
             self.jpeg_rows.append(row)
+            self.where.append(f"{sample.get('__url__')}: sample {sample.get('__key__')}")
         else:
             self.images.append(train_view(decode(img), self.size, self.min_scale, seed))
             self.image_rows.append(row)
@@ -60,7 +62,7 @@ class JpegBatch:
 
     def take(self) -> dict:
         out = {"jpeg": self.jpegs, "crop": torch.tensor(self.crops, dtype=torch.long).reshape(-1, 5),
-               "jpeg_rows": torch.tensor(self.jpeg_rows, dtype=torch.long),
+               "jpeg_rows": torch.tensor(self.jpeg_rows, dtype=torch.long), "jpeg_where": self.where,
                "host_image": torch.stack(self.images) if self.images else torch.empty(0, 3, self.size, self.size,
                                                                                      dtype=torch.uint8),
                "host_rows": torch.tensor(self.image_rows, dtype=torch.long)}
@@ -68,9 +70,9 @@ class JpegBatch:
         return out
 
 
-def _decode_each(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """One at a time, after the batch failed: the device, then PIL; None where neither decodes."""
-    out: list[torch.Tensor | None] = []
+def _decode_each(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
+    """One at a time, after the batch failed: the device, then PIL; why, where neither decodes."""
+    out: list[torch.Tensor | str] = []
     for data in jpegs:
         try:
             out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
@@ -78,13 +80,16 @@ def _decode_each(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.
             try:
                 img = decode(Image.open(io.BytesIO(data.numpy().tobytes())))
                 out.append(F.pil_to_tensor(img).to(device))
-            except (BadSample, OSError):
-                out.append(None)
+            except BadSample as e:
+                out.append(str(e))
+            except OSError as e:
+                out.append(undecodable(e))
     return out
 
 
-def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The micro-batch's (B, 3, size, size) uint8 views on ``device``, and how many of its JPEGs did not decode.
+def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """The micro-batch's (B, 3, size, size) uint8 views on ``device``, and its JPEGs that did not decode: (shard and
+    key, why).
 
     Two kernels an image (a float copy of the crop, an antialiased bilinear resize) and one more when it flips:
     on a GPU the host's share of the work is launching them. A JPEG that decodes neither on the device nor with
@@ -97,14 +102,15 @@ def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Te
     except RuntimeError:
         decoded = _decode_each(jpegs, device)
     resized: list[torch.Tensor | None] = []
-    for img, (top, left, h, w, flip) in zip(decoded, batch["crop"].tolist()):
-        if img is None:
+    failed = []
+    for img, (top, left, h, w, flip), where in zip(decoded, batch["crop"].tolist(), batch["jpeg_where"]):
+        if isinstance(img, str):
             resized.append(None)
+            failed.append((where, img))
             continue
         view = interpolate(img[None, :, top : top + h, left : left + w].float(), size=(size, size), mode="bilinear",
                            antialias=True)
         resized.append(view.flip(-1) if flip else view)
-    failed = sum(v is None for v in resized)
     if failed:
         blank = torch.zeros(1, 3, size, size, device=device)
         stand_in = next((v for v in resized if v is not None), blank)
@@ -158,7 +164,8 @@ class DeviceDecoded:
 
     def _views(self, batch: dict) -> dict:
         image, failed = device_views(batch, self.size, self.device)
-        return {**batch, "image": image, "bad_samples": batch["bad_samples"] + failed}
+        return {**batch, "image": image, "bad_samples": batch["bad_samples"] + len(failed),
+                "unread": batch.get("unread", []) + failed}
 
     def close(self) -> None:
         """Let the batch in hand finish (its JPEGs may be on the GPU's engines), then stop the data workers."""

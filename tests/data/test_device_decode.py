@@ -37,7 +37,7 @@ def test_device_views_match_the_host_views(small_shards):
         assert "image" not in b and len(b["jpeg"]) == MICRO and (a["reader"], a["state"]) == (b["reader"], b["state"])
         assert torch.equal(a["labels"], b["labels"])
         views, failed = device_views(b, SIZE, CPU)
-        assert failed == 0 and views.shape == a["image"].shape and views.dtype == torch.uint8
+        assert failed == [] and views.shape == a["image"].shape and views.dtype == torch.uint8
         diff = (views.float() - a["image"].float()).abs()
         assert diff.max() <= 2 and diff.mean() < 0.5  # the same crops; resampling rounds differently
 
@@ -58,7 +58,8 @@ def mixed() -> list[dict]:
     members = [("jpg", encoded(pixels[1], "JPEG")), ("jpg", encoded(pixels[2], "JPEG", "L")),
                ("jpg", encoded(pixels[3], "JPEG", "CMYK")), ("png", encoded(pixels[4], "PNG")),
                ("jpg", garbage), ("jpg", encoded(pixels[5], "JPEG"))]
-    return [{"__key__": f"s{i}", ext: data, "cls": str(i).encode()} for i, (ext, data) in enumerate(members)]
+    return [{"__key__": f"s{i}", "__url__": "shards/train-000003.tar", ext: data, "cls": str(i).encode()}
+            for i, (ext, data) in enumerate(members)]
 
 
 def test_images_the_device_decoder_does_not_take_are_decoded_in_the_worker(mixed):
@@ -68,7 +69,9 @@ def test_images_the_device_decoder_does_not_take_are_decoded_in_the_worker(mixed
     batch = device.take()
     assert batch["jpeg_rows"].tolist() == [0, 1, 4, 5] and batch["host_rows"].tolist() == [2, 3]  # CMYK, PNG
     views, failed = device_views(batch, SIZE, CPU)
-    assert failed == 1 and views.shape == (6, 3, SIZE, SIZE)
+    assert views.shape == (6, 3, SIZE, SIZE)
+    assert [where for where, _ in failed] == ["shards/train-000003.tar: sample s4"]
+    assert failed[0][1].startswith("has an image that does not decode (OSError: ")
     for i in (0, 1, 2, 3, 5):
         host.add(mixed[i], [0, i])
     expected = host.take()["image"]
@@ -97,7 +100,7 @@ def test_a_batch_of_only_undecodable_jpegs_gives_zeros_and_counts_them(mixed):
     device = JpegBatch(SIZE, MIN_SCALE)
     device.add(mixed[4], [0, 4])
     views, failed = device_views(device.take(), SIZE, CPU)
-    assert failed == 1 and not views.any()
+    assert len(failed) == 1 and not views.any()
 
 
 class Source:
@@ -123,7 +126,8 @@ def test_the_decode_thread_works_one_batch_ahead_in_order_and_passes_errors_on(m
         jpegs = JpegBatch(SIZE, MIN_SCALE)
         for i in range(start, start + 3):
             jpegs.add(mixed[i], [1, i])
-        batches.append({**jpegs.take(), "bad_samples": 2})
+        unread = [("shards/x.tar: sample y", "has no image member")]
+        batches.append({**jpegs.take(), "bad_samples": 2, "unread": unread})
     expected = [device_views(b, SIZE, CPU) for b in batches]
     source = Source(batches, UserError("shard 7 is damaged"))
     decoded = DeviceDecoded(source, SIZE, CPU)
@@ -135,6 +139,7 @@ def test_the_decode_thread_works_one_batch_ahead_in_order_and_passes_errors_on(m
     assert source.asked == 2, "the next micro-batch is decoded while the current one trains"
     second = next(decoded)
     assert torch.equal(second["image"], expected[1][0]) and second["bad_samples"] == 2 + 1  # the garbage JPEG
+    assert [where for where, _ in second["unread"]] == ["shards/x.tar: sample y", "shards/train-000003.tar: sample s4"]
     with pytest.raises(UserError, match="shard 7 is damaged"):
         next(decoded)
     decoded.close()
