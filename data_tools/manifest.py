@@ -14,7 +14,7 @@ from typing import Any
 
 from pretrain.errors import UserError
 
-from .storage import Location
+from .storage import Location, first_contact
 
 FORMAT = "vit-pretrain/shards/1"
 MANIFEST = "manifest.json"
@@ -99,7 +99,8 @@ def load(url: str) -> tuple[Location, Manifest]:
         name = MANIFEST
     where = Location(url)
     try:
-        return _load(where, name)
+        with first_contact(where):
+            return _load(where, name)
     except OSError as e:  # unreachable (no network, a stopped emulator), no permission
         raise UserError(f"{where.url_of(name)} cannot be read ({type(e).__name__}: {e}); check the address, the "
                         f"network and the credentials") from None

@@ -32,7 +32,7 @@ from . import sources
 from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
 from .pool import ProcessPool, terminate_as_interrupt
 from .sources import Corpus, Item
-from .storage import Location
+from .storage import Location, first_contact
 from .writer import Options, write_shard
 
 PARTS = "_parts"  # per-shard records of an unfinished run; removed when manifest.json is written
@@ -231,7 +231,12 @@ def _drain(q, advance) -> None:
 
 def shard(args: argparse.Namespace) -> Manifest:
     out = Location(args.output)
-    if out.fs.isfile(out.root):
+    with written_to(out), first_contact(out):
+        try:
+            is_file = out.fs.info(out.root)["type"] == "file"
+        except FileNotFoundError:  # not isfile, which would take a store that does not answer for no file
+            is_file = False
+    if is_file:
         raise UserError(f"OUTPUT {args.output} is a file; give the folder (or URL) to write the shards into")
     corpus = list_corpus(args.source, args.kind, args.classes, args.workers)
     if corpus.ignored:

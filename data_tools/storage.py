@@ -7,6 +7,8 @@ import importlib
 import logging
 import os
 import posixpath
+import sys
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -113,6 +115,27 @@ class Location:
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name), recursive=True)
+
+
+SLOW_S = 10.0  # a store's first answer later than this gets a line: its client's retries may take a while yet
+
+
+@contextlib.contextmanager
+def first_contact(where: Location) -> Iterator[None]:
+    """Say so on stderr when storage is slow to answer the first request: an address that does not answer is
+    asked again by the storage client (gcsfs: about 30 s) before the command can say what is wrong."""
+    if where.is_local:
+        yield
+        return
+    timer = threading.Timer(SLOW_S, lambda: print(
+        f"waiting for {where.url} to answer ({SLOW_S:.0f} s so far; its storage client asks again for about "
+        f"30 s before it gives up)", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def as_tuple(protocol: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -67,3 +67,32 @@ def test_storage_that_does_not_answer_is_asked_again_then_stops_the_run(small_sh
     monkeypatch.setattr(shards, "OUTAGE_S", 0)  # the stream reads with the default
     with pytest.raises(UserError, match=f"{url} could not be read for 0 s .*; the run stops, and run again it resumes"):
         next(loader(train_stream([url]), 0, pin=False))
+
+
+def test_storage_slow_to_answer_first_gets_a_line_while_its_client_waits(small_shards, monkeypatch, capfd):
+    """A store's client asks an address that does not answer again for about 30 s (gcsfs) before the command can
+    say so; a line says what it waits for meanwhile."""
+    from data_tools import manifest, storage
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=small_shards["val"], **kwargs)
+
+        def send_head(self):
+            time.sleep(0.3)
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    monkeypatch.setattr(storage, "SLOW_S", 0.1)
+    url = f"http://127.0.0.1:{slow.server_port}"
+    try:
+        where, loaded = manifest.load(url)
+    finally:
+        slow.shutdown()
+    assert loaded.num_samples > 0
+    assert capfd.readouterr().err == f"waiting for {url} to answer (0 s so far; its storage client asks again for " \
+                                     f"about 30 s before it gives up)\n"
