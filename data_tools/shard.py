@@ -41,9 +41,23 @@ PARTS = "_parts"  # per-shard records of an unfinished run; removed when manifes
 def parse_size(text: str) -> int:
     """'1GB', '512MB', '500M', '1e9' -> bytes."""
     m = re.fullmatch(r"\s*([\d.e+]+)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
+    try:
+        size = int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ")) if m else 0
+    except ValueError:  # 1.5.5GB
+        size = 0
+    if size <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size like 1GB or 512MB")
-    return int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " "))
+    return size
+
+
+def positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of samples above 0")
+    return n
 
 
 def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) -> Corpus:
@@ -52,12 +66,12 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
         return sources.list_imagefolder(source, classes_file)
     if kind == "list":
         return sources.list_images_file(source, classes_file)
-    tars = sources.list_i21k_tars(source)
+    tars, ignored, hidden = sources.list_i21k_tars(source)
     stems = [t.rsplit("/", 1)[-1][: -len(".tar")] for t in tars]
     classes = sources.fixed_labels(stems, sources.read_classes(classes_file) if classes_file else None, classes_file,
                                    "synset tar")
-    index = {name: label for label, name in enumerate(classes)}
-    labels = [index[stem] for stem in stems]
+    index = {sources.nfc(name): label for label, name in enumerate(classes)}
+    labels = [index[sources.nfc(stem)] for stem in stems]
     items, refused = [], []
     with ProcessPool(workers) as pool:
         listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
@@ -71,17 +85,12 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
                             f"{first[item.key].where} (a key drops the extension and folders inside a tar), which is kept"})
         else:
             first[item.key] = item
-    return Corpus("i21k", classes, False, [it for it in items if first[it.key] is it], refused)
+    return Corpus("i21k", classes, False, [it for it in items if first[it.key] is it], refused, ignored, hidden)
 
 
 def plan(items: list[Item], seed: int, shard_samples: int, shard_bytes: int) -> list[list[Item]]:
     """Shuffle with the seed (a class never sits in one shard), then cut by sample count or size."""
-    ordered = sorted(items, key=lambda it: it.key)
-    twins = next(((a, b) for a, b in zip(ordered, ordered[1:]) if a.key == b.key), None)
-    if twins:
-        raise UserError(f"{twins[0].where} and {twins[1].where} make the same sample key '{twins[0].key}' (a key "
-                        f"drops the extension and folders inside a tar, and turns dots and spaces into _); rename or "
-                        f"remove one")
+    ordered = sorted(items, key=lambda it: it.key)  # unique: each layout's listing sees to it
     shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
     shards, current, size = [], [], 0
     for item in shuffled:
@@ -123,8 +132,10 @@ def check_output(out: Location, run: dict) -> Manifest | None:
         earlier = json.loads(out.read_bytes(f"{PARTS}/run.json"))
         if earlier != run:
             how = differences(earlier["options"], earlier["source"], run)
-            raise UserError(f"{out.url} holds an unfinished run of another command ({how}); rerun that command to "
-                            f"finish it, or pick an empty OUTPUT")
+            finish = ("restore the source as it was to finish that run" if how.startswith("the same options")
+                      else "rerun that command to finish it")
+            raise UserError(f"{out.url} holds an unfinished run of another command ({how}); {finish}, or pick an "
+                            f"empty OUTPUT")
     elif entries:
         raise UserError(f"{out.url} is not empty and holds no run of data_tools.shard; pick an empty OUTPUT (nothing was written)")
     return None
@@ -241,7 +252,13 @@ def shard(args: argparse.Namespace) -> Manifest:
     corpus = list_corpus(args.source, args.kind, args.classes, args.workers)
     if corpus.ignored:
         n, endings = corpus.ignored.total(), ", ".join(f"{end} {k}" for end, k in corpus.ignored.most_common())
-        print(f"ignored {n} file{'s' * (n != 1)} not named as an image ({endings}), as torchvision's ImageFolder does")
+        what = "an image" if corpus.kind == "imagefolder" else "a synset tar"
+        like = ", as torchvision's ImageFolder does" if corpus.kind == "imagefolder" else ""
+        print(f"ignored {plural(n, 'file')} not named as {what} ({endings}){like}")
+    if corpus.hidden:
+        names = ", ".join(f"{name} {k}" for name, k in corpus.hidden.most_common(5))
+        print(f"ignored {plural(corpus.hidden.total(), 'hidden file or folder', 'hidden files and folders')} (a name "
+              f"starting with '.': {names}{', ...' if len(corpus.hidden) > 5 else ''})")
     if not corpus.items:
         raise UserError(f"{args.source} holds no images to shard")
     options = Options(corpus.multi_label, args.check, args.resize_short, args.quality)
@@ -309,8 +326,8 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     empty = [c for c, n in zip(corpus.classes, manifest.class_counts) if not n]
     if empty:
         shown = ", ".join(f"'{c}'" for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        print(f"warning: {len(empty)} of {len(corpus.classes)} classes have no sample: {shown} (a comment or header "
-              f"line in a --classes file would be one)")
+        hint = " (a comment or header line in a --classes file would be one)" if args.classes else ""
+        print(f"warning: {len(empty)} of {len(corpus.classes)} classes have no sample: {shown}{hint}")
     size = sum(s.bytes for s in manifest.shards)
     tars = len(skipped) - manifest.skipped
     damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
@@ -335,15 +352,17 @@ def tool_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[1])
     p.add_argument("source", help="ImageFolder tree, folder of per-class .tar files, or image list (.csv / .jsonl)")
-    p.add_argument("output", help="output folder or fsspec URL (gs://bucket/shards, s3://..., memory://...)")
+    p.add_argument("output", help="output folder or fsspec URL (gs://bucket/shards, s3://...)")
     p.add_argument("--kind", choices=["auto", "imagefolder", "i21k", "list"], default="auto", help="layout of SOURCE (default: detect)")
     p.add_argument("--classes", help="the classes, in label order: a file with one name per line or a shard set "
                    "(its manifest's); required for image lists, and for folders and tars it labels a split as the "
                    "split it names, e.g. --classes shards/train for the validation images")
     p.add_argument("--name", default="train", help="shard name prefix: NAME-000000.tar (default: train)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-samples", type=int, default=0, help="samples per shard")
-    size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (default 1GB)")
+    size.add_argument("--shard-samples", type=positive, default=0, help="samples per shard")
+    size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
+                      help="target shard size, counted in the source's image bytes (default 1GB; with --resize-short "
+                           "shards come out smaller by as much as the images shrink)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
     p.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
     p.add_argument("--check", choices=["header", "decode"], default="header",

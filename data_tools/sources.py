@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import tarfile
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
 
+from pretrain.cli import plural
 from pretrain.errors import UserError
 
 from .manifest import load as load_manifest
@@ -50,7 +52,8 @@ class Corpus:
     items: list[Item]
     refused: list[dict] = field(default_factory=list)  # {"source", "reason"} found while listing; "tar": true
     # marks a whole tar that could not be read to its end (its images are not counted, being unknown)
-    ignored: Counter = field(default_factory=Counter)  # files of an ImageFolder tree not named as images, by ending
+    ignored: Counter = field(default_factory=Counter)  # files of a tree that are no samples, by ending
+    hidden: Counter = field(default_factory=Counter)  # hidden files and folders left out ('.DS_Store'), by name
 
 
 def image_endings() -> frozenset[str]:
@@ -65,10 +68,52 @@ def detect_kind(source: str) -> str:
         return "list"
     if not fs.isdir(path):
         raise UserError(f"SOURCE {source} does not exist; give an ImageFolder tree, a folder of per-class tars or an image list")
-    entries = fs.ls(path, detail=True)
-    if any(e["type"] == "file" and e["name"].endswith(".tar") for e in entries):
-        return "i21k"
-    return "imagefolder"
+    entries = [e for e in fs.ls(path, detail=True) if not hidden(posixpath.basename(e["name"].rstrip("/")))]
+    tars = [e["name"] for e in entries if e["type"] == "file" and is_tar(e["name"])]
+    folders = [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
+    if tars and folders:
+        raise UserError(f"SOURCE {source} holds both .tar files ({posixpath.basename(tars[0])}) and folders "
+                        f"({posixpath.basename(folders[0])}); pass --kind imagefolder (class folders of images) or "
+                        f"--kind i21k (one tar per synset): the other kind is left out")
+    return "i21k" if tars else "imagefolder"
+
+
+def is_tar(name: str) -> bool:
+    return name.lower().endswith(".tar")
+
+
+def hidden(name: str) -> bool:
+    """A file or folder that ls -a alone shows: .DS_Store, ._photo.jpg (macOS), .ipynb_checkpoints (Jupyter)."""
+    return name.startswith(".")
+
+
+def nfc(name: str) -> str:
+    """One spelling of a name: macOS writes 'ñ' in file names as 'n' and a combining tilde (NFD), Linux as one
+    character (NFC); a tree copied between them names the same class both ways."""
+    return unicodedata.normalize("NFC", name)
+
+
+def printable(name: str) -> str:
+    """A file name for messages and JSON; one that is not UTF-8 (a Latin-1 archive's) shows its bytes: caf\\xe9."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:  # Python keeps undecodable bytes of file names as lone surrogates
+        return True
+
+
+NOT_UTF8 = "its name is not UTF-8 (an archive's Latin-1?); rename it, e.g. with convmv -f latin1 -t utf8"
+
+
+def check_names(found: list[str], source: str, what: str) -> None:
+    bad = next((n for n in found if not_utf8(n)), None)
+    if bad is not None:
+        raise UserError(f"{what} '{printable(bad)}' of {source}: {NOT_UTF8} --notest -r {source}, as its name is "
+                        f"its class's")
 
 
 def sample_key(relative_path: str) -> str:
@@ -115,8 +160,8 @@ def fixed_labels(found: list[str], classes: list[str] | None, classes_spec: str 
     every one found; labels then follow its order, as in the split it came from."""
     if classes is None:
         return found
-    known = set(classes)
-    unknown = [name for name in found if name not in known]
+    known = {nfc(c) for c in classes}
+    unknown = [name for name in found if nfc(name) not in known]
     if unknown:
         raise UserError(f"{what} '{unknown[0]}' is not among the {len(classes)} classes of --classes {classes_spec}"
                         f"{f' ({len(unknown)} such)' if len(unknown) > 1 else ''}; fix the name or the class list")
@@ -125,28 +170,58 @@ def fixed_labels(found: list[str], classes: list[str] | None, classes_spec: str 
 
 def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
     where = Location(source)
-    found = [d for d in where.names() if where.fs.isdir(where.path(d))]
+    ignored, hidden_names, found = Counter(), Counter(), []
+    for name in where.names():
+        if hidden(name):
+            hidden_names[name] += 1
+        elif where.fs.isdir(where.path(name)):
+            found.append(name)
+        else:  # the tree's own README or labels file
+            ignored[posixpath.splitext(name)[1].lower() or "no ending"] += 1
     if not found:
         raise UserError(f"{source} has no class folders; an ImageFolder tree is class_name/image.jpg")
+    check_names(found, source, "class folder")
     classes = fixed_labels(found, read_classes(classes_spec) if classes_spec else None, classes_spec, "class folder")
-    items, present, images, ignored = [], set(found), image_endings(), Counter()
+    items, refused, folder_of, images = [], [], {nfc(f): f for f in found}, image_endings()
     for label, name in enumerate(classes):
-        if name not in present:
+        folder = folder_of.get(nfc(name))
+        if folder is None:
             continue
-        found_files = local_files(where.path(name)) if where.is_local else where.fs.find(where.path(name), detail=True)
+        top = where.path(folder)
+        found_files = local_files(top) if where.is_local else where.fs.find(top, detail=True)
         for path, info in sorted(found_files.items()):
+            inner = [part for part in path[len(top) + 1 :].split("/") if hidden(part)]
+            if inner:
+                hidden_names[inner[0]] += 1
+                continue
             ending = posixpath.splitext(path)[1].lower()
-            if ending not in images:  # as torchvision's ImageFolder: a README, .DS_Store or labels.csv is no sample
+            if ending not in images:  # as torchvision's ImageFolder: a README or labels.csv is no sample
                 ignored[ending or "no ending"] += 1
+                continue
+            if not_utf8(path):
+                refused.append({"source": printable(path), "reason": NOT_UTF8})
                 continue
             rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
             items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
-    return Corpus("imagefolder", classes, False, items, ignored=ignored)
+    check_twins(items)
+    return Corpus("imagefolder", classes, False, items, refused, ignored, hidden_names)
+
+
+def check_twins(items: list[Item]) -> None:
+    """Files of a tree that make one sample key (a.jpg and a.png; c.01.jpg and c_01.jpg), all in one sentence."""
+    ordered = sorted(items, key=lambda it: it.key)
+    twins = [(a, b) for a, b in zip(ordered, ordered[1:]) if a.key == b.key]
+    if twins:
+        shown = "; ".join(f"{a.where} and {b.where} -> '{a.key}'" for a, b in twins[:3])
+        more = f" and {len(twins) - 3} more" if len(twins) > 3 else ""
+        raise UserError(f"{plural(len(twins), 'pair')} of files make the same sample key ({shown}{more}): a key drops "
+                        f"the extension and turns dots and spaces into _; rename or remove one of each")
 
 
 def local_files(folder: str) -> dict[str, dict]:
     """{path: {"size": bytes, -1 for a broken link}} of the files under a local folder, through linked folders as
-    torchvision's ImageFolder goes (fsspec's find does not), each real folder once."""
+    torchvision's ImageFolder goes (fsspec's find does not), each real folder once; hidden folders are not entered,
+    and each stands for its files."""
     files, seen = {}, set()
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -154,6 +229,9 @@ def local_files(folder: str) -> dict[str, dict]:
             dirs.clear()
             continue
         seen.add(real)
+        for d in [d for d in dirs if hidden(d)]:
+            dirs.remove(d)
+            files[posixpath.join(top, d)] = {"size": -1}
         for n in names:
             path = posixpath.join(top, n)
             files[path] = {"size": os.stat(path).st_size if os.path.exists(path) else -1}
@@ -169,7 +247,10 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except (tarfile.TarError, EOFError) as e:
-            return [], [{"source": tar_url, "reason": f"unreadable tar ({e})", "tar": True}]
+            f.seek(0)
+            why = ("compressed (gzip: a .tar.gz under a .tar name); decompress it, as the synset tars are read in place"
+                   if f.read(2) == b"\x1f\x8b" else f"unreadable tar ({e})")
+            return [], [{"source": tar_url, "reason": why, "tar": True}]
         try:
             while tar.next() is not None:
                 pass
@@ -179,9 +260,12 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
             refused.append({"source": tar_url, "tar": True,
                             "reason": f"the rest of the tar is unreadable ({e}); {kept}"})
     for m in tar.members:
-        where = f"{tar_url}:{m.name}"
+        where = f"{tar_url}:{printable(m.name)}"
         if m.name.startswith("/") or ".." in m.name.split("/"):
             refused.append({"source": where, "reason": "refused: absolute path or '..' in a tar member name"})
+        elif not_utf8(m.name):
+            refused.append({"source": where, "reason": "its name is not UTF-8 (an archive's Latin-1?); tar it again "
+                            "under a UTF-8 name"})
         elif not m.isfile():
             if not m.isdir():
                 refused.append({"source": where, "reason": "not a regular file (link or device)"})
@@ -191,13 +275,23 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
     return items, refused
 
 
-def list_i21k_tars(source: str) -> list[str]:
-    """URLs of the per-synset tars, sorted: their stems are the classes."""
+def list_i21k_tars(source: str) -> tuple[list[str], Counter, Counter]:
+    """URLs of the per-synset tars, sorted (their stems are the classes), and the other entries, left out: by
+    ending, and hidden ones by name."""
     where = Location(source)
-    tars = [where.url_of(n) for n in where.names() if n.endswith(".tar")]
+    tars, ignored, hidden_names = [], Counter(), Counter()
+    for name in where.names():
+        if hidden(name):
+            hidden_names[name] += 1
+        elif is_tar(name):
+            tars.append(where.url_of(name))
+        else:
+            ignored["folder" if where.fs.isdir(where.path(name)) else posixpath.splitext(name)[1].lower() or
+                    "no ending"] += 1
     if not tars:
         raise UserError(f"{source} holds no .tar files; the ImageNet-21k layout is one n0xxxxxxx.tar per synset")
-    return tars
+    check_names([posixpath.basename(t) for t in tars], source, "synset tar")
+    return tars, ignored, hidden_names
 
 
 def list_images_file(source: str, classes_file: str | None) -> Corpus:

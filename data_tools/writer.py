@@ -101,7 +101,8 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
     """(extension, bytes to store), or BadImage with the reason."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns above 89 megapixels (a 12000x8000 panorama) and refuses above twice that, as training would.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 if img.format not in FORMATS:
                     raise BadImage(f"unsupported image format {img.format}")
@@ -118,6 +119,9 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
         raise
     except UnidentifiedImageError:
         raise BadImage("not an image (PIL cannot identify its format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large: {e.args[0].split(', could')[0]} (PIL's guard against decompression bombs, "
+                       f"which training would meet too)") from None
     except Exception as e:  # PIL raises many types for damaged files
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
 

@@ -16,8 +16,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C but ending with its own exit status (128 + 15)."""
 
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+def plural(n: int, noun: str, nouns: str = "") -> str:
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 class OneLineParser(argparse.ArgumentParser):

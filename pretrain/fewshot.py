@@ -132,6 +132,16 @@ def fits(labels: torch.Tensor, shots: int) -> bool:
     return bool(labels.unique(return_counts=True)[1].min() >= shots)
 
 
+def short_classes(labels: torch.Tensor, shots: int, spec: str) -> str:
+    """Which classes have fewer than ``shots`` samples, by name where the shard set has a manifest."""
+    names = shards.resolve(spec).classes
+    ids, counts = labels.unique(return_counts=True)
+    short = sorted((int(n), int(c)) for c, n in zip(ids, counts) if n < shots)
+    shown = ", ".join(f"'{names[c]}' {n}" if names else f"{c} {n}" for n, c in short[:5])
+    return (f"{len(short)} {'class has' if len(short) == 1 else 'classes have'} fewer than {shots} ({shown}"
+            f"{', ...' if len(short) > 5 else ''})")
+
+
 def draw(labels: torch.Tensor, classes: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
     """(classes, shots) sample indices: the first ``shots`` of a seeded permutation of each class's samples."""
     rng = np.random.default_rng(seed)
@@ -168,9 +178,12 @@ def fewshot_eval(model: nn.Module, train_spec: str, val_spec: str, image_size: i
     test_feats, test_labels = extract_features(model, val_spec, image_size, batch, device, workers)
     usable = [n for n in shots if fits(train_labels, n)]
     if not usable:
-        raise UserError(f"{train_spec} has a class with fewer samples than any of the shot counts {tuple(shots)}")
+        raise UserError(f"{train_spec} has too few samples of a class for any of the shot counts {tuple(shots)}: "
+                        f"{short_classes(train_labels, min(shots), train_spec)}")
     if len(usable) < len(shots):
-        log.warning("%s: skipping %s shots: a class has fewer samples", train_spec, sorted(set(shots) - set(usable)))
+        skipped = sorted(set(shots) - set(usable))
+        log.warning("%s: skipping %s shots: %s", train_spec, skipped,
+                    short_classes(train_labels, max(skipped), train_spec))
     result = {}
     for n in usable:
         r = fewshot_accuracy(train_feats, train_labels, test_feats, test_labels, n, seed)

@@ -85,7 +85,9 @@ def test_fewshot_eval_skips_shot_counts_beyond_the_smallest_class(run, small_sha
         result = fewshot_eval(model, small_shards["train"], small_shards["val"], config.model.image_size, "cpu",
                               shots=(10, 50))
     assert set(result) == {"fewshot_10shot_top1", "fewshot_10shot_lambda"}  # 40 training images per class
-    assert "skipping [50] shots" in caplog.text
+    assert "skipping [50] shots: 10 classes have fewer than 50 ('" in caplog.text  # named, with their counts
+    with pytest.raises(UserError, match=r"too few samples of a class for any of the shot counts \(50,\): 10 classes"):
+        fewshot_eval(model, small_shards["train"], small_shards["val"], config.model.image_size, "cpu", shots=(50,))
 
 
 def test_evaluate_cli_adds_fewshot_accuracy(run, small_shards, capsys):
