@@ -7,7 +7,7 @@
 # is left alone: its own handler would kill its workers 30 s later, before a large checkpoint is done.
 # The trainers stop together (they agree on it every step), write one checkpoint and exit 0.
 #
-# The pod succeeds only when the run is complete: its final checkpoint exists. A run that stopped
+# The pod succeeds only when the run is complete: its newest checkpoint is the last step. A run that stopped
 # early, because this pod or a peer was preempted, exits 75; the Job's podFailurePolicy answers that
 # by starting the pod again without counting a failure, and the new pods resume from the checkpoint.
 set -u
@@ -35,7 +35,9 @@ status=$?
 if ((status != 0)); then
     exit "$status"
 fi
-if [[ ! -f $PRETRAIN_FINAL_CHECKPOINT/state.json ]]; then
+# The run is complete when its newest checkpoint is the final one or later (a run resumed with fewer total steps).
+newest=$(cat "${PRETRAIN_FINAL_CHECKPOINT%/*}/latest" 2>/dev/null || echo step_0)
+if ((10#${newest#step_} < 10#${PRETRAIN_FINAL_CHECKPOINT##*/step_})); then
     echo "stopped before the end of the run, after writing a checkpoint; exiting 75 to be started again" >&2
     exit 75
 fi

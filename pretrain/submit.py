@@ -46,9 +46,13 @@ def parser() -> OneLineParser:
             p.add_argument("--namespace", default="default", help="Kubernetes namespace")
             p.add_argument("--pvc", default="vit-runs", help="PersistentVolumeClaim holding the run directories")
             p.add_argument("--memory", default="", help="memory per node, e.g. 256Gi; default: 32Gi per trainer")
-            p.add_argument("--tpu-accelerator", default="tpu-v5p-slice", help="backend=xla: GKE TPU accelerator")
-            p.add_argument("--tpu-topology", default="2x2x2", help="backend=xla: TPU slice topology")
-            p.add_argument("--tpu-chips-per-host", type=int, default=4, help="backend=xla: TPU chips per VM host")
+            p.add_argument("--tpu-accelerator", default="tpu-v5p-slice",
+                           help="backend=xla: GKE TPU accelerator (tpu-v4-podslice, tpu-v5p-slice, "
+                                "tpu-v5-lite-podslice, tpu-v6e-slice)")
+            p.add_argument("--tpu-topology", default="2x2x2", help="backend=xla: TPU slice topology (2x2x4; v5e, v6e: 4x4)")
+            p.add_argument("--tpu-chips-per-host", type=int, default=0,
+                           help="backend=xla: TPU chips per VM host; default: 4, or all of a v5e or v6e slice of 1, 4 "
+                                "or 8 chips (one host)")
     for name, text in [("status", "the job's state"), ("logs", "the job's output"), ("cancel", "stop the job")]:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("run_dir", help="the run directory the job was submitted with")

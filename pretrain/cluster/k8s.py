@@ -12,6 +12,7 @@ a recipe's run_dir=runs/NAME means the same folder in every pod and in TensorBoa
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import subprocess
 import sys
@@ -32,13 +33,37 @@ MISSING = "install kubectl and point it at the cluster (kubectl config use-conte
 RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before the Job fails
 
 
+# GKE's TPU accelerators: the dimensions of their topologies, and the chips of one host by the slice's chips (a
+# slice of 1, 4 or 8 v5e or v6e chips is one host of that many; larger ones are hosts of 4).
+TPU_ACCELERATORS = {"tpu-v4-podslice": 3, "tpu-v5p-slice": 3, "tpu-v5-lite-podslice": 2, "tpu-v6e-slice": 2}
+SINGLE_HOST_2D = (1, 4, 8)
+QUANTITY = r"\d+(\.\d+)?([KMGTPE]i?|k)?"  # Kubernetes' memory quantities: 256Gi, 512G, 1.5Ti
+
+
 def pod_run_dir(run_dir: str) -> PurePosixPath:
-    """Where the pods see the run directory; it must lie on the runs volume."""
-    path = WORKDIR / run_dir
-    if path != RUNS_MOUNT and RUNS_MOUNT not in path.parents:
-        raise UserError(f"run_dir '{run_dir}' is not on the runs volume, which the pods mount at {RUNS_MOUNT}; "
-                        f"use run_dir=runs/NAME")
+    """Where the pods see the run directory; it must lie in a folder of the runs volume."""
+    path = PurePosixPath(posixpath.normpath(WORKDIR / run_dir))
+    if RUNS_MOUNT not in path.parents:
+        raise UserError(f"run_dir '{run_dir}' is not a folder on the runs volume, which the pods mount at "
+                        f"{RUNS_MOUNT} (anywhere else they write to their own disk, lost when they restart); use "
+                        f"run_dir=runs/NAME")
     return path
+
+
+def check_names(namespace: str, pvc: str, memory: str, image: str) -> None:
+    """What the API server would refuse at apply, or a pod would wait on for ever, in one sentence here."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise UserError(f"--namespace '{namespace}' is not a Kubernetes namespace name (a-z, 0-9, '-', at most 63)")
+    if not re.fullmatch(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?", pvc):
+        raise UserError(f"--pvc '{pvc}' is not a PersistentVolumeClaim name (a-z, 0-9, '-', '.'): give the claim "
+                        f"that holds the run directories (kubectl get pvc -n {namespace})")
+    if memory and not re.fullmatch(QUANTITY, memory):
+        hint = f"; {memory[:-1]}i is {memory}'s binary unit" if re.fullmatch(r"\d+[KMGTPE]B", memory) else ""
+        raise UserError(f"--memory '{memory}' is not a Kubernetes quantity like 256Gi{hint}")
+    if not image or re.search(r"\s", image):
+        raise UserError("k8s needs --image: a container image with this repository installed "
+                        "(pip install '.[gpu]' for GPUs, '.[tpu]' for TPUs)" if not image else
+                        f"--image '{image}' holds a space; give an image reference like ghcr.io/you/vit-pretrain:1.0")
 
 
 def unreachable_data(config) -> list[str]:
@@ -55,27 +80,35 @@ def unreachable_data(config) -> list[str]:
     return lines
 
 
-def tpu_hosts(topology: str, chips_per_host: int) -> int:
-    """TPU VM hosts of a slice: 2x2x4 chips at 4 chips a host are 4 hosts."""
+def tpu_slice(accelerator: str, topology: str, chips_per_host: int = 0) -> tuple[int, int]:
+    """(TPU VM hosts, chips a host) of a GKE slice: tpu-v5p-slice 2x2x4 is 4 hosts of 4 chips; 0 chips a host means
+    the usual machine type's."""
+    dims = TPU_ACCELERATORS.get(accelerator)
+    if dims is None:
+        raise UserError(f"--tpu-accelerator '{accelerator}' is not one of GKE's TPU accelerators "
+                        f"({', '.join(TPU_ACCELERATORS)})")
+    example = "2x2x4" if dims == 3 else "4x4"
     if not re.fullmatch(r"\d+(x\d+)+", topology):
-        raise UserError(f"--tpu-topology '{topology}' is not of the form 2x2x4 (v4, v5p) or 4x4 (v5e, v6e)")
+        raise UserError(f"--tpu-topology '{topology}' is not of the form {example}")
+    if topology.count("x") + 1 != dims:
+        raise UserError(f"--tpu-topology {topology} is not a {accelerator} topology: its slices are {dims}-D, "
+                        f"such as {example}")
     chips = math.prod(int(d) for d in topology.split("x"))
-    if chips_per_host < 1 or chips % chips_per_host:
-        raise UserError(f"--tpu-topology {topology} has {chips} chips, which {chips_per_host} chips a host "
-                        f"do not divide; check --tpu-chips-per-host")
-    return chips // chips_per_host
+    chips_per_host = chips_per_host or (chips if dims == 2 and chips in SINGLE_HOST_2D else 4)
+    if chips % chips_per_host:
+        raise UserError(f"--tpu-topology {topology} has {chips} chips, which hosts of {chips_per_host} chips do not "
+                        f"make up; check --tpu-chips-per-host")
+    return chips // chips_per_host, chips_per_host
 
 
 def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-runs", memory: str = "",
            tpu_accelerator: str = "tpu-v5p-slice", tpu_topology: str = "2x2x2",
-           tpu_chips_per_host: int = 4) -> str:
+           tpu_chips_per_host: int = 0) -> str:
     """The manifests for ``job``, one YAML stream: ConfigMap, training Service and Job, TensorBoard."""
-    if not image:
-        raise UserError("k8s needs --image: a container image with this repository installed "
-                        "(pip install '.[gpu]' for GPUs, '.[tpu]' for TPUs)")
+    check_names(namespace, pvc, memory, image)
     run_dir = pod_run_dir(job.config.run_dir)
     tpu = job.config.backend == "xla"
-    hosts = tpu_hosts(tpu_topology, tpu_chips_per_host) if tpu else job.nodes
+    hosts, tpu_chips_per_host = tpu_slice(tpu_accelerator, tpu_topology, tpu_chips_per_host) if tpu else (job.nodes, 0)
     if job.nodes != hosts:
         raise UserError(f"a {tpu_topology} slice has {hosts} TPU VM hosts ({tpu_chips_per_host} chips each) but "
                         f"--nodes is {job.nodes}; pass --nodes {hosts}")

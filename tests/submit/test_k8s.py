@@ -76,7 +76,7 @@ def test_every_manifest_passes_strict_validation(rendered, variant, version):
 
 def test_a_broken_value_fails_the_validator(tmp_path, capsys):
     job = Job(recipe.load("recipes/vit_b16_i21k.yaml"), "recipes/vit_b16_i21k.yaml", nodes=2)
-    broken = k8s.render(job, IMAGE, memory="{size: 64Gi}")  # a mapping where a quantity belongs
+    broken = k8s.render(job, IMAGE, memory="64Gi").replace("memory: 64Gi", "memory: {size: 64Gi}")  # not a quantity
     path = tmp_path / "broken.yaml"
     path.write_text(broken)
     result = kubernetes_validate(path, VERSIONS[-1])
@@ -88,7 +88,7 @@ def test_a_broken_value_fails_the_validator(tmp_path, capsys):
         k8s.validate(misspelled)
     code = submit.main(["k8s", "recipes/vit_b16_i21k.yaml", "--image", IMAGE, "--namespace", "[prod]", "--dry-run"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ConfigMap/vit-b16-i21k does not validate") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: --namespace '[prod]' is not a Kubernetes namespace name")
 
 
 def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
@@ -152,15 +152,33 @@ def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run_dir=/ckpt/demo", "--image", IMAGE], "run_dir '/ckpt/demo' is not on the runs volume"),
+    (["run_dir=/ckpt/demo", "--image", IMAGE], "run_dir '/ckpt/demo' is not a folder on the runs volume"),
     (["backend=xla", "--nodes", "3", "--image", IMAGE], "a 2x2x2 slice has 2 TPU VM hosts"),
     (["--name", "Demo_1", "--image", IMAGE], "job name 'Demo_1' is not a DNS label"),
     ([], "k8s needs --image"),
+    (["run_dir=runs/../demo", "--image", IMAGE], "run_dir 'runs/../demo' is not a folder on the runs volume"),
+    (["run_dir=runs", "--image", IMAGE], "run_dir 'runs' is not a folder on the runs volume"),
+    (["--namespace", "Bad NS", "--image", IMAGE], "--namespace 'Bad NS' is not a Kubernetes namespace name"),
+    (["--pvc", "", "--image", IMAGE], "--pvc '' is not a PersistentVolumeClaim name"),
+    (["--memory", "256GB", "--image", IMAGE], "--memory '256GB' is not a Kubernetes quantity like 256Gi; 256Gi is"),
+    (["--image", "bad image:1"], "--image 'bad image:1' holds a space"),
+    (["checkpoint.resume=never", "--image", IMAGE], "checkpoint.resume=never: a job started again after preemption"),
+    (["backend=xla", "--tpu-accelerator", "tpu-v5e", "--image", IMAGE], "--tpu-accelerator 'tpu-v5e' is not one of"),
+    (["backend=xla", "--tpu-accelerator", "tpu-v5-lite-podslice", "--tpu-topology", "2x2x4", "--image", IMAGE],
+     "--tpu-topology 2x2x4 is not a tpu-v5-lite-podslice topology: its slices are 2-D, such as 4x4"),
 ])
 def test_mistakes_are_one_sentence(capsys, args, message):
     assert submit.main(["k8s", "recipes/demo.yaml", *args, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("accelerator, topology, hosts, chips", [
+    ("tpu-v5p-slice", "2x2x4", 4, 4), ("tpu-v4-podslice", "2x2x1", 1, 4), ("tpu-v5-lite-podslice", "1x1", 1, 1),
+    ("tpu-v5-lite-podslice", "2x4", 1, 8), ("tpu-v5-lite-podslice", "4x4", 4, 4), ("tpu-v6e-slice", "16x16", 64, 4),
+])
+def test_tpu_slices_have_the_hosts_gke_gives_them(accelerator, topology, hosts, chips):
+    assert k8s.tpu_slice(accelerator, topology) == (hosts, chips)
 
 
 def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(small_shards, tmp_path):
@@ -190,3 +208,9 @@ def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(smal
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert f"at step {stopped}" in restarted.stdout
     assert (tmp_path / "checkpoints/step_000000030/state.json").is_file()
+
+    # Submitted again with fewer steps, the run is complete: the pod succeeds, not restarted for ever.
+    shorter = [*command, "schedule.total_steps=20"]
+    env["PRETRAIN_FINAL_CHECKPOINT"] = str(tmp_path / "checkpoints/step_000000020")
+    again = subprocess.run(shorter, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
