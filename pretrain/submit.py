@@ -46,6 +46,12 @@ def parser() -> OneLineParser:
             p.add_argument("--namespace", default="default", help="Kubernetes namespace")
             p.add_argument("--pvc", default="vit-runs", help="PersistentVolumeClaim holding the run directories")
             p.add_argument("--memory", default="", help="memory per node, e.g. 256Gi; default: 32Gi per trainer")
+            p.add_argument("--service-account", default="",
+                           help="the pods' Kubernetes service account: on GKE, the one Workload Identity lets read the "
+                                "gs:// data and the bucket of a GCS FUSE volume")
+            p.add_argument("--gcsfuse", action="store_true",
+                           help="the --pvc volume is a Cloud Storage bucket through GKE's GCS FUSE CSI driver: the "
+                                "pods get its sidecar")
             p.add_argument("--tpu-accelerator", default="tpu-v5p-slice",
                            help="backend=xla: GKE TPU accelerator (tpu-v4-podslice, tpu-v5p-slice, "
                                 "tpu-v5-lite-podslice, tpu-v6e-slice)")
@@ -85,7 +91,8 @@ def submit(args: argparse.Namespace) -> int:
     else:
         rendered = k8s.render(job, image=args.image, namespace=args.namespace, pvc=args.pvc, memory=args.memory,
                               tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology,
-                              tpu_chips_per_host=args.tpu_chips_per_host)
+                              tpu_chips_per_host=args.tpu_chips_per_host, service_account=args.service_account,
+                              gcsfuse=args.gcsfuse)
         k8s.validate(rendered)
         for line in k8s.unreachable_data(job.config):
             print(f"warning: {line}", file=sys.stderr)

@@ -16,6 +16,8 @@ import posixpath
 import re
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -103,9 +105,11 @@ def tpu_slice(accelerator: str, topology: str, chips_per_host: int = 0) -> tuple
 
 def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-runs", memory: str = "",
            tpu_accelerator: str = "tpu-v5p-slice", tpu_topology: str = "2x2x2",
-           tpu_chips_per_host: int = 0) -> str:
+           tpu_chips_per_host: int = 0, service_account: str = "", gcsfuse: bool = False) -> str:
     """The manifests for ``job``, one YAML stream: ConfigMap, training Service and Job, TensorBoard."""
     check_names(namespace, pvc, memory, image)
+    if service_account and not re.fullmatch(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?", service_account):
+        raise UserError(f"--service-account '{service_account}' is not a Kubernetes service account name")
     run_dir = pod_run_dir(job.config.run_dir)
     tpu = job.config.backend == "xla"
     hosts, tpu_chips_per_host = tpu_slice(tpu_accelerator, tpu_topology, tpu_chips_per_host) if tpu else (job.nodes, 0)
@@ -121,7 +125,7 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
         "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
         "rendezvous_port": RENDEZVOUS_PORT, "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
         "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,
-        "tb_logdir": run_dir, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
+        "run_dir": job.config.run_dir, "tb_logdir": run_dir, "service_account": service_account, "gcsfuse": gcsfuse, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
     }
     names = ["k8s/job-config.yaml", "k8s/train-tpu.yaml" if tpu else "k8s/train-gpu.yaml", "k8s/tensorboard.yaml"]
     return "---\n".join(templates.render(name, values) for name in names)
@@ -162,6 +166,11 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     path.write_text(manifests)
     namespace = objects(manifests)[0]["metadata"]["namespace"]
     existing = _job({"name": job.name, "namespace": namespace})
+    owner = _owner(existing)
+    if existing is not None and owner != job.config.run_dir:
+        raise UserError(f"a Job named {job.name} in namespace {namespace} belongs to "
+                        f"{f'run directory {owner}' if owner else 'something else'}; pass --name to name this one "
+                        f"otherwise")
     if existing is not None and not _finished(existing):
         raise UserError(f"a Job named {job.name} is running in namespace {namespace} (another run's?); cancel it, or "
                         f"pass --name to name this one otherwise")
@@ -173,14 +182,34 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
             "manifests": str(path), "run_dir": job.config.run_dir, "grace": job.grace_seconds}
 
 
-def _job(record: dict[str, Any]) -> dict[str, Any] | None:
+OWNER = "vit-pretrain/run-dir"  # the Job's annotation naming its run directory
+
+
+def _job(record: dict[str, Any], own: bool = False) -> dict[str, Any] | None:
+    """The Job named in ``record``; with ``own``, None if it now belongs to another run directory."""
     got = tool(["kubectl", "get", "job", record["name"], "--namespace", record["namespace"], "--output", "yaml",
                 "--ignore-not-found"], MISSING)
-    return yaml.safe_load(got.stdout) if got.stdout.strip() else None
+    job = yaml.safe_load(got.stdout) if got.stdout.strip() else None
+    return None if own and not _ours(job, record) else job
+
+
+def _owner(job: dict[str, Any] | None) -> str | None:
+    return ((job or {}).get("metadata") or {}).get("annotations", {}).get(OWNER)
+
+
+def _ours(job: dict[str, Any] | None, record: dict[str, Any]) -> bool:
+    """Whether the Job is the one ``record`` submitted (one without the annotation predates it: taken as ours)."""
+    return job is not None and _owner(job) in (record["run_dir"], None)
+
+
+def _pods(record: dict[str, Any]) -> list[dict[str, Any]]:
+    got = tool(["kubectl", "get", "pods", "--namespace", record["namespace"], "--selector",
+                f"job-name={record['name']}", "--output", "yaml"], MISSING)
+    return (yaml.safe_load(got.stdout) or {}).get("items") or []
 
 
 def is_active(record: dict[str, Any]) -> bool:
-    job = _job(record)
+    job = _job(record, own=True)
     return job is not None and not _finished(job)
 
 
@@ -190,24 +219,110 @@ def _finished(job: dict[str, Any]) -> str:
 
 
 def status(record: dict[str, Any]) -> str:
-    job = _job(record)
     where = f"Kubernetes Job {record['namespace']}/{record['name']}"
+    job = _job(record)
     if job is None:
         return f"{where}: not found (cancelled, or the cluster is another one)"
-    s = job.get("status", {})
-    state = _finished(job) or ("Running" if s.get("active") else "Pending")
-    return (f"{where}: {state}, {s.get('active', 0)} pod(s) active, {s.get('succeeded', 0)} of {record['nodes']} "
-            f"succeeded, {s.get('failed', 0)} failed\n"
+    if not _ours(job, record):
+        return f"{where}: now the Job of run directory {_owner(job)}; this run's Job was replaced"
+    return (f"{where}: {describe(job, _pods(record), record['nodes'])}\n"
             f"TensorBoard: kubectl port-forward -n {record['namespace']} service/{record['name']}-tensorboard "
             f"6006:6006, then http://localhost:6006")
 
 
+def describe(job: dict[str, Any], pods: list[dict[str, Any]], nodes: int) -> str:
+    """The Job's state from its pods: how many run, why any waits, how often it started again, its last error."""
+    phases = Counter(p.get("status", {}).get("phase", "Pending") for p in current(pods))
+    state = _finished(job) or ("Running" if phases["Running"] else "Pending")
+    parts = [f"{state}: {phases['Running']} of {nodes} pod(s) running"]
+    waiting = [_why_waiting(p) for p in current(pods) if p.get("status", {}).get("phase") == "Pending"]
+    if any(waiting):
+        parts.append(f"waiting: {next(w for w in waiting if w)}")
+    restarts = sum(_stopped_early(p) for p in pods)
+    if restarts:
+        parts.append(f"started again {restarts} time(s) after a preemption or a peer's")
+    failed = sorted((p for p in pods if _exit_code(p) not in (None, 0, 75) and not _stopped_early(p)),
+                    key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    if failed:
+        parts.append(f"{len(failed)} failed; its last error: {_last_error(failed[-1])}")
+    return "; ".join(parts)
+
+
+def current(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest pod of each completion index: the Job's present attempt (earlier ones stay, ended)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for p in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")):
+        newest[p["metadata"].get("annotations", {}).get(INDEX, p["metadata"]["name"])] = p
+    return [newest[i] for i in sorted(newest)]
+
+
+INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = pod.get("status", {}).get("containerStatuses") or [{}]
+    return (statuses[0].get("state") or {}).get("terminated") or {}
+
+
+def _exit_code(pod: dict[str, Any]) -> int | None:
+    return _terminated(pod).get("exitCode")
+
+
+def _stopped_early(pod: dict[str, Any]) -> bool:
+    """Ended by a preemption or eviction, or by launch.sh after a checkpoint (75): the Job starts it again."""
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                    for c in pod.get("status", {}).get("conditions") or [])
+    return disrupted or _exit_code(pod) == 75
+
+
+def _why_waiting(pod: dict[str, Any]) -> str:
+    for c in pod.get("status", {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return f"not scheduled ({c.get('message') or c.get('reason')})"
+    for s in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (s.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in (None, "ContainerCreating"):
+            return f"{waiting['reason']} ({waiting.get('message', '')})"
+    return ""
+
+
+def _last_error(pod: dict[str, Any]) -> str:
+    """The trainer's one-sentence error from the end of its output (terminationMessagePolicy: FallbackToLogsOnError)."""
+    lines = [line.strip() for line in (_terminated(pod).get("message") or "").splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith("error: ")]
+    return (said or lines or [f"exit status {_exit_code(pod)} ({_terminated(pod).get('reason', 'no output')})"])[-1]
+
+
 def logs(record: dict[str, Any], follow: bool) -> int:
-    """Every training pod's output, each line prefixed with its pod; kubectl's exit status."""
-    args = ["kubectl", "logs", "--namespace", record["namespace"], "--selector", f"job-name={record['name']}",
-            "--prefix", "--tail=-1", f"--max-log-requests={record['nodes']}", *(["--follow"] if follow else [])]
+    """Every training pod's output, each line prefixed with its pod; with ``follow``, the present pods' as they
+    write, then those of the Job's next start, until the Job has ended."""
+    if _job(record, own=True) is None:
+        raise UserError(f"Job {record['namespace']}/{record['name']} of {record['run_dir']} is not in the cluster "
+                        f"(cancelled, replaced, or the cluster is another one)")
+    if not follow:
+        pods = [p["metadata"]["name"] for p in _pods(record)]
+        return max((_kubectl_logs(record, name, follow=False).wait() for name in pods), default=0)
+    followed: dict[str, subprocess.Popen] = {}
+    while True:
+        for pod in current(_pods(record)):
+            name = pod["metadata"]["name"]
+            if name not in followed and pod.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed"):
+                followed[name] = _kubectl_logs(record, name, follow=True)
+        if all(p.poll() is not None for p in followed.values()):
+            job = _job(record, own=True)
+            if job is None or _finished(job):
+                return 0
+        time.sleep(FOLLOW_POLL_S)
+
+
+FOLLOW_POLL_S = 5.0
+
+
+def _kubectl_logs(record: dict[str, Any], pod: str, follow: bool) -> subprocess.Popen:
+    args = ["kubectl", "logs", "--namespace", record["namespace"], f"pod/{pod}", "--prefix", "--tail=-1",
+            *(["--follow"] if follow else [])]
     try:
-        return subprocess.run(args, check=False).returncode
+        return subprocess.Popen(args)
     except FileNotFoundError:
         raise UserError(f"kubectl not found; {MISSING}") from None
 
@@ -215,6 +330,10 @@ def logs(record: dict[str, Any], follow: bool) -> int:
 def cancel(record: dict[str, Any]) -> str:
     """Delete the job's objects, waiting until its pods are gone: SIGTERM has them write a checkpoint first, and a
     job submitted again before then would resume from the one before it."""
+    job = _job(record)
+    if job is not None and not _ours(job, record):
+        raise UserError(f"the Job {record['namespace']}/{record['name']} is now run directory {_owner(job)}'s: this "
+                        f"run's Job was replaced, and that one is left alone")
     print(f"deleting Job {record['namespace']}/{record['name']}; its pods write a checkpoint and stop first",
           file=sys.stderr, flush=True)
     tool(["kubectl", "delete", "--namespace", record["namespace"], "--filename", record["manifests"],

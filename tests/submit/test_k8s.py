@@ -31,7 +31,7 @@ VARIANTS = {
     "deepspeed": ["recipes/vit_l16_i21k.yaml", "backend=deepspeed", "deepspeed.zero_stage=3", "--nodes", "2"],
     "cpu": ["recipes/demo.yaml", "--gpus-per-node", "0", "--nodes", "2", "--namespace", "research"],
     "tpu": ["recipes/vit_h14_jft.yaml", "backend=xla", "--nodes", "4", "--tpu-accelerator", "tpu-v5p-slice",
-            "--tpu-topology", "2x2x4"],
+            "--tpu-topology", "2x2x4", "--service-account", "trainer", "--gcsfuse"],
 }
 
 
@@ -149,6 +149,10 @@ def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
     assert {"name": "PJRT_DEVICE", "value": "TPU"} in trainer["env"]
     assert trainer["resources"]["limits"]["google.com/tpu"] == 4
     assert yaml.safe_load(objects["ConfigMap/vit-h14-jft"]["data"]["recipe.yaml"])["backend"] == "xla"
+    for template in (objects["Job/vit-h14-jft"], objects["Deployment/vit-h14-jft-tensorboard"]):
+        assert template["spec"]["template"]["spec"]["serviceAccountName"] == "trainer"
+        assert template["spec"]["template"]["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+    assert objects["Job/vit-h14-jft"]["metadata"]["annotations"] == {k8s.OWNER: "runs/vit_h14_jft"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -214,3 +218,43 @@ def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(smal
     env["PRETRAIN_FINAL_CHECKPOINT"] = str(tmp_path / "checkpoints/step_000000020")
     again = subprocess.run(shorter, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def pod(index: int, created: str, phase: str, exit_code: int | None = None, message: str = "",
+        conditions: list[dict] | None = None) -> dict:
+    """A pod of an Indexed Job as `kubectl get pods -o yaml` shows it (the fields pretrain.submit reads)."""
+    state = {"terminated": {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed",
+                            "message": message}} if exit_code is not None else {"running": {}}
+    return {"metadata": {"name": f"b16-{index}-{created[11:13]}", "creationTimestamp": created,
+                         "annotations": {k8s.INDEX: str(index)}},
+            "status": {"phase": phase, "conditions": conditions or [],
+                       "containerStatuses": [{"name": "trainer", "state": state}]}}
+
+
+def test_status_tells_waiting_restarted_and_failed_pods_apart():
+    """No API server runs here: the Job's and pods' objects are written as the API returns them."""
+    running = {"status": {"active": 2}, "metadata": {"annotations": {k8s.OWNER: "runs/b16"}}}
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    pending = [pod(0, "2026-12-01T10:00:00Z", "Pending", conditions=[unschedulable]),
+               pod(1, "2026-12-01T10:00:00Z", "Pending", conditions=[unschedulable])]
+    assert k8s.describe(running, pending, 2) == ("Pending: 0 of 2 pod(s) running; waiting: not scheduled (0/3 nodes "
+                                                 "are available: 3 Insufficient nvidia.com/gpu.)")
+    preempted = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    history = [pod(0, "2026-12-01T10:00:00Z", "Failed", 75), pod(1, "2026-12-01T10:00:01Z", "Failed", 143,
+                                                                   conditions=[preempted]),
+               pod(0, "2026-12-01T11:00:00Z", "Running"), pod(1, "2026-12-01T11:00:01Z", "Running")]
+    assert k8s.describe(running, history, 2) == ("Running: 2 of 2 pod(s) running; started again 2 time(s) after a "
+                                                 "preemption or a peer's")
+    crash = ("Traceback ...\nerror: data.val shards name 5 classes, the model 10; shard the validation split with "
+             "--classes\nE1201 12:00:00 torchrun ChildFailedError\n")
+    failed = {"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}}
+    ended = [*history[:2], pod(0, "2026-12-01T11:00:00Z", "Failed", 1, crash),
+             pod(1, "2026-12-01T11:00:01Z", "Failed", 1, "")]
+    assert k8s.describe(failed, ended, 2).endswith("; 2 failed; its last error: exit status 1 (Error)")
+    assert k8s.describe(failed, ended[:3], 2) == (
+        "Failed: 0 of 2 pod(s) running; started again 2 time(s) after a preemption or a peer's; 1 failed; its last "
+        "error: error: data.val shards name 5 classes, the model 10; shard the validation split with --classes")
+    assert [p["metadata"]["name"] for p in k8s.current(ended)] == ["b16-0-11", "b16-1-11"]
+    record = {"run_dir": "runs/b16"}  # runs/b16_384 and runs/b16-384 both make the Job name b16-384
+    assert k8s._ours(running, record) and not k8s._ours(running, {"run_dir": "runs/b16-384"})
