@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -127,7 +128,7 @@ def load_into(
         if state[key].shape != want.shape:
             raise UserError(
                 f"the checkpoint has {key} of shape {tuple(state[key].shape)} but {name} expects "
-                f"{tuple(want.shape)}{_hint(key)}"
+                f"{tuple(want.shape)}{_hint(key, named=_zoo_name(state))}"
             )
     extra = next((k for k in state if k not in expected), None)
     if extra is not None:
@@ -135,12 +136,26 @@ def load_into(
     model.load_state_dict(state, strict=not drop_heads)
 
 
-def _hint(key: str, missing: bool = False) -> str:
+def _hint(key: str, missing: bool = False, named: str = "") -> str:
+    if named and not key.startswith(HEAD_PREFIXES):
+        return f"; its weights are those of {named}: set model.name={named}"
     if not key.startswith(HEAD_PREFIXES):
         return "; is it a checkpoint of another model?"
     if missing and key.startswith("pre_logits."):
         return "; a fine-tuned checkpoint goes into a model with head 'linear', or pass drop_heads=True"
     return "; to fine-tune from it with a new head, pass drop_heads=True"
+
+
+def _zoo_name(state: Mapping[str, torch.Tensor]) -> str:
+    """The zoo's name for a plain ViT's weights (width, depth and patch size), or "" if the zoo has none."""
+    patch = state.get("patch_embed.proj.weight")
+    if patch is None or patch.ndim != 4:
+        return ""
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    size = next((n for n, s in SIZES.items() if (s.width, s.depth) == (patch.shape[0], depth)), None)
+    if size and any(k.startswith("patch_embed.backbone.") for k in state):
+        return f"vit_r50_{size}16"  # the zoo's one hybrid stem
+    return f"vit_{size}{patch.shape[-1]}" if size else ""
 
 
 def _fit_posemb(
@@ -150,6 +165,12 @@ def _fit_posemb(
     want = model.pos_embed.shape
     if posemb.shape == want or posemb.ndim != 3 or posemb.shape[-1] != want[-1]:
         return posemb
+    n = posemb.shape[1]
+    if model.num_prefix_tokens == 1 and math.isqrt(n) ** 2 == n:
+        # timm's no_embed_class (FlexiViT): the class token gets no position embedding, which a zero one matches.
+        posemb = torch.cat([posemb.new_zeros(1, 1, posemb.shape[-1]), posemb], dim=1)
+        if posemb.shape == want:
+            return posemb
     try:
         resampled = resample_posemb(
             posemb, model.grid, model.num_prefix_tokens, mode=interp, align_corners=align_corners

@@ -334,8 +334,25 @@ def test_checkpoint_of_another_size_names_key_and_shapes():
     other = VisionTransformer(SIZES["ti"], PatchEmbed(16, 192), 32, 10, head="linear")
     with pytest.raises(UserError) as e:
         load_into(other, tiny().state_dict())
-    expected = "cls_token of shape (1, 1, 64) but vit_ti16 expects (1, 1, 192); is it a checkpoint of another model?"
-    assert expected in str(e.value)
+    assert "cls_token of shape (1, 1, 64) but vit_ti16 expects (1, 1, 192); its weights are those of vit_mu8: set " \
+        "model.name=vit_mu8" in str(e.value)
+    shallow = {k: v for k, v in tiny().state_dict().items() if not k.startswith("blocks.3.")}  # no size of the zoo
+    with pytest.raises(UserError, match="expects .1, 1, 192.; is it a checkpoint of another model"):
+        load_into(other, shallow)
+    with pytest.raises(UserError, match=r"expects \(1, 1, 64\); its weights are those of vit_ti16: set "
+                                        r"model.name=vit_ti16"):
+        load_into(tiny(), from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()))
+
+
+def test_timm_weights_whose_class_token_has_no_position_embedding_load():
+    """timm's no_embed_class (FlexiViT): the grid alone has position embeddings, as a zero one for the class token."""
+    theirs = randomise(TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10,
+                               no_embed_class=True)).eval()
+    assert theirs.pos_embed.shape == (1, 16, 64)
+    ours = tiny()
+    load_into(ours, from_timm(theirs.state_dict()))
+    with torch.no_grad():
+        assert max_diff(ours(images()), theirs(images())) < TOL
 
 
 @pytest.mark.parametrize("checkpoint_pool, model_pool", [("cls", "gap"), ("gap", "cls")])
