@@ -31,6 +31,9 @@ def test_throughput_runs_our_step_and_the_references_and_prints_json_lines(tmp_p
         assert r["model"] == "vit_mu8" and r["batch"] == 16
     assert 0 <= runs[("ours", "shards")]["data_wait"] < 1
     assert runs[("summary", None)]["vs_timm"] > 0 and runs[("summary", None)]["vs_hf"] > 0
+    per_image = {k: runs[k]["tflops"] / runs[k]["img_per_s"] for k in [("ours", "synthetic"), ("timm", "synthetic"),
+                                                                     ("hf", "synthetic")]}
+    assert max(per_image.values()) / min(per_image.values()) < 1.01, per_image  # one model, counted alike
     check = runs[("loss_check", None)]
     assert check["steps"] == 3 and check["relative_difference"] < 1e-4 and 3 < check["loss"] < 5  # ln(50 classes)
     for data in ("synthetic", "shards"):  # the kernel tables of 3 more steps, the matmuls among them
