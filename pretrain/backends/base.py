@@ -114,12 +114,24 @@ class Backend(ABC):
         never waits for the devices."""
         if self.world == 1:
             return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group())
+        return bool(t.item())
+
+    def host_gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, gathered over the hosts' CPUs: for what each rank counts on its host."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.host_group())
+        return out
+
+    def host_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of every rank (None: the default one is gloo), which never waits for the devices."""
         if not hasattr(self, "_host_group"):  # the first call is on every rank at once, as new_group needs
             timeout = collective_timeout(self.config)
             self._host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-        t = torch.tensor([float(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._host_group)
-        return bool(t.item())
+        return self._host_group
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -366,10 +366,12 @@ class Trainer:
         loss = backend.all_reduce_sum(window["loss"].clone()).item() / backend.world / window["steps"]
         seconds = time.perf_counter() - window["start"]
         images = window["images"] * backend.world
+        counted = backend.host_gather((self.tracker.bad_samples, sorted(self.tracker.damaged_shards)))
         scalars = {"loss": loss, "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
                    "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.devices),
                    "data_wait": window["wait"] / seconds, "skipped_steps": self.skips.check(self.step),
-                   "bad_samples": self.tracker.bad_samples, "damaged_shards": len(self.tracker.damaged_shards),
+                   "bad_samples": sum(bad for bad, _ in counted),
+                   "damaged_shards": len(set().union(*(shards for _, shards in counted))),
                    **backend.log_scalars()}
         self.metrics.log(self.step, scalars)
         self._hint_data_wait(scalars["data_wait"])

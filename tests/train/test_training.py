@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from procs import alive, living
@@ -312,7 +313,13 @@ def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_re
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_shards, tmp_path):
     """Two readers either way: one process with 2 workers and 2 accumulation steps reads what
-    2 ranks with 1 worker each read, so every optimizer step sees the same 16 samples."""
+    2 ranks with 1 worker each read, so every optimizer step sees the same 16 samples; two shards are gone, and
+    both runs count their samples (the 2-rank run's counts are both ranks')."""
+    shutil.copytree(small_shards["train"], tmp_path / "train")
+    shards = sorted((tmp_path / "train").glob("*.tar"))
+    for first in np.random.default_rng([0, 0]).permutation(len(shards))[:2]:  # each reader's first (seed 0, epoch 0)
+        shards[first].unlink()
+    small_shards = {**small_shards, "train": str(tmp_path / "train")}
     steps = {"schedule.total_steps": 10, "checkpoint.every": 100}
     single = run(overrides(small_shards, tmp_path / "one", **steps, **{"optim.grad_accum": 2}))
     assert single.returncode == 0, single.stderr
@@ -324,6 +331,9 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(small_sh
     assert sorted(one) == sorted(two) == list(range(1, 11))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    counted = [[(r["bad_samples"], r["damaged_shards"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl")
+               .read_text().splitlines()) if r["split"] == "train"][-1] for name in ("one", "ddp")]
+    assert counted[0] == counted[1] == (100, 2), counted
 
 
 def test_the_ranks_end_with_a_launcher_that_is_killed(small_shards, tmp_path):
