@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import sys
 import tarfile
 import time
@@ -121,9 +122,9 @@ def read_shard(url: str, outage_s: float | None = None) -> tuple[list[dict], str
             waited = time.monotonic() - started
             if waited >= outage_s:
                 raise StorageUnreachable(f"{url} could not be read for {waited:.0f} s ({reason})") from None
-            pause = RETRY_S[min(attempt, len(RETRY_S) - 1)]
-            print(f"warning: {url} cannot be read ({reason}); asking again in {pause} s ({waited:.0f} s of "
-                  f"{outage_s:.0f} s before the run stops)", file=sys.stderr, flush=True)
+            pause = min(RETRY_S[min(attempt, len(RETRY_S) - 1)], math.ceil(outage_s - waited))
+            print(f"warning: {url} cannot be read ({reason}); asking again in {pause} s ({waited:.0f} s so far; the "
+                  f"run stops at {outage_s:.0f} s)", file=sys.stderr, flush=True)
             time.sleep(pause)
             attempt += 1
     samples: list[dict] = []

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.pool import exit_when_gone, signals_blocked
 
+from ..cli import plural
 from ..errors import UserError
 from .device_decode import JpegBatch
 from .shards import ShardSet, StorageUnreachable, read_shard
@@ -84,8 +85,10 @@ class TrainStream(IterableDataset):
         """In the training process, before any worker starts: every reader needs a shard."""
         readers = self.world * max(workers, 1)
         if len(self.urls) < readers:
-            raise UserError(f"{len(self.urls)} shards cannot feed {readers} readers (ranks x data.workers); "
-                            f"lower data.workers or reshard into more shards (data_tools.shard --shard-samples)")
+            fewer = ("lower data.workers, " if workers > 1 else "") + ("run fewer processes, " if self.world > 1 else "")
+            raise UserError(f"{plural(len(self.urls), 'shard')} cannot feed {readers} readers ({self.world} "
+                            f"process(es) x {max(workers, 1)}: data.workers, or 1 for 0); {fewer}or reshard into "
+                            f"more shards (data_tools.shard --shard-samples)")
 
     def _batches(self, reader: int, index: int, readers: int, state: ReaderState) -> Iterator[dict]:
         views, labels, bad, damaged, unread = self.views(self.image_size, self.min_scale), [], 0, [], []

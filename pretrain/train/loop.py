@@ -74,8 +74,8 @@ class Skips:
     the counts stay on the device and ``check`` runs at log and checkpoint steps, so the loop never waits.
     """
 
-    def __init__(self, total: int, limit: int):
-        self.total, self.streak, self.limit = total, 0, limit
+    def __init__(self, total: int, limit: int, precision: str):
+        self.total, self.streak, self.limit, self.precision = total, 0, limit, precision
 
     def add(self, updated: bool | torch.Tensor, step: int) -> None:
         on_device = isinstance(updated, torch.Tensor)
@@ -88,8 +88,9 @@ class Skips:
     def check(self, step: int) -> int:
         """The total, after stopping the run if the current streak reached the limit."""
         if int(self.streak) >= self.limit:
+            fp32 = "" if self.precision == "fp32" else " or use precision=fp32"
             raise UserError(f"{int(self.streak)} steps in a row had a non-finite loss or gradient (step {step}); "
-                            f"lower optim.lr, raise schedule.warmup_steps or use precision=fp32")
+                            f"lower optim.lr{',' if fp32 else ' or'} raise schedule.warmup_steps{fp32}")
         return int(self.total)
 
 
@@ -207,7 +208,7 @@ class Trainer:
                             f"epoch {stream_state.readers[0].epoch} on {self.backend.world} x {stream_state.workers}")
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}{changed}", flush=True)
-        self.skips = Skips(skipped_steps, config.max_nonfinite)
+        self.skips = Skips(skipped_steps, config.max_nonfinite, config.precision)
         self.hinted = False
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,

@@ -45,6 +45,9 @@ def test_storage_that_does_not_answer_is_asked_again_then_stops_the_run(small_sh
     url = f"http://127.0.0.1:{port}/train-000000.tar"
     with pytest.raises(shards.StorageUnreachable, match=f"{url} could not be read for 0 s"):
         read_shard(url, outage_s=0)
+    with pytest.raises(shards.StorageUnreachable, match=f"{url} could not be read for 1 s"):
+        read_shard(url, outage_s=1)  # one wait, ending at the patience rather than after the first retry's 2 s
+    assert "asking again in 1 s (0 s so far; the run stops at 1 s)" in capfd.readouterr().err
 
     got = {}
     reader = threading.Thread(target=lambda: got.update(result=read_shard(url, outage_s=60)))

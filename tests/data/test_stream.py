@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,9 +219,11 @@ def test_resharding_restarts_at_the_next_epoch(urls, reference):
 # (f) too few shards
 
 
-@pytest.mark.parametrize(("shards", "workers", "world"), [(1, 2, 1), (8, 0, 9)])
-def test_fewer_shards_than_readers_is_a_user_error(urls, shards, workers, world):
-    with pytest.raises(UserError, match="data.workers"):
+@pytest.mark.parametrize(("shards", "workers", "world", "fix"), [
+    (1, 2, 1, "1 shard cannot feed 2 readers (1 process(es) x 2: data.workers, or 1 for 0); lower data.workers, or"),
+    (8, 0, 9, "8 shards cannot feed 9 readers (9 process(es) x 1: data.workers, or 1 for 0); run fewer processes, or")])
+def test_fewer_shards_than_readers_is_a_user_error(urls, shards, workers, world, fix):
+    with pytest.raises(UserError, match=re.escape(fix)):
         take(train_stream(urls[:shards], world=world), workers, 1)
 
 

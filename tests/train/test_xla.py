@@ -185,12 +185,15 @@ def test_inputs_are_split_and_non_finite_steps_are_skipped_on_the_device():
 
 
 def test_skips_reported_on_the_device_are_checked_when_asked():
-    skips = Skips(total=2, limit=3)
+    skips = Skips(total=2, limit=3, precision="bf16")
     for updated in (False, True, False, False, False):
         skips.add(torch.tensor(updated), step=0)  # no check yet, though the streak reached the limit
-    with pytest.raises(UserError, match="3 steps in a row"):
+    with pytest.raises(UserError, match="3 steps in a row .*; lower optim.lr, raise schedule.warmup_steps or use "
+                                        "precision=fp32"):
         skips.check(step=5)
     assert int(skips.total) == 6
+    with pytest.raises(UserError, match="lower optim.lr or raise schedule.warmup_steps$"):  # fp32 already
+        Skips(total=0, limit=1, precision="fp32").add(False, step=1)
 
 
 def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
@@ -203,3 +206,6 @@ def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
         params, grads, optim, activations, total, device = map(float, rows[name][3:])
         assert params == grads and optim == 2 * params and activations > 10 * optim
         assert total == pytest.approx(params + grads + optim + activations, abs=0.1) and total < device == hbm
+    assert main([str(root / "recipes/demo.yaml"), "backend=xla", "data.batch_size=49", "optim.grad_accum=3",
+                 "--dry-run"]) == 0
+    assert "# data.batch_size 49 does not divide into optim.grad_accum 3 micro-batches" in capsys.readouterr().out
