@@ -94,9 +94,28 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
         _fsync(pointer)
         os.replace(pointer, root / LATEST)
         _fsync(root)
+        _set_aside_later(root, step)
         _prune(root, step, keep_last, keep_every)
     backend.barrier()
     return final
+
+
+ABANDONED = "abandoned"
+
+
+def _set_aside_later(root: Path, step: int) -> None:
+    """Move the checkpoints after ``step`` out of the run: they are of the steps a run went back from (resumed from
+    an earlier checkpoint), and would be taken for its newest and kept by the pruning in place of its own."""
+    later = sorted(p for p in root.glob("step_*") if int(p.name[5:]) > step)
+    if not later:
+        return
+    aside = root / ABANDONED
+    aside.mkdir(exist_ok=True)
+    for p in later:
+        shutil.rmtree(aside / p.name, ignore_errors=True)
+        os.replace(p, aside / p.name)
+    print(f"note: moved {', '.join(p.name for p in later)}, of the steps this run went back from, to {aside}; delete "
+          f"them when they are no longer needed", flush=True)
 
 
 def _prune(root: Path, newest: int, keep_last: int, keep_every: int) -> None:
@@ -172,8 +191,7 @@ def readable(folder: Path, setting: str | None = "checkpoint.resume") -> Iterato
 
 def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
-    with readable(folder):
-        state = json.loads((folder / STATE).read_text())
+    state = read_state(folder)
     saved = state.get("config", {}).get("model", {}).get("name")
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; set "
@@ -201,11 +219,15 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     return state
 
 
+def read_state(folder: Path, setting: str | None = "checkpoint.resume") -> dict[str, Any]:
+    """A checkpoint's state.json (``setting``: as for ``damaged``)."""
+    with readable(folder, setting):
+        return json.loads((folder / STATE).read_text())
+
+
 def saved_config(folder: Path, setting: str | None = "checkpoint.resume") -> Config:
     """The resolved recipe a checkpoint was trained with (``setting``: as for ``damaged``)."""
-    with readable(folder, setting):
-        state = json.loads((folder / STATE).read_text())
-    return recipe.from_dict(state["config"], str(folder / STATE))
+    return recipe.from_dict(read_state(folder, setting)["config"], str(folder / STATE))
 
 
 def weights_file(folder: Path, config: Config) -> Path:

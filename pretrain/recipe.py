@@ -20,20 +20,25 @@ from .config import Config
 from .errors import RecipeError
 
 COMMAND_LINE = "command line"
+NULLS = ("null", "~")  # YAML's null: for a text setting, empty (data.val=null is no validation set)
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """The recipe at ``path`` with its bases resolved and ``overrides`` (``key=value``) applied."""
     values = _load_chain(Path(path), ())
+    given = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"command line: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+        if key.strip() in given:
+            raise RecipeError(f"command line: {key.strip()} is given twice; keep one")
+        given.add(key.strip())
         if key.strip() == "base":
             raise RecipeError(f"command line: base: belongs in a recipe file; give {text or 'the base recipe'} as the "
                               f"recipe, or write one with base: {text or 'FILE'} and your changes")
         field_type = _field_type(key.strip(), COMMAND_LINE)
-        value = text if field_type is str else _parse_yaml(text, COMMAND_LINE)
+        value = text if field_type is str and text not in NULLS else _parse_yaml(text, COMMAND_LINE)
         _check({key.strip(): value}, Config, COMMAND_LINE)
         _set_dotted(values, key.strip(), value)
     return _check_together(_build(Config, values), f"{path}{' with the overrides' if overrides else ''}")
@@ -48,6 +53,10 @@ def from_dict(values: dict[str, Any], source: str) -> Config:
 
 def _check_together(config: Config, source: str) -> Config:
     """Settings that each are in range but contradict each other, in a recipe about to run."""
+    if config.data.batch_size % config.optim.grad_accum:
+        raise RecipeError(f"{source}: data.batch_size {config.data.batch_size} does not divide into "
+                          f"optim.grad_accum {config.optim.grad_accum} micro-batches; make it a multiple of "
+                          f"{config.optim.grad_accum}")
     if config.schedule.final_lr > config.optim.lr:
         raise RecipeError(f"{source}: schedule.final_lr {config.schedule.final_lr} is above optim.lr {config.optim.lr}, "
                           f"the peak the schedule decays from; lower schedule.final_lr")
@@ -147,6 +156,9 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     values = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values, not a {type(values).__name__}")
+    twice = _given_twice(values)
+    if twice:
+        raise RecipeError(f"{path}: {twice} is given twice (nested and as a dotted key); keep one")
     values = _expand(values)
     base = values.pop("base", None)
     _check(values, Config, str(path))
@@ -189,6 +201,21 @@ def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
             _merge(into[k], v)
         else:
             into[k] = v
+
+
+def _given_twice(values: dict[str, Any], prefix: str = "", seen: set | None = None) -> str:
+    """The first setting a mapping gives twice, one way nested and one way dotted (optim: {lr: ..} and optim.lr)."""
+    seen = set() if seen is None else seen
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            found = _given_twice(v, f"{key}.", seen)
+            if found:
+                return found
+        elif key in seen:
+            return key
+        seen.add(key)
+    return ""
 
 
 def _expand(values: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +344,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("a finite number")
         return number
     if tp is str:
+        if value is None:  # null, ~ or nothing after the colon
+            return ""
         if not isinstance(value, str):
             raise bad("a string (quote it)")
         return value

@@ -34,7 +34,8 @@ def summary(config: Config) -> str:
     lines = [
         f"model: {config.model.name}, {si(params)} parameters, {tokens} tokens "
         f"({model.grid[0]}x{model.grid[1]} grid + {model.num_prefix_tokens} [CLS]) at {config.model.image_size}px",
-        f"forward: {si(flops)}FLOPs per image; training step at batch {batch}: {si(step)}FLOPs",
+        f"forward: {si(flops)}FLOPs per image ({si(flops // 2)} multiply-adds, the papers' and timm's \"GFLOPs\"); "
+        f"training step at batch {batch}: {si(step)}FLOPs",
         f"schedule: {steps} steps, {si(steps * batch)} images seen, {si(step * steps)}FLOPs in all",
     ]
     if config.backend == "xla":
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join("# " + line for line in summary(config).splitlines()))
         for warning in recipe.warnings(config):
             print(f"warning: {warning}", file=sys.stderr)
-        if config.init_from:  # a warning: a dry run also shows a recipe before its start exists
+        if config.init_from or config.stage == "finetune":  # a warning: a recipe may be shown before its start exists
             from .checkpoint import check_init_from
 
             try:

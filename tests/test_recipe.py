@@ -81,6 +81,10 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["optim.weight_decay=inf"], "command line: 'optim.weight_decay' must be a finite number, got 'inf'"),
         ("", ["base=recipes/demo.yaml"], "command line: base: belongs in a recipe file; give recipes/demo.yaml as the recipe"),
         ("", ["optim.lr="], "command line: 'optim.lr' must be a number, got an empty value"),
+        ("", ["optim.lr=0.1", "optim.lr=0.2"], "command line: optim.lr is given twice; keep one"),
+        ("optim:\n  lr: 0.1\noptim.lr: 0.2\n", [], "r.yaml: optim.lr is given twice (nested and as a dotted key)"),
+        ("", ["optim.grad_accum=3"], "r.yaml with the overrides: data.batch_size 4096 does not divide into "
+                                     "optim.grad_accum 3 micro-batches; make it a multiple of 3"),
         ("", ["optim.betas=[2, -1]"], "command line: 'optim.betas' must be at least 0 and below 1, got [2.0, -1.0]"),
         ("", ["model.norm_eps=0"], "command line: 'model.norm_eps' must be above 0, got 0.0"),
         ("", ["optim.lr=0.002", "schedule.final_lr=0.01"],
@@ -98,6 +102,12 @@ def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):
         recipe.load(path, overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_null_leaves_a_text_setting_empty(tmp_path):
+    """data.val=null means no validation set, as YAML's null says, not a folder named 'null'."""
+    assert recipe.load(write(tmp_path / "r.yaml", "data:\n  val: null\n  train: ~\n")).data.val == ""
+    assert recipe.load("recipes/demo.yaml", ["data.val=null", "init_from=~"]).data.val == ""
 
 
 def test_a_saved_recipe_is_read_as_it_was(tmp_path):

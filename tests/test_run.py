@@ -16,7 +16,7 @@ from pretrain.run import main
         ("demo.yaml", "vit_mu4, 212 k parameters, 65 tokens (8x8 grid + 1 [CLS]) at 32px"),
         ("vit_b16_i21k.yaml", "vit_b16, 103 M parameters, 197 tokens (14x14 grid + 1 [CLS]) at 224px"),
         ("vit_l16_i21k.yaml", "vit_l16, 327 M parameters"),
-        ("vit_h14_jft.yaml", "forward: 335 GFLOPs per image"),
+        ("vit_h14_jft.yaml", "forward: 335 GFLOPs per image (167 G multiply-adds"),
         ("vit_r50_b16_i21k.yaml", "vit_r50_b16, 115 M parameters"),
         ("finetune_384.yaml", "577 tokens (24x24 grid + 1 [CLS]) at 384px"),
     ],
@@ -44,6 +44,11 @@ def test_dry_run_warns_of_a_run_that_is_all_warm_up(root, capsys):
     assert capsys.readouterr().err == ("warning: schedule.warmup_steps 20 is not below schedule.total_steps 20: the run is "
                                        "all warm-up, its learning rate never decays and reaches optim.lr at the last "
                                        "step only; lower the warm-up\n")
+
+
+def test_dry_run_warns_of_a_fine_tune_without_its_start(root, capsys):
+    assert main([str(root / "recipes/demo_finetune.yaml"), "init_from=", "--dry-run"]) == 0
+    assert capsys.readouterr().err.startswith("warning: stage: finetune needs init_from")
 
 
 def test_user_errors_are_one_line_on_stderr(root):

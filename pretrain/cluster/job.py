@@ -47,11 +47,9 @@ class Job:
         if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_node < 0 or self.grace_seconds < 0:
             raise UserError("--nodes must be at least 1, and --gpus-per-node, --cpus-per-node and --grace-seconds "
                             "cannot be negative")
-        if self.config.checkpoint.resume != "auto":
-            raise UserError(f"checkpoint.resume={self.config.checkpoint.resume}: a job started again after preemption "
-                            f"resumes from its newest checkpoint, so a job takes only auto; for a fresh start give a "
-                            f"run_dir without checkpoints, to start from a checkpoint copy its folder into "
-                            f"RUN_DIR/checkpoints")
+        if self.config.checkpoint.resume == "never":
+            raise UserError("checkpoint.resume=never: a job started again after preemption would refuse its own "
+                            "checkpoints; use auto, which starts fresh in a run_dir without checkpoints")
         self.name = self.name or job_name(self.config.run_dir)
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", self.name):
             raise UserError(f"job name '{self.name}' is not a DNS label of at most 40 characters (a-z, 0-9, '-'; "

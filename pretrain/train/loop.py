@@ -35,7 +35,7 @@ from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, loss_fn
 from .optim import lr_at
-from .resume import continue_checkpoint, finished, resume_point
+from .resume import continue_checkpoint, finished, origin, resume_point
 
 
 class WaitInterrupted(BaseException):
@@ -193,9 +193,11 @@ class Trainer:
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
         self.resumed_window = {"mean_loss": 0.0, "steps": 0}
+        self.origin = origin(config)  # written into every checkpoint of the run
         stream_state = None
         if found is not None:
             state = checkpoint.load(found, self.backend, config.model.name)
+            self.origin = self.origin or state.get("origin")
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
             self.resumed_window = state.get("log_window", self.resumed_window)
@@ -417,7 +419,7 @@ class Trainer:
             total = self.backend.all_reduce_sum(window["loss"].clone()).item()
             log_window = {"mean_loss": total / self.backend.world, "steps": window["steps"]}
         state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
-                 "log_window": log_window}
+                 "log_window": log_window, "origin": self.origin}
         c = self.config.checkpoint
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
 

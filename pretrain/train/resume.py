@@ -21,11 +21,20 @@ def resume_point(config: Config) -> Path | None:
         return None
     if config.checkpoint.resume == "auto":
         return checkpoint.find(config.run_dir)
+    own = checkpoint.find(config.run_dir) if config.run_dir else None
+    if own is not None and checkpoint.read_state(own).get("origin") == origin(config):
+        return own  # this run went on from there already: run again (after a preemption), it goes on from its own
     found = checkpoint.find(config.checkpoint.resume)
     if found is None:
         raise UserError(f"checkpoint.resume={config.checkpoint.resume} holds no complete checkpoint; give a "
                         f"step_* folder or a run directory, or use auto / never")
     return found
+
+
+def origin(config: Config) -> str | None:
+    """Where a run that names its checkpoint.resume started from, as its checkpoints record it: the same command run
+    again goes on from them, not from that start."""
+    return None if config.checkpoint.resume in ("auto", "never") else str(Path(config.checkpoint.resume).resolve())
 
 
 def continue_checkpoint(config: Config, found: Path) -> str:

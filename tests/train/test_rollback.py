@@ -1,0 +1,32 @@
+"""checkpoint.resume=PATH: a run goes back to an earlier checkpoint (past a loss spike) or starts from another run's,
+once; the same command run again (after a preemption, by a requeued job) goes on from the run's own checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+from test_training import overrides, run
+
+
+def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside_and_a_rerun_goes_on(small_shards, tmp_path):
+    steps = {"data.workers": 0, "checkpoint.every": 4, "checkpoint.keep_last": 2}
+    first = run(overrides(small_shards, tmp_path, **steps, **{"schedule.total_steps": 12, "checkpoint.keep_every": 4}))
+    assert first.returncode == 0, first.stderr[-2000:]
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000000004", "step_000000008", "step_000000012"]
+
+    back = {**steps, "checkpoint.resume": str(root / "step_000000004"), "optim.lr": 1e-4}
+    went_back = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 8}))
+    assert went_back.returncode == 0, went_back.stderr[-2000:]
+    assert f"resumed from {root / 'step_000000004'} at step 4" in went_back.stdout
+    assert f"note: moved step_000000012, of the steps this run went back from, to {root / 'abandoned'}" in \
+        went_back.stdout
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000000004", "step_000000008"]  # 12 was kept before
+    assert (root / "abandoned" / "step_000000012" / "state.json").is_file()
+    assert json.loads((root / "step_000000008" / "state.json").read_text())["origin"] == str(root / "step_000000004")
+
+    again = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 10}))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {root / 'step_000000008'} at step 8" in again.stdout, "the run's own, not step 4 again"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 11))  # one timeline, no repeats
