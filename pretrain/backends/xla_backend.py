@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,9 @@ class XlaBackend(Backend):
         self.warmup = max(3, config.log.every + 1)
         self.steps = self.late_compiles = self.reported = 0
         self.stepped = False
+        # Each label width (multi-label: 1, 2, 4, 8 ids) has graphs of its own, which its first steps compile as the
+        # run's first steps do; so may the first step after an evaluation's graphs. Not counted as late compiles.
+        self.expect_compile, self.width, self.steps_of_width = False, 1, Counter()
 
     @property
     def devices(self) -> int:
@@ -126,7 +130,9 @@ class XlaBackend(Backend):
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This host's images and labels as its part of the global batch, split over the mesh's devices."""
-        return self._put(batch["image"]), self._put(pad_labels(batch["labels"]))
+        labels = pad_labels(batch["labels"])
+        self.width = labels.shape[1]
+        return self._put(batch["image"]), self._put(labels)
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:
         spec = None
@@ -149,11 +155,15 @@ class XlaBackend(Backend):
     def mark_step(self) -> None:
         before = compiles()
         torch_xla.sync()
-        if self.stepped:
-            self.stepped = False
-            self.steps += 1
-            if self.steps > self.warmup:
-                self.late_compiles += compiles() - before
+        if not self.stepped:  # an evaluation's
+            self.expect_compile = True
+            return
+        self.stepped = False
+        self.steps += 1
+        self.steps_of_width[self.width] += 1
+        if self.steps_of_width[self.width] > self.warmup and not self.expect_compile:
+            self.late_compiles += compiles() - before
+        self.expect_compile = False
 
     def log_scalars(self) -> dict[str, float]:
         """XLA compilations and reads from the device in this process (the steps between two log steps read

@@ -57,9 +57,6 @@ def plan(config: Config, model: VisionTransformer, params: int) -> list[str]:
               f"buffers"),
              (f"{'slice':9} {'mesh':7} {'hosts':>5} {'batch/dev':>9} {'params':>7} {'grads':>6} {'optim':>6} "
               f"{'activ':>6} {'total':>6} {'HBM':>4} GiB")]
-    if config.data.batch_size % config.optim.grad_accum:
-        return [*lines[:1], f"data.batch_size {config.data.batch_size} does not divide into optim.grad_accum "
-                            f"{config.optim.grad_accum} micro-batches"]
     for name in SLICES:
         chip, n = chips(name)
         if micro % n:

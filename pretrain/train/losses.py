@@ -12,8 +12,10 @@ SIGMOID_HEAD_BIAS = -10.0  # sigmoid cross-entropy starts with every class near 
 
 def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, K) ids padded with -1 -> (B, C) float 0/1."""
-    target = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
-    target.scatter_(1, labels.where(labels >= 0, num_classes), 1.0)  # padding lands in the extra column
+    # Padding lands in an extra column; XLA's scatter also wants the target at least as wide as the ids (8 ids, padded,
+    # for a 6-class set).
+    target = torch.zeros(labels.shape[0], max(num_classes + 1, labels.shape[1]), device=labels.device)
+    target.scatter_(1, labels.where(labels >= 0, num_classes), 1.0)
     return target[:, :num_classes]
 
 
