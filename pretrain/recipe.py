@@ -26,14 +26,10 @@ NULLS = ("null", "~")  # YAML's null: for a text setting, empty (data.val=null i
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """The recipe at ``path`` with its bases resolved and ``overrides`` (``key=value``) applied."""
     values = _load_chain(Path(path), ())
-    given = set()
-    for item in overrides:
+    for item in overrides:  # the last of a key given twice wins, so a script can add to a command's overrides
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"command line: override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
-        if key.strip() in given:
-            raise RecipeError(f"command line: {key.strip()} is given twice; keep one")
-        given.add(key.strip())
         if key.strip() == "base":
             raise RecipeError(f"command line: base: belongs in a recipe file; give {text or 'the base recipe'} as the "
                               f"recipe, or write one with base: {text or 'FILE'} and your changes")

@@ -81,7 +81,6 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["optim.weight_decay=inf"], "command line: 'optim.weight_decay' must be a finite number, got 'inf'"),
         ("", ["base=recipes/demo.yaml"], "command line: base: belongs in a recipe file; give recipes/demo.yaml as the recipe"),
         ("", ["optim.lr="], "command line: 'optim.lr' must be a number, got an empty value"),
-        ("", ["optim.lr=0.1", "optim.lr=0.2"], "command line: optim.lr is given twice; keep one"),
         ("optim:\n  lr: 0.1\noptim.lr: 0.2\n", [], "r.yaml: optim.lr is given twice (nested and as a dotted key)"),
         ("", ["optim.grad_accum=3"], "r.yaml with the overrides: data.batch_size 4096 does not divide into "
                                      "optim.grad_accum 3 micro-batches; make it a multiple of 3"),
