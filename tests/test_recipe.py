@@ -107,6 +107,7 @@ def test_null_leaves_a_text_setting_empty(tmp_path):
     """data.val=null means no validation set, as YAML's null says, not a folder named 'null'."""
     assert recipe.load(write(tmp_path / "r.yaml", "data:\n  val: null\n  train: ~\n")).data.val == ""
     assert recipe.load("recipes/demo.yaml", ["data.val=null", "init_from=~"]).data.val == ""
+    assert recipe.load("recipes/demo.yaml", ["optim.lr=0.1", "optim.lr=0.2"]).optim.lr == 0.2  # the last one
 
 
 def test_a_saved_recipe_is_read_as_it_was(tmp_path):
