@@ -21,7 +21,7 @@ from .errors import UserError
 from .models.zoo import build_model, count_params, forward_flops
 
 
-def summary(config: Config) -> str:
+def summary(config: Config, slices: list[str] | None = None) -> str:
     """Parameters and FLOPs of the recipe's model, counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(config.model)
@@ -41,7 +41,7 @@ def summary(config: Config) -> str:
     if config.backend == "xla":
         from .backends.xla_plan import plan  # no torch_xla needed
 
-        lines += plan(config, model, params)
+        lines += plan(config, model, params, slices)
     return "\n".join(lines)
 
 
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/vit_b16_i21k.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4 run_dir=/tmp/x")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved recipe and the model's size, then exit")
+    parser.add_argument("--slice", action="append", metavar="NAME",
+                        help="with --dry-run and backend=xla: a TPU slice to plan for, e.g. v5p-128, v5litepod-256, "
+                             "v6e-64 (again for more; default: v4-256 and v5p-128)")
     parser.add_argument("--help-recipe", action="store_true", help="list every recipe key with its type, default and meaning")
     # The deepspeed launcher passes --local_rank; the backends read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     config = recipe.load(args.recipe, args.overrides)
     if args.dry_run:
         print(recipe.to_yaml(config), end="")
-        print("\n".join("# " + line for line in summary(config).splitlines()))
+        print("\n".join("# " + line for line in summary(config, args.slice).splitlines()))
         for warning in recipe.warnings(config):
             print(f"warning: {warning}", file=sys.stderr)
         if config.init_from or config.stage == "finetune":  # a warning: a recipe may be shown before its start exists

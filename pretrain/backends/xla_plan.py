@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..config import Config
+from ..errors import UserError
 from ..models.vit import VisionTransformer
 
 GIB = 2**30
@@ -23,7 +24,7 @@ class Chip(NamedTuple):
 
 
 CHIPS = {"v4": Chip(32, 2), "v5p": Chip(95, 2), "v5litepod": Chip(16, 1), "v6e": Chip(32, 1)}
-SLICES = ("v4-256", "v5p-128")  # what the dry-run plans for
+SLICES = ("v4-256", "v5p-128")  # what the dry-run plans for unless asked for others
 
 
 def mesh_axis(sharding: str) -> str:
@@ -33,8 +34,12 @@ def mesh_axis(sharding: str) -> str:
 
 def chips(slice_name: str) -> tuple[Chip, int]:
     """'v4-256' -> (the v4 chip, 128 chips)."""
-    kind, size = slice_name.rsplit("-", 1)
-    chip = CHIPS[kind]
+    kind, _, size = slice_name.rpartition("-")
+    chip = CHIPS.get(kind)
+    if chip is None or not size.isdigit() or int(size) % chip.cores_per_chip or int(size) == 0:
+        names = ", ".join(f"{k}-N" for k in CHIPS)
+        raise UserError(f"--slice {slice_name} is not a TPU slice name ({names}; v4 and v5p count TensorCores, two "
+                        f"a chip: v4-256 is 128 chips)")
     return chip, int(size) // chip.cores_per_chip
 
 
@@ -47,8 +52,8 @@ def activation_bytes(model: VisionTransformer, batch: int) -> int:
     return layers * s * batch * (18 * h + 4 * m + 5 * heads * s)
 
 
-def plan(config: Config, model: VisionTransformer, params: int) -> list[str]:
-    """Lines for the dry-run: one per slice of ``SLICES``."""
+def plan(config: Config, model: VisionTransformer, params: int, slices: list[str] | None = None) -> list[str]:
+    """Lines for the dry-run: one per slice (default ``SLICES``)."""
     sharded = config.xla.sharding == "fsdpv2"
     moments = 2 if config.optim.name == "adamw" else 1
     micro = config.data.batch_size // config.optim.grad_accum
@@ -57,7 +62,7 @@ def plan(config: Config, model: VisionTransformer, params: int) -> list[str]:
               f"buffers"),
              (f"{'slice':9} {'mesh':7} {'hosts':>5} {'batch/dev':>9} {'params':>7} {'grads':>6} {'optim':>6} "
               f"{'activ':>6} {'total':>6} {'HBM':>4} GiB")]
-    for name in SLICES:
+    for name in slices or SLICES:
         chip, n = chips(name)
         if micro % n:
             lines.append(f"{name:9} data.batch_size / optim.grad_accum = {micro} does not split over {n} chips")
@@ -65,7 +70,9 @@ def plan(config: Config, model: VisionTransformer, params: int) -> list[str]:
         share = n if sharded else 1
         weights = 4 * params / share / GIB
         states = [weights, weights, moments * weights, activation_bytes(model, micro // n) / GIB]
-        lines.append(f"{name:9} {f'({n},)':7} {n // chip.chips_per_host:5} {micro // n:9} "
+        fix = "a larger slice or a smaller batch" if sharded else "xla.sharding=fsdpv2 or a smaller batch"
+        fits = "" if sum(states) < chip.hbm_gib else f"  does not fit: {fix}"
+        lines.append(f"{name:9} {f'({n},)':7} {max(n // chip.chips_per_host, 1):5} {micro // n:9} "
                      + " ".join(f"{v:{w}.2f}" for v, w in zip(states, (7, 6, 6, 6)))
-                     + f" {sum(states):6.1f} {chip.hbm_gib:4.0f}")
+                     + f" {sum(states):6.1f} {chip.hbm_gib:4.0f}{fits}")
     return lines

@@ -207,6 +207,13 @@ def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
         params, grads, optim, activations, total, device = map(float, rows[name][3:])
         assert params == grads and optim == 2 * params and activations > 10 * optim
         assert total == pytest.approx(params + grads + optim + activations, abs=0.1) and total < device == hbm
+    assert main([str(root / "recipes/vit_h14_jft.yaml"), "backend=xla", "--dry-run", "--slice", "v6e-256", "--slice",
+                 "v4-32"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("# v")}
+    assert rows["v6e-256"].split()[2:5] == ["(256,)", "64", "16"] and "fit" not in rows["v6e-256"]
+    assert rows["v4-32"].endswith("does not fit: a larger slice or a smaller batch")  # 256 images a chip
+    assert main([str(root / "recipes/vit_h14_jft.yaml"), "backend=xla", "--dry-run", "--slice", "v5e-64"]) == 2
+    assert "error: --slice v5e-64 is not a TPU slice name (v4-N, v5p-N, v5litepod-N, v6e-N" in capsys.readouterr().err
 
 
 def test_multi_label_steps_and_steps_after_an_evaluation_compile_without_a_warning(tmp_path):
