@@ -189,8 +189,9 @@ def readable(folder: Path, setting: str | None = "checkpoint.resume") -> Iterato
         raise damaged(folder, e, setting) from None
 
 
-def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG state; the saved state (collective)."""
+def check_resumable(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
+    """The checkpoint's state, once it is known to fit the model and the backend; before the backend's setup, which
+    may take minutes (DeepSpeed's engine) to reach a refusal."""
     state = read_state(folder)
     saved = state.get("config", {}).get("model", {}).get("name")
     if saved != model_name:
@@ -200,6 +201,12 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     if written_by != backend.config.backend:
         raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "
                         f"set backend={written_by}, or give a new run_dir to start fresh")
+    backend.check_resumable(folder, state)
+    return state
+
+
+def load(folder: Path, backend: Backend, state: dict[str, Any]) -> None:
+    """Restore model, optimizer and this rank's RNG state from a checkpoint ``check_resumable`` passed (collective)."""
     try:
         backend.load(folder)
     except DAMAGED as e:
@@ -216,7 +223,6 @@ def load(folder: Path, backend: Backend, model_name: str) -> dict[str, Any]:
     rngs = state["rng"]
     if backend.rank < len(rngs):
         set_rng_state(rngs[backend.rank])
-    return state
 
 
 def read_state(folder: Path, setting: str | None = "checkpoint.resume") -> dict[str, Any]:

@@ -81,6 +81,9 @@ class Backend(ABC):
     def save(self, folder: Path) -> None:
         """Write model and optimizer state into ``folder`` (called on every rank)."""
 
+    def check_resumable(self, folder: Path, state: dict) -> None:
+        """Refuse, before ``setup``, a checkpoint (its ``state``) this backend's setup cannot load."""
+
     @abstractmethod
     def load(self, folder: Path) -> None:
         """Read what ``save`` wrote (called on every rank)."""

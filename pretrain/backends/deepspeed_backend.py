@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import checkpoint
 from ..config import Config
 from ..errors import UserError
 from ..train.loop import micro_batch
@@ -144,8 +143,7 @@ class DeepSpeedBackend(TorchBackend):
         if self.is_main:  # written with a checkpoint, so that a resume refused (another stage) leaves it as it was
             (Path(self.config.run_dir) / CONFIG_FILE).write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
-    def load(self, folder: Path) -> None:
-        state = json.loads((folder / checkpoint.STATE).read_text())
+    def check_resumable(self, folder: Path, state: dict) -> None:
         stage, world = state["config"]["deepspeed"]["zero_stage"], len(state["rng"])  # one RNG state per rank
         if stage != self.stage:
             raise UserError(f"checkpoint {folder} was written with deepspeed.zero_stage={stage}; resume it with "
@@ -157,6 +155,8 @@ class DeepSpeedBackend(TorchBackend):
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder} lacks the engine's files ({TAG}/); resume from another checkpoint, "
                             f"or give a new run_dir to start fresh")
+
+    def load(self, folder: Path) -> None:
         self.engine.load_checkpoint(str(folder), tag=TAG)
 
     def model_state(self) -> dict[str, torch.Tensor]:

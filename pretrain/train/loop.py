@@ -174,6 +174,7 @@ class Trainer:
         self.train_flops = 3 * forward_flops(model)  # forward + backward
         found = resume_point(config)
         changed = continue_checkpoint(config, found) if found is not None else ""
+        state = checkpoint.check_resumable(found, self.backend, config.model.name) if found is not None else {}
         if found is None and config.stage == "finetune":
             started = start_from_pretrained(model, config)
             if self.backend.is_main:
@@ -196,7 +197,7 @@ class Trainer:
         self.origin = origin(config)  # written into every checkpoint of the run
         stream_state = None
         if found is not None:
-            state = checkpoint.load(found, self.backend, config.model.name)
+            checkpoint.load(found, self.backend, state)
             self.origin = self.origin or state.get("origin")
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
