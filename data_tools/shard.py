@@ -107,7 +107,8 @@ def plan_digest(names: list[str], shards: list[list[Item]]) -> str:
     for name, items in zip(names, shards):
         h.update(name.encode())
         for it in items:
-            h.update(f"\0{it.key}\0{it.where}\0{it.size}\0{it.offset}\0{it.labels}".encode())
+            # surrogateescape: the folder above a tree may have a name that is not UTF-8; its files' names are
+            h.update(f"\0{it.key}\0{it.where}\0{it.size}\0{it.offset}\0{it.labels}".encode(errors="surrogateescape"))
     return h.hexdigest()
 
 

@@ -182,7 +182,13 @@ def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
         raise UserError(f"{source} has no class folders; an ImageFolder tree is class_name/image.jpg")
     check_names(found, source, "class folder")
     classes = fixed_labels(found, read_classes(classes_spec) if classes_spec else None, classes_spec, "class folder")
-    items, refused, folder_of, images = [], [], {nfc(f): f for f in found}, image_endings()
+    folder_of = {}
+    for f in found:
+        if nfc(f) in folder_of:
+            raise UserError(f"{source} has class folders '{folder_of[nfc(f)]}' and '{f}', one name spelled two ways "
+                            f"(Unicode NFC and NFD: a tree copied from a Mac and from Linux); merge them into one")
+        folder_of[nfc(f)] = f
+    items, refused, images = [], [], image_endings()
     for label, name in enumerate(classes):
         folder = folder_of.get(nfc(name))
         if folder is None:
@@ -198,10 +204,10 @@ def list_imagefolder(source: str, classes_spec: str | None = None) -> Corpus:
             if ending not in images:  # as torchvision's ImageFolder: a README or labels.csv is no sample
                 ignored[ending or "no ending"] += 1
                 continue
-            if not_utf8(path):
+            rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
+            if not_utf8(rel):
                 refused.append({"source": printable(path), "reason": NOT_UTF8})
                 continue
-            rel = path[len(where.root) + 1 :] if path.startswith(where.root) else path
             items.append(Item(sample_key(rel), where.url_for_path(path), (label,), info["size"]))
     check_twins(items)
     return Corpus("imagefolder", classes, False, items, refused, ignored, hidden_names)

@@ -36,13 +36,12 @@ class Location:
         except ValueError as e:
             raise UserError(f"{url}: not a path or URL fsspec knows ({e})") from None
         self.root = self.root.rstrip("/") or "/"
-        if self.is_local:  # '/data/a/../b' is '/data/b', in messages and in the manifest's source
-            self.root = posixpath.normpath(self.root)
 
     @property
     def canonical(self) -> str:
-        """The URL, or the absolute path of a local folder, so that 'src/', './src' and '/data/src' compare equal."""
-        return self.url_for_path(self.root)
+        """The URL, or the real path of a local folder, so that 'src/', './src', 'out/../src' and '/data/src'
+        compare equal."""
+        return os.path.realpath(self.root) if self.is_local else self.url_for_path(self.root)
 
     @property
     def is_local(self) -> bool:
@@ -128,8 +127,9 @@ def first_contact(where: Location) -> Iterator[None]:
         yield
         return
     timer = threading.Timer(SLOW_S, lambda: print(
-        f"waiting for {where.url} to answer ({SLOW_S:.0f} s so far; its storage client asks again for about "
-        f"30 s before it gives up)", file=sys.stderr, flush=True))
+        f"still waiting for {where.url} after {SLOW_S:.0f} s; an address that does not answer is asked again by the "
+        f"storage client (gcsfs: for about 30 s) before this command can say what is wrong", file=sys.stderr,
+        flush=True))
     timer.daemon = True
     timer.start()
     try:

@@ -71,8 +71,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep_last: int, keep_every: int) -> Path:
-    """Write a checkpoint (collective: every rank calls it). ``state`` is rank 0's JSON-able state."""
+def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep_last: int, keep_every: int,
+         resumed_at: int | None = None) -> Path:
+    """Write a checkpoint (collective: every rank calls it). ``state`` is rank 0's JSON-able state. The first of a run
+    that resumed at step ``resumed_at`` sets aside the checkpoints after that step: of steps the run went back from."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / folder_name(step), root / f".tmp-{folder_name(step)}"
     if backend.is_main:
@@ -86,7 +88,8 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
         (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rngs}))
         for f in tmp.rglob("*"):  # a backend may write sub-folders (DeepSpeed: one file per rank)
             _fsync(f)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of a run that was rolled back
+        _set_aside_later(root, step if resumed_at is None else resumed_at)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of a run killed after the rename, before `latest`
         os.replace(tmp, final)
         _fsync(root)
         pointer = root / f".{LATEST}.tmp"
@@ -94,7 +97,6 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
         _fsync(pointer)
         os.replace(pointer, root / LATEST)
         _fsync(root)
-        _set_aside_later(root, step)
         _prune(root, step, keep_last, keep_every)
     backend.barrier()
     return final

@@ -38,8 +38,9 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *, int
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv) or 0
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except UserError as e:  # a file name that is not UTF-8 shows its bytes (caf\xe9)
+            said = str(e).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"error: {said}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             print(interrupted, file=sys.stderr)

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import RecipeError
 
 COMMAND_LINE = "command line"
-NULLS = ("null", "~")  # YAML's null: for a text setting, empty (data.val=null is no validation set)
+NULLS = ("null", "~")  # YAML's null: for a text setting that may be empty, empty (data.val=null: no validation set)
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
@@ -272,8 +272,18 @@ def _check(values: dict[str, Any], cls: type, source: str, prefix: str = "") -> 
             if not isinstance(value, dict):
                 raise RecipeError(f"{source}: '{full}' is a section of keys (e.g. {_all_keys(tp, full + '.')[0]}), not {value!r}")
             _check(value, tp, source, full + ".")
-        else:
+        elif not (value is None and _optional_text(full)):
             _in_range(_coerce(value, tp, full, source), full, source)
+
+
+def _optional_text(key: str) -> bool:
+    """A text setting whose default is empty (data.val, init_from): null there means empty. Elsewhere (run_dir,
+    checkpoint.resume) null is an error, not an empty path that would mean the current folder."""
+    *path, name = key.split(".")
+    cls: Any = Config
+    for part in path:
+        cls = typing.get_type_hints(cls)[part]
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default == ""
 
 
 def _in_range(value: Any, key: str, source: str) -> None:
@@ -340,8 +350,6 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("a finite number")
         return number
     if tp is str:
-        if value is None:  # null, ~ or nothing after the colon
-            return ""
         if not isinstance(value, str):
             raise bad("a string (quote it)")
         return value
@@ -355,7 +363,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         if f.name not in values:
             continue
         tp = hints[f.name]
-        v = values[f.name]
+        v = "" if values[f.name] is None and f.default == "" else values[f.name]  # null: see _optional_text
         kwargs[f.name] = _build(tp, v) if dataclasses.is_dataclass(tp) else _coerce(v, tp, f.name, "recipe")
     return cls(**kwargs)
 

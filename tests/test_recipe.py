@@ -108,6 +108,9 @@ def test_null_leaves_a_text_setting_empty(tmp_path):
     assert recipe.load(write(tmp_path / "r.yaml", "data:\n  val: null\n  train: ~\n")).data.val == ""
     assert recipe.load("recipes/demo.yaml", ["data.val=null", "init_from=~"]).data.val == ""
     assert recipe.load("recipes/demo.yaml", ["optim.lr=0.1", "optim.lr=0.2"]).optim.lr == 0.2  # the last one
+    for key in ("run_dir", "checkpoint.resume"):  # no empty setting: the current folder is no default
+        with pytest.raises(RecipeError, match=f"'{key}' must be a string .quote it., got an empty value"):
+            recipe.load("recipes/demo.yaml", [f"{key}=null"])
 
 
 def test_a_saved_recipe_is_read_as_it_was(tmp_path):

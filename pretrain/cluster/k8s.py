@@ -125,7 +125,7 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
         "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
         "rendezvous_port": RENDEZVOUS_PORT, "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
         "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,
-        "run_dir": job.config.run_dir, "tb_logdir": run_dir, "service_account": service_account, "gcsfuse": gcsfuse, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
+        "run_dir": posixpath.normpath(job.config.run_dir), "tb_logdir": run_dir, "service_account": service_account, "gcsfuse": gcsfuse, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
     }
     names = ["k8s/job-config.yaml", "k8s/train-tpu.yaml" if tpu else "k8s/train-gpu.yaml", "k8s/tensorboard.yaml"]
     return "---\n".join(templates.render(name, values) for name in names)
@@ -166,11 +166,9 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     path.write_text(manifests)
     namespace = objects(manifests)[0]["metadata"]["namespace"]
     existing = _job({"name": job.name, "namespace": namespace})
-    owner = _owner(existing)
-    if existing is not None and owner != job.config.run_dir:
-        raise UserError(f"a Job named {job.name} in namespace {namespace} belongs to "
-                        f"{f'run directory {owner}' if owner else 'something else'}; pass --name to name this one "
-                        f"otherwise")
+    if existing is not None and not _ours(existing, {"run_dir": job.config.run_dir}):
+        raise UserError(f"a Job named {job.name} in namespace {namespace} belongs to run directory "
+                        f"{_owner(existing)}; pass --name to name this one otherwise")
     if existing is not None and not _finished(existing):
         raise UserError(f"a Job named {job.name} is running in namespace {namespace} (another run's?); cancel it, or "
                         f"pass --name to name this one otherwise")
@@ -199,7 +197,7 @@ def _owner(job: dict[str, Any] | None) -> str | None:
 
 def _ours(job: dict[str, Any] | None, record: dict[str, Any]) -> bool:
     """Whether the Job is the one ``record`` submitted (one without the annotation predates it: taken as ours)."""
-    return job is not None and _owner(job) in (record["run_dir"], None)
+    return job is not None and _owner(job) in (posixpath.normpath(record["run_dir"]), None)
 
 
 def _pods(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -238,13 +236,14 @@ def describe(job: dict[str, Any], pods: list[dict[str, Any]], nodes: int) -> str
     waiting = [_why_waiting(p) for p in current(pods) if p.get("status", {}).get("phase") == "Pending"]
     if any(waiting):
         parts.append(f"waiting: {next(w for w in waiting if w)}")
-    restarts = sum(_stopped_early(p) for p in pods)
+    starts = Counter(p["metadata"].get("annotations", {}).get(INDEX, p["metadata"]["name"]) for p in pods)
+    restarts = max(starts.values(), default=1) - 1  # each start of the Job makes a pod of every index
     if restarts:
-        parts.append(f"started again {restarts} time(s) after a preemption or a peer's")
+        parts.append(f"started again {restarts} time(s)")
     failed = sorted((p for p in pods if _exit_code(p) not in (None, 0, 75) and not _stopped_early(p)),
-                    key=lambda p: p["metadata"].get("creationTimestamp", ""))
-    if failed:
-        parts.append(f"{len(failed)} failed; its last error: {_last_error(failed[-1])}")
+                    key=lambda p: (_said_error(p), p["metadata"].get("creationTimestamp", "")))
+    if failed:  # the newest that says why: its peers fail after it, killed by torchrun or the lost rendezvous
+        parts.append(f"{len(failed)} failed; the last error: {_last_error(failed[-1])}")
     return "; ".join(parts)
 
 
@@ -284,6 +283,10 @@ def _why_waiting(pod: dict[str, Any]) -> str:
         if waiting.get("reason") not in (None, "ContainerCreating"):
             return f"{waiting['reason']} ({waiting.get('message', '')})"
     return ""
+
+
+def _said_error(pod: dict[str, Any]) -> bool:
+    return any(line.strip().startswith("error: ") for line in (_terminated(pod).get("message") or "").splitlines())
 
 
 def _last_error(pod: dict[str, Any]) -> str:

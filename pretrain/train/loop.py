@@ -174,6 +174,10 @@ class Trainer:
         self.train_flops = 3 * forward_flops(model)  # forward + backward
         found = resume_point(config)
         changed = continue_checkpoint(config, found) if found is not None else ""
+        if origin(config) and found is not None and found != checkpoint.find(config.checkpoint.resume):
+            changed += (f"; the run went on from checkpoint.resume={config.checkpoint.resume} before, so it goes on "
+                        f"from its own newest (to go back there again, move the checkpoints after it out of "
+                        f"{Path(config.run_dir) / 'checkpoints'})")
         state = checkpoint.check_resumable(found, self.backend, config.model.name) if found is not None else {}
         if found is None and config.stage == "finetune":
             started = start_from_pretrained(model, config)
@@ -195,10 +199,11 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.resumed_window = {"mean_loss": 0.0, "steps": 0}
         self.origin = origin(config)  # written into every checkpoint of the run
+        self.resumed_at: int | None = None  # until its first checkpoint: where the run resumed
         stream_state = None
         if found is not None:
             checkpoint.load(found, self.backend, state)
-            self.origin = self.origin or state.get("origin")
+            self.origin, self.resumed_at = self.origin or state.get("origin"), state["step"]
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
             self.resumed_window = state.get("log_window", self.resumed_window)
@@ -422,7 +427,8 @@ class Trainer:
         state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
                  "log_window": log_window, "origin": self.origin}
         c = self.config.checkpoint
-        checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every)
+        checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every, self.resumed_at)
+        self.resumed_at = None
 
 
 def train(config: Config) -> dict[str, float]:

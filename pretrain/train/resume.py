@@ -58,7 +58,9 @@ def continue_checkpoint(config: Config, found: Path) -> str:
 
 def finished(config: Config) -> str:
     """Why rerunning the command of a run that reached schedule.total_steps does nothing, or '' if it did not."""
-    found = resume_point(config) if config.checkpoint.resume == "auto" and config.run_dir else None
+    found = resume_point(config) if config.checkpoint.resume != "never" and config.run_dir else None
+    if found is not None and found.resolve().parent != (Path(config.run_dir) / "checkpoints").resolve():
+        found = None  # resume=PATH of another run: this one starts from it
     step = int(found.name[len("step_"):]) if found is not None else 0
     if found is None or step < config.schedule.total_steps or (config.data.val and not evaluated_at(config, step)):
         return ""  # a run stopped after its last checkpoint and before its final evaluation goes on to that

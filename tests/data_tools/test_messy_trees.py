@@ -56,6 +56,22 @@ def test_a_scraped_tree_keeps_every_image_and_names_what_it_leaves_out(tmp_path,
     assert f"class folder 'caf\\xe9' of {src}: its name is not UTF-8" in capsys.readouterr().err
 
 
+def test_a_tree_below_a_folder_whose_name_is_not_utf8_shards_and_one_class_spelled_twice_is_refused(tmp_path, capsys):
+    parent = os.path.join(os.fsencode(tmp_path), b"archiv\xe9")
+    os.mkdir(parent)
+    src = tmp_path / os.fsdecode(parent) / "src"
+    good = image_folder(src, per_class=2)
+    assert main([str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert set(read_back(str(tmp_path / "out"))[1]) == set(good)
+
+    composed = unicodedata.normalize("NFC", "café")
+    for spelling in (composed, unicodedata.normalize("NFD", composed)):
+        (src / spelling).mkdir()
+        (src / spelling / "a.jpg").write_bytes(image_bytes(np.random.default_rng(0)))
+    assert main([str(src), str(tmp_path / "o2"), "--workers", "1"]) == 2
+    assert "one name spelled two ways (Unicode NFC and NFD" in capsys.readouterr().err
+
+
 def test_files_that_make_one_key_are_all_named_at_once(tmp_path, capsys):
     src = tmp_path / "src"
     image_folder(src, per_class=2)

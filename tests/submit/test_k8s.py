@@ -244,17 +244,17 @@ def test_status_tells_waiting_restarted_and_failed_pods_apart():
     history = [pod(0, "2026-12-01T10:00:00Z", "Failed", 75), pod(1, "2026-12-01T10:00:01Z", "Failed", 143,
                                                                    conditions=[preempted]),
                pod(0, "2026-12-01T11:00:00Z", "Running"), pod(1, "2026-12-01T11:00:01Z", "Running")]
-    assert k8s.describe(running, history, 2) == ("Running: 2 of 2 pod(s) running; started again 2 time(s) after a "
-                                                 "preemption or a peer's")
+    assert k8s.describe(running, history, 2) == "Running: 2 of 2 pod(s) running; started again 1 time(s)"
     crash = ("Traceback ...\nerror: data.val shards name 5 classes, the model 10; shard the validation split with "
              "--classes\nE1201 12:00:00 torchrun ChildFailedError\n")
     failed = {"status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}}
     ended = [*history[:2], pod(0, "2026-12-01T11:00:00Z", "Failed", 1, crash),
              pod(1, "2026-12-01T11:00:01Z", "Failed", 1, "")]
-    assert k8s.describe(failed, ended, 2).endswith("; 2 failed; its last error: exit status 1 (Error)")
-    assert k8s.describe(failed, ended[:3], 2) == (
-        "Failed: 0 of 2 pod(s) running; started again 2 time(s) after a preemption or a peer's; 1 failed; its last "
-        "error: error: data.val shards name 5 classes, the model 10; shard the validation split with --classes")
+    said = "error: data.val shards name 5 classes, the model 10; shard the validation split with --classes"
+    assert k8s.describe(failed, ended, 2) == (  # the pod that says why, not its peer that failed after it
+        f"Failed: 0 of 2 pod(s) running; started again 1 time(s); 2 failed; the last error: {said}")
+    assert k8s.describe(failed, [*ended[:2], ended[3]], 2).endswith("; 1 failed; the last error: exit status 1 (Error)")
     assert [p["metadata"]["name"] for p in k8s.current(ended)] == ["b16-0-11", "b16-1-11"]
     record = {"run_dir": "runs/b16"}  # runs/b16_384 and runs/b16-384 both make the Job name b16-384
     assert k8s._ours(running, record) and not k8s._ours(running, {"run_dir": "runs/b16-384"})
+    assert k8s._ours(running, {"run_dir": "./runs/b16/"}) and k8s._ours({"metadata": {}}, record)  # one predating it

@@ -19,14 +19,17 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside_and_a_rer
     went_back = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 8}))
     assert went_back.returncode == 0, went_back.stderr[-2000:]
     assert f"resumed from {root / 'step_000000004'} at step 4" in went_back.stdout
-    assert f"note: moved step_000000012, of the steps this run went back from, to {root / 'abandoned'}" in \
-        went_back.stdout
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_000000004", "step_000000008"]  # 12 was kept before
-    assert (root / "abandoned" / "step_000000012" / "state.json").is_file()
+    assert f"note: moved step_000000008, step_000000012, of the steps this run went back from, to " \
+           f"{root / 'abandoned'}" in went_back.stdout  # at its first checkpoint, before that replaced the old step 8
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000000004", "step_000000008"]
+    assert sorted(p.name for p in (root / "abandoned").iterdir()) == ["step_000000008", "step_000000012"]
     assert json.loads((root / "step_000000008" / "state.json").read_text())["origin"] == str(root / "step_000000004")
 
     again = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 10}))
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {root / 'step_000000008'} at step 8" in again.stdout, "the run's own, not step 4 again"
+    assert "the run went on from checkpoint.resume=" in again.stdout and "to go back there again, move" in again.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 11))  # one timeline, no repeats
+    done = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 10}))
+    assert done.returncode == 0 and "is complete" in done.stdout + done.stderr, done.stdout + done.stderr
