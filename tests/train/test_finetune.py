@@ -120,7 +120,7 @@ def test_finetune_needs_a_start(small_shards, pretrained, tmp_path, monkeypatch,
     written = {p: p.stat().st_mtime_ns for p in pretrained.rglob("*")}
     for steps in (50, 200):  # below its step 100, the pre-training run is no finished fine-tune either
         assert "is a checkpoint of a pretrain run and this recipe is stage: finetune; give this run a run_dir of " \
-               f"its own" in error("recipes/demo_finetune.yaml", f"init_from={pretrained}", f"run_dir={pretrained}",
+               "its own" in error("recipes/demo_finetune.yaml", f"init_from={pretrained}", f"run_dir={pretrained}",
                                    *data, "model.name=vit_mu8", f"schedule.total_steps={steps}", "data.workers=0")
     assert {p: p.stat().st_mtime_ns for p in pretrained.rglob("*")} == written
 
