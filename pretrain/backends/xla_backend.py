@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -49,8 +49,6 @@ from ..train.optim import clip_and_flag, param_groups, set_lr
 from ..weights_file import save_weights
 from .base import Backend, collective_timeout
 from .xla_plan import mesh_axis
-
-log = logging.getLogger(__name__)
 
 WRAPPED = "._orig_module"  # what SpmdFullyShardedDataParallel adds to the names of a wrapped block's parameters
 
@@ -169,9 +167,9 @@ class XlaBackend(Backend):
         """XLA compilations and reads from the device in this process (the steps between two log steps read
         nothing); a warning when training steps compiled after warm-up."""
         if self.late_compiles > self.reported and self.is_main:
-            log.warning("xla: %d training step(s) compiled a new graph after warm-up (step %d of this process): "
-                        "a shape or a Python value changes between steps; PT_XLA_DEBUG_LEVEL=2 shows why",
-                        self.late_compiles - self.reported, self.steps)
+            print(f"warning: xla: {self.late_compiles - self.reported} training step(s) compiled a new graph after "
+                  f"warm-up (step {self.steps} of this process): a shape or a Python value changes between steps; "
+                  f"PT_XLA_DEBUG_LEVEL=2 shows why", file=sys.stderr, flush=True)
         self.reported = self.late_compiles
         return {"xla_compiles": compiles(), "xla_device_reads": count("TransferFromDeviceTime")}
 

@@ -7,6 +7,7 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -119,6 +120,11 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
         line += (f"; position embeddings resampled from its {side}x{side} grid to {model.grid[0]}x{model.grid[1]} "
                  f"({config.model.posemb_interp}, {'corners' if config.model.posemb_align_corners else 'cell centres'} "
                  f"aligned)")
+    hf_config = Path(config.init_from) / "config.json"
+    eps = json.loads(hf_config.read_text()).get("layer_norm_eps", 1e-12) if hf_config.is_file() else None
+    if eps is not None and eps != config.model.norm_eps:
+        line += (f"; its LayerNorms were trained with eps {eps:g}, this model's is model.norm_eps={config.model.norm_eps:g}"
+                 f" (set model.norm_eps={eps:g} to keep its features exactly)")
     return line
 
 

@@ -81,6 +81,24 @@ def test_zero_head_start_equals_pretrained_features(pretrained):
     assert torch.equal(ft(x), torch.zeros(4, 10))
 
 
+def test_a_start_from_hugging_face_with_another_layernorm_eps_says_so(pretrained, tmp_path):
+    """transformers' ViT default eps is 1e-12, the recipes' (the JAX models') 1e-6: features differ by about 1e-4."""
+    from pretrain.config import Config
+    from pretrain.models.convert_hf import to_hf
+    from pretrain.train.loop import start_from_pretrained
+
+    pre, saved = checkpoint.load_model(pretrained)
+    to_hf(pre, tmp_path / "hf")
+    config = Config(stage="finetune", init_from=str(tmp_path / "hf"))
+    config.model = ModelConfig(name=saved.model.name, image_size=32, num_classes=10, head="linear")
+    assert "eps" not in start_from_pretrained(build_model(config.model), config)  # exported with the model's own
+    settings = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**settings, "layer_norm_eps": 1e-12}))
+    assert start_from_pretrained(build_model(config.model), config).endswith(
+        "; its LayerNorms were trained with eps 1e-12, this model's is model.norm_eps=1e-06 (set model.norm_eps=1e-12 "
+        "to keep its features exactly)")
+
+
 def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
     pre, config = checkpoint.load_model(pretrained)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
