@@ -36,6 +36,8 @@ class Location:
         except ValueError as e:
             raise UserError(f"{url}: not a path or URL fsspec knows ({e})") from None
         self.root = self.root.rstrip("/") or "/"
+        if self.is_local and ".." in self.root.split("/"):  # as the OS reads it: a link's parent, not the lexical one
+            self.root = os.path.realpath(self.root)
 
     @property
     def canonical(self) -> str:
