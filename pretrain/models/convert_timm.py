@@ -12,6 +12,7 @@ import logging
 import math
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` file, never unpickling anything else (``weights_only=True``).
 
     A dict that wraps the state dict under 'model' or 'state_dict' is unwrapped (a timm train.py checkpoint,
-    whose training arguments are let through), and the 'module.' (DistributedDataParallel) and '_orig_mod.'
+    whose training arguments are let through; its EMA weights, 'state_dict_ema' or 'model_ema', are taken first, as
+    timm's ``load_checkpoint`` takes them), and the 'module.' (DistributedDataParallel) and '_orig_mod.'
     (torch.compile) prefixes are removed.
     """
     try:
@@ -56,6 +58,12 @@ def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{path} is not a readable torch.save file; is it complete and of that format?") from None
         raise UserError(f"{path} holds Python objects besides tensors, which are not unpickled since that could run "
                         "arbitrary code; save a plain state dict (or safetensors) instead") from e
+    ema = next((k for k in ("state_dict_ema", "model_ema") if isinstance(obj, dict) and isinstance(obj.get(k), dict)),
+               None)
+    if ema is not None:
+        print(f"note: {path} holds EMA weights ({ema}) beside the trained ones; the EMA weights are read, as timm "
+              f"reads them", file=sys.stderr, flush=True)
+        obj = obj[ema]
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -391,6 +391,16 @@ def test_load_weights_detects_the_format(tmp_path):
         assert all(torch.equal(state[k], v) for k, v in expected.items()), path
 
 
+def test_a_timm_training_checkpoint_gives_its_ema_weights_as_timm_does(tmp_path, capsys):
+    trained, ema = tiny().state_dict(), {k: v + 1 for k, v in tiny().state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": trained, "state_dict_ema": ema, "args": argparse.Namespace(lr=1e-3)},
+               tmp_path / "checkpoint-3.pth.tar")
+    loaded = load_weights(tmp_path / "checkpoint-3.pth.tar")
+    assert all(torch.equal(loaded[k], v) for k, v in ema.items())
+    assert "holds EMA weights (state_dict_ema) beside the trained ones; the EMA weights are read" in \
+        capsys.readouterr().err
+
+
 def test_load_weights_never_unpickles_objects(tmp_path):
     torch.save({"model": tiny().state_dict(), "rng": np.random.default_rng(0)}, tmp_path / "run.pth")
     with pytest.raises(UserError, match="Python objects"):
