@@ -115,6 +115,9 @@ class XlaBackend(Backend):
         model = model.to(self.device)
         self.module = model
         if self.config.xla.sharding == "fsdpv2":
+            # Its wrapper's hooks fire on the blocks' outputs alone, as it means them to; torch warns of that once.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                                      "respect to module outputs")
             policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
             self.model = SpmdFullyShardedDataParallel(model, mesh=self.mesh, auto_wrap_policy=policy)
         else:
