@@ -15,8 +15,10 @@ set -u
 
 "$@" &
 child=$!
+termed=0
 
 forward_term() {
+    termed=1
     local targets=$child
     if [[ $(basename "$1") == torchrun ]]; then
         targets=$(cat /proc/"$child"/task/*/children)
@@ -33,6 +35,10 @@ wait "$child"
 status=$?
 
 if ((status != 0)); then
+    if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before its handler was set: in its start-up
+        echo "SIGTERM ended the trainer before it could write a checkpoint; exiting 75 to be started again" >&2
+        exit 75
+    fi
     exit "$status"
 fi
 # The run is complete when its newest checkpoint is the final one or later (a run resumed with fewer total steps).

@@ -185,6 +185,18 @@ def test_tpu_slices_have_the_hosts_gke_gives_them(accelerator, topology, hosts, 
     assert k8s.tpu_slice(accelerator, topology) == (hosts, chips)
 
 
+def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_path):
+    """The trainer's handler comes after its imports: a SIGTERM before it ends the trainer (143), which is no failure."""
+    starting = [sys.executable, "-c", "import time; print('importing', flush=True); time.sleep(60)"]
+    pod = subprocess.Popen(["bash", "k8s/launch.sh", *starting], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PRETRAIN_FINAL_CHECKPOINT": str(tmp_path / "checkpoints/step_000000030")})
+    assert pod.stdout.readline() == "importing\n"
+    pod.send_signal(signal.SIGTERM)
+    out = pod.communicate(timeout=30)[0]
+    assert pod.returncode == 75 and "exiting 75 to be started again" in out, out
+
+
 def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(small_shards, tmp_path):
     """The pod's entry point with torchrun and two trainers, as Kubernetes runs it: SIGTERM to it alone."""
     overrides = {"model.name": "vit_mu8", "data.train": small_shards["train"], "data.val": "", "data.batch_size": 16,
