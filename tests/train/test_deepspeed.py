@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -290,6 +291,18 @@ def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero
         result = run(args(small_shards, tmp_path, **{"checkpoint.resume": folder}, **extra), env=ENV)
         assert says in one_error_line(result)
     assert not (tmp_path / "deepspeed_config.json").exists()  # a refused resume writes nothing
+
+
+def test_ranks_that_deepspeeds_launcher_starts_share_the_cores():
+    """Its launcher sets no OMP_NUM_THREADS (torchrun sets 1): 2 ranks on a host, each took every core."""
+    code = ("import os, torch; from pretrain.config import Config; from pretrain.backends.deepspeed_backend import "
+            "DeepSpeedBackend; DeepSpeedBackend(Config(backend='deepspeed')); print(torch.get_num_threads(), "
+            "os.cpu_count())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**env, "LOCAL_SIZE": "2"})
+    threads, cores = map(int, result.stdout.split()[-2:])
+    assert threads == max(1, cores // 2), result.stderr[-2000:]
 
 
 def test_deepspeed_missing_names_the_extra(small_shards, tmp_path):
