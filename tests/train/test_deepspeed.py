@@ -68,6 +68,7 @@ for stage in range(4):
 report["timeout_s"] = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 if backend.is_main:
     print(json.dumps(report))
+backend.close()  # gloo's threads left to the interpreter's exit abort it now and then ("terminate called ...")
 """
 
 HOST_READS = """
@@ -97,6 +98,7 @@ for stage in range(4):
     report[stage] = {"norms_above_clip": min(norms) > 0.1, "reads": reads.where}
 if backend.is_main:
     print(json.dumps(report))
+backend.close()
 """.replace("import json,", "import contextlib, json,")
 
 
@@ -270,6 +272,7 @@ with backend.micro_step(sync=True), backend.autocast():
     backend.backward(backend.model(torch.ones(2, 4)).float().sum())
 comm = sorted({str(getattr(p, "comm_dtype", None)) for p in backend.module.parameters()})
 print(json.dumps({"linear_output": seen, "comm_dtypes": comm}))
+backend.close()
 """
 
 
@@ -321,6 +324,7 @@ config.data.storage_patience_s = 3000
 backend = TorchBackend(config)
 if backend.is_main:
     print(json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
+backend.close()
 """
 
 
