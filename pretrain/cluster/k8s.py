@@ -97,7 +97,7 @@ def tpu_slice(accelerator: str, topology: str, chips_per_host: int = 0) -> tuple
                         f"such as {example}")
     chips = math.prod(int(d) for d in topology.split("x"))
     chips_per_host = chips_per_host or (chips if dims == 2 and chips in SINGLE_HOST_2D else 4)
-    if chips % chips_per_host:
+    if chips_per_host < 0 or chips % chips_per_host:
         raise UserError(f"--tpu-topology {topology} has {chips} chips, which hosts of {chips_per_host} chips do not "
                         f"make up; check --tpu-chips-per-host")
     return chips // chips_per_host, chips_per_host

@@ -183,6 +183,8 @@ def test_mistakes_are_one_sentence(capsys, args, message):
 ])
 def test_tpu_slices_have_the_hosts_gke_gives_them(accelerator, topology, hosts, chips):
     assert k8s.tpu_slice(accelerator, topology) == (hosts, chips)
+    with pytest.raises(UserError, match="check --tpu-chips-per-host"):
+        k8s.tpu_slice(accelerator, topology, -4)  # refused before today's default of 0 (the usual), and again
 
 
 def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_path):
