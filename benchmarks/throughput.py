@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", choices=["synthetic", "shards"], default=["synthetic", "shards"])
     parser.add_argument("--compare", nargs="*", choices=REFERENCES, default=list(REFERENCES))
     parser.add_argument("--shards", help="training shards to read (default: generate --images JPEGs)")
-    parser.add_argument("--images", type=int, default=4096, help="ImageNet-like JPEGs to generate without --shards")
+    parser.add_argument("--images", type=int, default=4096, help="ImageNet-like JPEGs to generate without --shards (one batch for --data synthetic "
+                             "alone, without --loss-check)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=10,
                         help="untimed steps first (compilation, allocator, workers); at least 1")
@@ -279,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = recipe.load(args.recipe, args.overrides)
-        train = args.shards or make_shards(Path(tmp), args.images, config.data.workers)
+        reads = {}
+        if not args.shards and "shards" not in args.data and not args.loss_check:  # one batch is all it reads
+            reads = {"data.workers": 0}
+            args.images = max(config.data.batch_size, 50)  # make_tree's 50 classes, as with more images
+        train = args.shards or make_shards(Path(tmp), args.images, reads.get("data.workers", config.data.workers))
         classes = shards.resolve(train).classes
-        fixed = {"data.train": train, "data.val": "", "log.every": 10**9, "log.fewshot_every": 0,
+        fixed = {**reads, "data.train": train, "data.val": "", "log.every": 10**9, "log.fewshot_every": 0,
                  "log.eval_at_start": False, "checkpoint.every": 10**9, "checkpoint.resume": "never",
                  "run_dir": str(Path(tmp) / "run"), **({"model.num_classes": len(classes)} if classes else {})}
         config = recipe.from_dict({**recipe.to_dict(config), **fixed}, "benchmark")

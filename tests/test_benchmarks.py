@@ -41,6 +41,17 @@ def test_throughput_runs_our_step_and_the_references_and_prints_json_lines(tmp_p
         assert "aten::addmm" in table and "Self CPU time total" in table
 
 
+def test_throughput_on_synthetic_data_alone_generates_one_batch_of_images_not_thousands():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "model.name=vit_mu8", "data.batch_size=16",
+         "data.workers=2", "--data", "synthetic", "--steps", "1", "--warmup", "1", "--compare"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 1 shard (0 kept from an earlier run), 50 samples" in result.stdout, result.stdout[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["run"], r.get("data"), r["classes"]) for r in lines] == [("matmul", None, 50), ("ours", "synthetic", 50)]
+
+
 def test_throughput_says_what_is_wrong_with_its_arguments_in_one_sentence():
     result = subprocess.run([sys.executable, "benchmarks/throughput.py", "recipes/demo.yaml", "optim.lrr=1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
