@@ -160,11 +160,24 @@ def validate(manifests: str, version: str = "") -> None:
 
 def submit(job: Job, manifests: str) -> dict[str, Any]:
     """Write the manifests into the run's job folder (here, on this machine) and kubectl apply them."""
+    namespace = objects(manifests)[0]["metadata"]["namespace"]
+    pvc = claim_name(manifests)
+    args = ["kubectl", "get", "persistentvolumeclaim", pvc, "--namespace", namespace, "--output", "yaml",
+            "--ignore-not-found"]
+    got = tool(args, MISSING, check=False)
+    if got.returncode == 0:
+        for line in check_claim(yaml.safe_load(got.stdout) if got.stdout.strip() else None, pvc, namespace, job.nodes):
+            print(f"warning: {line}", file=sys.stderr)
+    elif "forbidden" in got.stderr.lower():  # allowed to create Jobs but not to read claims: the pods will tell
+        print(f"warning: not allowed to read PersistentVolumeClaim {namespace}/{pvc}, so it is not checked",
+              file=sys.stderr)
+    else:
+        last = (got.stderr.strip() or f"exit status {got.returncode}").splitlines()[-1]
+        raise UserError(f"kubectl get persistentvolumeclaim failed: {last}")
     folder = job_dir(job.config.run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "manifests.yaml"
     path.write_text(manifests)
-    namespace = objects(manifests)[0]["metadata"]["namespace"]
     existing = _job({"name": job.name, "namespace": namespace})
     if existing is not None and not _ours(existing, {"run_dir": job.config.run_dir}):
         raise UserError(f"a Job named {job.name} in namespace {namespace} belongs to run directory "
@@ -178,6 +191,30 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     tool(["kubectl", "apply", "--filename", str(path)], MISSING)
     return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
             "manifests": str(path), "run_dir": job.config.run_dir, "grace": job.grace_seconds}
+
+
+def claim_name(manifests: str) -> str:
+    """The PersistentVolumeClaim of the runs volume, as the training Job mounts it."""
+    job = next(o for o in objects(manifests) if o.get("kind") == "Job")
+    volumes = job["spec"]["template"]["spec"]["volumes"]
+    return next(v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v)
+
+
+def check_claim(claim: dict[str, Any] | None, pvc: str, namespace: str, nodes: int) -> list[str]:
+    """Refuse a runs volume the pods would wait on for ever: a claim that does not exist, or one that the pods of
+    several nodes cannot all mount; warn of one TensorBoard's pod can mount only beside the trainer."""
+    if claim is None:
+        raise UserError(f"PersistentVolumeClaim {pvc} does not exist in namespace {namespace}, so the pods would "
+                        f"wait for it for ever; create it (ReadWriteMany, for the run directories) or pass --pvc "
+                        f"with one of kubectl get pvc -n {namespace}")
+    modes = (claim.get("spec") or {}).get("accessModes") or []
+    if "ReadWriteMany" in modes:
+        return []
+    what = f"PersistentVolumeClaim {namespace}/{pvc} is {' and '.join(modes) or 'without an access mode'}"
+    if nodes > 1:
+        raise UserError(f"{what}, which one node at a time can mount, but the job's {nodes} pods run on {nodes} "
+                        f"nodes; give a ReadWriteMany claim (Filestore, NFS, CephFS, a bucket through --gcsfuse)")
+    return [f"{what}: TensorBoard's pod can start only on the training pod's node"]
 
 
 OWNER = "vit-pretrain/run-dir"  # the Job's annotation naming its run directory

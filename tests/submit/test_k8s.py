@@ -272,3 +272,55 @@ def test_status_tells_waiting_restarted_and_failed_pods_apart():
     record = {"run_dir": "runs/b16"}  # runs/b16_384 and runs/b16-384 both make the Job name b16-384
     assert k8s._ours(running, record) and not k8s._ours(running, {"run_dir": "runs/b16-384"})
     assert k8s._ours(running, {"run_dir": "./runs/b16/"}) and k8s._ours({"metadata": {}}, record)  # one predating it
+
+
+def claim(*modes: str) -> dict:
+    """A PersistentVolumeClaim as `kubectl get pvc -o yaml` shows it (the fields pretrain.submit reads)."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "vit-runs", "namespace": "ml"},
+            "spec": {"accessModes": list(modes), "resources": {"requests": {"storage": "1Ti"}}},
+            "status": {"phase": "Bound", "accessModes": list(modes)}}
+
+
+def test_a_runs_volume_the_pods_would_wait_on_for_ever_is_refused_before_apply(rendered):
+    assert k8s.claim_name(rendered["cpu"].read_text()) == "vit-runs"
+    assert k8s.check_claim(claim("ReadWriteMany"), "vit-runs", "ml", 4) == []
+    with pytest.raises(UserError, match=r"^PersistentVolumeClaim vit-runs does not exist in namespace ml, so the pods"):
+        k8s.check_claim(None, "vit-runs", "ml", 1)
+    with pytest.raises(UserError, match=r"^PersistentVolumeClaim ml/vit-runs is ReadWriteOnce, which one node at a "
+                                        r"time can mount, but the job's 2 pods run on 2 nodes; give a ReadWriteMany"):
+        k8s.check_claim(claim("ReadWriteOnce"), "vit-runs", "ml", 2)
+    assert k8s.check_claim(claim("ReadWriteOnce"), "vit-runs", "ml", 1) == [
+        "PersistentVolumeClaim ml/vit-runs is ReadWriteOnce: TensorBoard's pod can start only on the training pod's node"]
+
+
+KUBECTL = """#!/bin/sh
+# Answers as an API server would to what pretrain.submit asks (no API server can run on the test machines).
+echo "$*" >> calls.txt
+case "$*" in
+  *persistentvolumeclaim*) [ -n "$PVC_ANSWER" ] && printf '%s\\n' "$PVC_ANSWER" >&2 && exit 1; exit 0;;
+  "get job"*) exit 0;;
+  apply*) echo "job.batch/demo created";;
+esac
+"""
+
+
+@pytest.mark.parametrize("answer, submitted", [
+    ("", False),
+    ('Error from server (Forbidden): persistentvolumeclaims "vit-runs" is forbidden: User "alice" cannot get', True)])
+def test_submit_checks_the_claim_before_it_applies_anything(tmp_path, monkeypatch, capsys, answer, submitted):
+    (tmp_path / "kubectl").write_text(KUBECTL)
+    (tmp_path / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("PVC_ANSWER", answer)
+    monkeypatch.chdir(tmp_path)
+    code = submit.main(["k8s", str(ROOT / "recipes/demo.yaml"), "run_dir=runs/demo", "--image", IMAGE,
+                        "--gpus-per-node", "0"])
+    err = capsys.readouterr().err
+    calls = (tmp_path / "calls.txt").read_text()
+    assert calls.startswith("get persistentvolumeclaim vit-runs --namespace default")
+    if submitted:
+        assert code == 0 and "apply --filename runs/demo/job/manifests.yaml" in calls
+        assert err.startswith("warning: not allowed to read PersistentVolumeClaim default/vit-runs, so it is not")
+    else:
+        assert code == 2 and "apply" not in calls and not (tmp_path / "runs").exists()
+        assert err.startswith("error: PersistentVolumeClaim vit-runs does not exist in namespace default")
