@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -293,34 +294,51 @@ def test_a_runs_volume_the_pods_would_wait_on_for_ever_is_refused_before_apply(r
         "PersistentVolumeClaim ml/vit-runs is ReadWriteOnce: TensorBoard's pod can start only on the training pod's node"]
 
 
-KUBECTL = """#!/bin/sh
-# Answers as an API server would to what pretrain.submit asks (no API server can run on the test machines).
-echo "$*" >> calls.txt
-case "$*" in
-  *persistentvolumeclaim*) [ -n "$PVC_ANSWER" ] && printf '%s\\n' "$PVC_ANSWER" >&2 && exit 1; exit 0;;
-  "get job"*) exit 0;;
-  apply*) echo "job.batch/demo created";;
-esac
-"""
-
-
-@pytest.mark.parametrize("answer, submitted", [
-    ("", False),
-    ('Error from server (Forbidden): persistentvolumeclaims "vit-runs" is forbidden: User "alice" cannot get', True)])
-def test_submit_checks_the_claim_before_it_applies_anything(tmp_path, monkeypatch, capsys, answer, submitted):
-    (tmp_path / "kubectl").write_text(KUBECTL)
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    """A kubectl on PATH that answers from tmp_path/cluster.json (tests/submit/kubectl.py); returns a function that
+    writes the cluster and then reads back the calls made."""
+    (tmp_path / "kubectl").write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests/submit/kubectl.py'} \"$@\"\n")
     (tmp_path / "kubectl").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.setenv("PVC_ANSWER", answer)
+    monkeypatch.setenv("KUBECTL_STATE", str(tmp_path))
     monkeypatch.chdir(tmp_path)
+
+    def describe(**objects) -> Path:
+        (tmp_path / "cluster.json").write_text(json.dumps(objects))
+        return tmp_path / "calls.txt"
+    return describe
+
+
+FORBIDDEN = 'Error from server (Forbidden): persistentvolumeclaims "vit-runs" is forbidden: User "alice" cannot get'
+
+
+@pytest.mark.parametrize("answer, submitted", [(None, False), (FORBIDDEN, True)])
+def test_submit_checks_the_claim_before_it_applies_anything(cluster, capsys, answer, submitted):
+    calls = cluster(pvc=answer)
     code = submit.main(["k8s", str(ROOT / "recipes/demo.yaml"), "run_dir=runs/demo", "--image", IMAGE,
                         "--gpus-per-node", "0"])
     err = capsys.readouterr().err
-    calls = (tmp_path / "calls.txt").read_text()
-    assert calls.startswith("get persistentvolumeclaim vit-runs --namespace default")
+    assert calls.read_text().startswith("get persistentvolumeclaim vit-runs --namespace default")
     if submitted:
-        assert code == 0 and "apply --filename runs/demo/job/manifests.yaml" in calls
+        assert code == 0 and "apply --filename runs/demo/job/manifests.yaml" in calls.read_text()
         assert err.startswith("warning: not allowed to read PersistentVolumeClaim default/vit-runs, so it is not")
     else:
-        assert code == 2 and "apply" not in calls and not (tmp_path / "runs").exists()
+        assert code == 2 and "apply" not in calls.read_text() and not Path("runs").exists()
         assert err.startswith("error: PersistentVolumeClaim vit-runs does not exist in namespace default")
+
+
+def test_logs_follow_goes_on_to_the_pods_of_the_jobs_next_start_until_it_ends(cluster, capfd, monkeypatch):
+    monkeypatch.setattr(k8s, "FOLLOW_POLL_S", 0.05)
+    owned = {"metadata": {"annotations": {k8s.OWNER: "runs/b16"}}}
+    running, complete = {**owned, "status": {"active": 1}}, {**owned, "status": {
+        "conditions": [{"type": "Complete", "status": "True"}]}}
+    first, again = pod(0, "2026-12-01T10:00:00Z", "Running"), pod(0, "2026-12-01T11:00:00Z", "Running")
+    calls = cluster(job=[running, running, complete],
+                    pods=[[first], [{**first, "status": {**first["status"], "phase": "Failed"}}, again]])
+    record = {"scheduler": "k8s", "name": "b16", "namespace": "ml", "run_dir": "runs/b16", "nodes": 1}
+    assert k8s.logs(record, follow=True) == 0
+    out = capfd.readouterr().out
+    assert out.splitlines() == ["[pod/b16-0-10/trainer] step 10 loss 2.30", "[pod/b16-0-11/trainer] step 10 loss 2.30"]
+    followed = [line for line in calls.read_text().splitlines() if line.startswith("logs")]
+    assert followed == [f"logs --namespace ml pod/{name} --prefix --tail=-1 --follow" for name in ("b16-0-10", "b16-0-11")]
