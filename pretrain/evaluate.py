@@ -10,8 +10,10 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import backends, checkpoint
 from .backends.base import Backend
@@ -35,32 +37,54 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     """One pass over ``spec`` (every sample once across ranks); metrics summed over ranks."""
     shard_set = shards.resolve(spec, "data.val")
     micro = config.data.eval_batch_size or max(config.data.batch_size // backend.world // config.optim.grad_accum, 1)
+    if backend.spmd:
+        micro = -(-micro // backend.local_devices) * backend.local_devices
     stream = EvalStream(shard_set, config.model.image_size, micro, backend.rank, backend.world,
                         config.data.storage_patience_s)
     workers = min(config.data.workers, max(len(shard_set.urls) // backend.world, 1))
     model = backend.model
     was_training = model.training
     model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=backend.device)  # samples, top1, top5, loss sum, bad
-    for batch in loader(stream, workers, backend.device.type == "cuda"):
+    scores = torch.zeros(3, dtype=torch.float64, device=backend.device)  # top-1 hits, top-5 hits, loss sum
+    samples = bad = 0
+    batches = loader(stream, workers, backend.device.type == "cuda")
+    for batch in lockstep(batches, backend, micro, config.model.image_size) if backend.spmd else batches:
         for why in batch["damaged_shards"]:
             log.warning("%s; its missing samples are counted in bad_samples, not evaluated (%s)", why, check_hint(spec))
-        n = len(batch["image"])
-        if not n:
-            totals[4] += batch["bad_samples"]
+        bad += batch["bad_samples"]
+        n = int(batch["real"].sum()) if backend.spmd else len(batch["image"])
+        samples += n
+        if not n and not backend.spmd:
             continue
         images, y = backend.to_device(batch)
-        x = normalise(images)
         with backend.autocast():
-            logits = model(x)
-        totals += torch.stack([torch.tensor(n, device=totals.device), hits(logits, y, 1), hits(logits, y, 5),
-                               loss_fn(logits, y, config.loss) * n, torch.tensor(batch["bad_samples"], device=totals.device)]).double()
+            logits = model(normalise(images))
+        losses = loss_fn(logits, y, config.loss, per_sample=True)
+        if backend.spmd:
+            losses = losses.where(backend.put(batch["real"]), 0.0)
+        scores += torch.stack([hits(logits, y, 1), hits(logits, y, 5), losses.sum()]).double()
         backend.mark_step()
     model.train(was_training)
-    samples, top1, top5, loss, bad = backend.all_reduce_sum(totals).tolist()
+    samples, bad = backend.host_reduce([samples, bad])
+    top1, top5, loss = (scores if backend.spmd else backend.all_reduce_sum(scores)).tolist()
     if not samples:
         raise UserError(f"no sample of {spec} could be evaluated ({int(bad)} bad or missing); {check_hint(spec)}")
     return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": samples, "bad_samples": bad}
+
+
+def lockstep(batches: Iterable[dict], backend: Backend, rows: int, size: int) -> Iterator[dict]:
+    """SPMD: each batch is one program over every host's devices, so every host feeds ``rows`` rows (``real`` marks
+    those of samples; the rest are black images labelled -1), and as many batches as the host with the most."""
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not backend.any(batch is not None):
+            return
+        batch = batch or {"image": torch.empty(0, 3, size, size, dtype=torch.uint8),
+                          "labels": torch.empty(0, 1, dtype=torch.long), "bad_samples": 0, "damaged_shards": []}
+        n = len(batch["image"])
+        yield {**batch, "image": F.pad(batch["image"], (0, 0, 0, 0, 0, 0, 0, rows - n)),
+               "labels": F.pad(batch["labels"], (0, 0, 0, rows - n), value=-1), "real": torch.arange(rows) < n}
 
 
 def check_hint(spec: str) -> str:

@@ -33,6 +33,9 @@ class Backend(ABC):
     device: torch.device
     model: nn.Module  # what the loop calls forward on (maybe wrapped: DDP, an engine)
     module: nn.Module  # the model itself, unwrapped
+    # One program over every host's devices (xla): a device tensor holds the global value, the same on every host,
+    # and every host runs each program, with its part of the batch in the same shape.
+    spmd = False
 
     def __init__(self, config: Config):
         self.config = config
@@ -54,9 +57,18 @@ class Backend(ABC):
         """Context for one micro-batch's forward and backward; ``sync`` on the last of an accumulation."""
         return contextlib.nullcontext()
 
+    @property
+    def local_devices(self) -> int:
+        """Devices that this process feeds its part of a batch to (xla: the host's chips)."""
+        return 1
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch (a CPU tensor) on the device."""
+        return t.to(self.device, non_blocking=True)
+
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (images, labels) of a CPU batch from the data stream, on the device."""
-        return batch["image"].to(self.device, non_blocking=True), batch["labels"].to(self.device, non_blocking=True)
+        return self.put(batch["image"]), self.put(batch["labels"])
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -115,11 +127,15 @@ class Backend(ABC):
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any; reduced on the hosts' CPUs (gloo), so asking every step
         never waits for the devices."""
+        return bool(self.host_reduce([float(flag)], dist.ReduceOp.MAX)[0])
+
+    def host_reduce(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+        """``values`` of every rank reduced elementwise (default: summed) on the hosts' CPUs (gloo)."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group())
-        return bool(t.item())
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=op, group=self.host_group())
+        return t.tolist()
 
     def host_gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order, gathered over the hosts' CPUs: for what each rank counts on its host."""

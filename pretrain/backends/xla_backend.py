@@ -74,19 +74,24 @@ def quiet_checkpointing():
         yield
 
 
-def pad_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, K) ids padded with -1, K rounded up to a power of two: a multi-label corpus then compiles a
-    handful of graphs instead of one per label count. K = 1 (single-label) stays as it is."""
+def pad_labels(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, K) ids padded with -1 to ``width``: K rounded up to a power of two, so that a multi-label corpus compiles a
+    handful of graphs instead of one per label count (K = 1, single-label, stays as it is)."""
     k = labels.shape[1]
-    width = 1 << (k - 1).bit_length()
     return labels if width == k else F.pad(labels, (0, width - k), value=-1)
 
 
 class XlaBackend(Backend):
+    spmd = True
+
     def __init__(self, config):
         super().__init__(config)
         xr.use_spmd()  # before any tensor reaches the device
         self.rank, self.world = xr.process_index(), xr.process_count()  # hosts
+        if self.world > 1 and config.log.fewshot_every:
+            raise UserError("log.fewshot_every probes the model on the first host alone, but SPMD runs it over every "
+                            "host's chips; set log.fewshot_every=0 and probe a checkpoint with python -m "
+                            "pretrain.evaluate --fewshot-train, on any machine (it holds the full weights)")
         self.device = torch_xla.device()
         n = xr.global_runtime_device_count()
         self.mesh = xs.Mesh(np.arange(n), (n,), (mesh_axis(config.xla.sharding),))
@@ -129,16 +134,22 @@ class XlaBackend(Backend):
         else:
             self.optimizer = syncfree.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
+    @property
+    def local_devices(self) -> int:
+        return xr.addressable_runtime_device_count()
+
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This host's images and labels as its part of the global batch, split over the mesh's devices."""
-        labels = pad_labels(batch["labels"])
-        self.width = labels.shape[1]
-        return self._put(batch["image"]), self._put(labels)
+        labels = batch["labels"]
+        width = 1 << (labels.shape[1] - 1).bit_length()
+        if self.world > 1:  # the hosts' parts of a batch have one shape: the most labels of a sample on any host
+            width = int(self.host_reduce([width], dist.ReduceOp.MAX)[0])
+        self.width = width
+        return self.put(batch["image"]), self.put(pad_labels(labels, width))
 
-    def _put(self, t: torch.Tensor) -> torch.Tensor:
-        spec = None
-        if t.shape[0] % xr.addressable_runtime_device_count() == 0:  # else (an eval remainder) replicated
-            spec = xs.ShardingSpec(self.mesh, (self.mesh.axis_names[0],) + (None,) * (t.dim() - 1), minibatch=True)
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """This host's rows (a multiple of its devices) as its part of the global batch."""
+        spec = xs.ShardingSpec(self.mesh, (self.mesh.axis_names[0],) + (None,) * (t.dim() - 1), minibatch=True)
         return xm.send_cpu_data_to_device(t, self.device, spec)[0]
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -19,16 +19,23 @@ def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return target[:, :num_classes]
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, per_sample: bool = False) -> torch.Tensor:
+    """The batch's mean loss; with ``per_sample``, each sample's (a padding row, labels -1 alone, gets a number to
+    leave out: 0, or NaN for a multi-label softmax)."""
     logits = logits.float()
     num_classes = logits.shape[-1]
     if cfg.kind == "sigmoid":  # summed over classes, averaged over the batch (the paper's code)
         target = multi_hot(labels, num_classes)
+        if per_sample:
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+    reduction = "none" if per_sample else "mean"
     if labels.shape[1] == 1:
-        return F.cross_entropy(logits, labels[:, 0], label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(logits, labels[:, 0], label_smoothing=cfg.label_smoothing, reduction=reduction,
+                               **({"ignore_index": -1} if per_sample else {}))
     target = multi_hot(labels, num_classes)  # several labels: spread the target mass over them
-    return F.cross_entropy(logits, target / target.sum(1, keepdim=True), label_smoothing=cfg.label_smoothing)
+    return F.cross_entropy(logits, target / target.sum(1, keepdim=True), label_smoothing=cfg.label_smoothing,
+                           reduction=reduction)
 
 
 def hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

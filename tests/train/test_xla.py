@@ -75,6 +75,39 @@ print(json.dumps(out))
 """
 
 
+EVAL_CHECKS = """
+import json, sys, torch
+from pretrain.backends.torch_backend import TorchBackend
+from pretrain.backends.xla_backend import XlaBackend, compiles
+from pretrain.config import Config
+from pretrain.evaluate import evaluate
+from pretrain.models.zoo import build_model
+
+config = Config()
+config.model.name, config.model.image_size, config.model.num_classes = "vit_mu8", 32, 10
+config.precision, config.data.workers, config.data.eval_batch_size = "fp32", 0, 6  # 6 does not split over 4 devices
+torch.manual_seed(0)
+model = build_model(config.model)
+torch.nn.init.normal_(model.head.weight, std=1.0)  # a head of zeros ties every class
+weights = {k: v.clone() for k, v in model.state_dict().items()}
+out = {}
+for name, backend in (("torch", TorchBackend(config)), ("xla", XlaBackend(config))):
+    model = build_model(config.model)
+    model.load_state_dict(weights)
+    backend.setup(model)
+    out[name] = evaluate(backend, config, sys.argv[1])
+before = compiles()
+out["again"], out["compiles_again"] = evaluate(backend, config, sys.argv[1]), compiles() - before
+import torch_xla.runtime as xr
+xr.process_count, config.log.fewshot_every = (lambda: 2), 100  # a slice of two hosts
+try:
+    XlaBackend(config)
+except Exception as e:
+    out["fewshot_on_two_hosts"] = str(e)
+print(json.dumps(out))
+"""
+
+
 def args(shards: dict[str, str], run_dir: Path, name: str) -> list[str]:
     backend = {"backend": "torch"} if name == "torch" else {"backend": "xla", "xla.sharding": name}
     return overrides(shards, run_dir, **STEPS, **backend)
@@ -169,8 +202,8 @@ def test_killed_or_preempted_then_resumed_continues_the_same_losses(small_shards
     assert (tmp_path / FINAL).read_bytes() == (clean / FINAL).read_bytes(), "final weights differ"
 
 
-def subprocess_json(script: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=XLA, capture_output=True, text=True,
+def subprocess_json(script: str, *argv: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, env=XLA, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -183,6 +216,52 @@ def test_inputs_are_split_and_non_finite_steps_are_skipped_on_the_device():
     assert result["updated"] == [False, True] and result["unchanged"] == [True, False]
     assert result["reads_while_stepping"] == 0
     assert "devices=[4" in result["fsdp_sharding"]  # fsdpv2: a weight over the 4 devices
+
+
+def test_evaluation_pads_every_batch_to_one_shape_and_scores_as_the_torch_backend(small_shards):
+    """Batches of 6 (100 samples: 16 and a remainder of 4) go to the device as 8 rows, the padding left out of the
+    scores: the same top-1, top-5, loss and sample count as the torch backend's, and no new graph the next time."""
+    result = subprocess_json(EVAL_CHECKS, small_shards["val"])
+    expected, got = result["torch"], result["xla"]
+    assert got["samples"] == expected["samples"] == 100 and got["bad_samples"] == 0
+    assert got["top1"] == expected["top1"] and got["top5"] == expected["top5"] and 0.05 < got["top1"] < 0.9
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert result["again"] == got and result["compiles_again"] == 0
+    assert result["fewshot_on_two_hosts"].startswith("log.fewshot_every probes the model on the first host alone")
+
+
+LOCKSTEP = """
+import json, torch
+from pretrain.backends.torch_backend import TorchBackend
+from pretrain.config import Config
+from pretrain.evaluate import lockstep
+
+backend = TorchBackend(Config())  # two processes, gloo: the hosts' agreement without torch_xla
+rank = backend.rank
+mine = [{"image": torch.full((n, 3, 2, 2), 1, dtype=torch.uint8), "labels": torch.full((n, 1), rank),
+         "bad_samples": 1, "damaged_shards": []} for n in ([8, 8, 3] if rank == 0 else [5])]
+fed = [(list(b["image"].shape), int(b["real"].sum()), int(b["image"].sum()), b["labels"][:, 0].tolist())
+       for b in lockstep(mine, backend, 8, 2)]
+print(json.dumps({"rank": rank, "fed": fed, "sums": backend.host_reduce([len(mine), rank])}))
+backend.close()
+"""
+
+
+def test_hosts_with_uneven_parts_of_the_evaluation_set_feed_as_many_batches_of_one_shape(tmp_path):
+    """SPMD runs each evaluation batch over every host's chips: a host whose part is done feeds padding (labels -1)
+    until the host with the most is done. Two gloo processes stand in for two TPU VM hosts."""
+    (tmp_path / "lockstep.py").write_text(LOCKSTEP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(tmp_path / "lockstep.py")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = {r["rank"]: r for r in (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
+    rows = 8 * 3 * 2 * 2
+    assert ranks[0]["fed"] == [[[8, 3, 2, 2], 8, rows, [0] * 8], [[8, 3, 2, 2], 8, rows, [0] * 8],
+                               [[8, 3, 2, 2], 3, 3 * 12, [0] * 3 + [-1] * 5]]
+    assert ranks[1]["fed"] == [[[8, 3, 2, 2], 5, 5 * 12, [1] * 5 + [-1] * 3], [[8, 3, 2, 2], 0, 0, [-1] * 8],
+                               [[8, 3, 2, 2], 0, 0, [-1] * 8]]
+    assert ranks[0]["sums"] == ranks[1]["sums"] == [4.0, 1.0]
 
 
 def test_skips_reported_on_the_device_are_checked_when_asked():
