@@ -7,11 +7,13 @@
 # is left alone: its own handler would kill its workers 30 s later, before a large checkpoint is done.
 # The trainers stop together (they agree on it every step), write one checkpoint and exit 0.
 #
-# The pod succeeds only when the run is complete: its newest checkpoint is the last step. A run that stopped
-# early, because this pod or a peer was preempted, exits 75; the Job's podFailurePolicy answers that
-# by starting the pod again without counting a failure, and the new pods resume from the checkpoint.
+# The pod succeeds only when the run is complete. Trainers that a signal stopped with the run unfinished, because
+# this pod or a peer was preempted, write PRETRAIN_PREEMPTED_FILE (pretrain.train.loop.Preemption) and this script
+# exits 75; the Job's podFailurePolicy answers that by starting the pod again without counting a failure, and the
+# new pods resume from the checkpoint.
 set -u
-: "${PRETRAIN_FINAL_CHECKPOINT:?set in the Job: the folder of the last checkpoint of the run}"
+PRETRAIN_PREEMPTED_FILE=$(mktemp -u "${TMPDIR:-/tmp}/pretrain-preempted.XXXXXX")
+export PRETRAIN_PREEMPTED_FILE
 
 "$@" &
 child=$!
@@ -34,16 +36,13 @@ while kill -0 "$child" 2>/dev/null; do wait "$child"; done
 wait "$child"
 status=$?
 
-if ((status != 0)); then
-    if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before its handler was set: in its start-up
-        echo "SIGTERM ended the trainer before it could write a checkpoint; exiting 75 to be started again" >&2
-        exit 75
-    fi
-    exit "$status"
-fi
-# The run is complete when its newest checkpoint is the final one or later (a run resumed with fewer total steps).
-newest=$(cat "${PRETRAIN_FINAL_CHECKPOINT%/*}/latest" 2>/dev/null || echo step_0)
-if ((10#${newest#step_} < 10#${PRETRAIN_FINAL_CHECKPOINT##*/step_})); then
-    echo "stopped before the end of the run, after writing a checkpoint; exiting 75 to be started again" >&2
+if [ -f "$PRETRAIN_PREEMPTED_FILE" ]; then
+    echo "stopped at $(cat "$PRETRAIN_PREEMPTED_FILE") before the end of the run, after writing a checkpoint;" \
+        "exiting 75 to be started again" >&2
     exit 75
 fi
+if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before its handler was set: in its start-up
+    echo "SIGTERM ended the trainer before it could write a checkpoint; exiting 75 to be started again" >&2
+    exit 75
+fi
+exit "$status"

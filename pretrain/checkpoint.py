@@ -113,11 +113,15 @@ def _set_aside_later(root: Path, step: int) -> None:
         return
     aside = root / ABANDONED
     aside.mkdir(exist_ok=True)
+    moved = []
     for p in later:
-        shutil.rmtree(aside / p.name, ignore_errors=True)
-        os.replace(p, aside / p.name)
-    print(f"note: moved {', '.join(p.name for p in later)}, of the steps this run went back from, to {aside}; delete "
-          f"them when they are no longer needed", flush=True)
+        target, n = aside / p.name, 2
+        while target.exists():  # set aside by an earlier going back: both are kept
+            target, n = aside / f"{p.name}.{n}", n + 1
+        os.replace(p, target)
+        moved.append(target.name)
+    print(f"note: moved {', '.join(moved)}, of the steps this run went back from, to {aside}; delete them when they "
+          f"are no longer needed", flush=True)
 
 
 def _prune(root: Path, newest: int, keep_last: int, keep_every: int) -> None:
@@ -248,7 +252,8 @@ def weights_file(folder: Path, config: Config) -> Path:
 
 
 def check_init_from(config: Config) -> None:
-    """Refuse, before a run starts or is queued, a fine-tune without init_from or with a local one that is missing."""
+    """Refuse, before a run starts or is queued, a fine-tune without init_from, with one that is missing, or with a
+    run of ours that has no checkpoint yet or holds another model."""
     if config.stage != "finetune":
         return
     if not config.init_from:
@@ -260,32 +265,47 @@ def check_init_from(config: Config) -> None:
     if not os.path.exists(config.init_from):
         raise UserError(f"init_from={config.init_from} does not exist; give a run directory, a checkpoint, an HF "
                         f"folder or a weights file")
+    path = Path(config.init_from)
+    if is_ours(path):
+        init_config(path, init_checkpoint(path), config.model.name)
 
 
 def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     """Weights to start fine-tuning ``model_name`` from: a run directory or checkpoint of ours, else any format
     ``models.convert.load_weights`` reads (HF folder, timm state dict, official .npz)."""
     path = Path(path)
-    ours = is_pointer(path) or path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
-                                                  or path.name.startswith("step_") or (path / STATE).is_file())
-    if not ours:
+    if not is_ours(path):
         return load_weights(path)
 
-    def locate() -> Path:
-        if (found := find(path)) is None:
-            raise UserError(f"init_from={path} is a run of ours with no complete checkpoint yet; wait for its first "
-                            f"checkpoint, or give init_from a checkpoint that is complete (a step_* folder with {STATE})")
-        return found
-
     def read(found: Path) -> dict[str, torch.Tensor]:
-        config = saved_config(found, "init_from")
-        if config.model.name != model_name:
-            raise UserError(f"init_from={path} holds a {config.model.name} and the recipe builds {model_name}; set "
-                            f"model.name={config.model.name}")
+        config = init_config(path, found, model_name)
         with readable(found, "init_from"):
             return load_file(weights_file(found, config))
 
-    return read_newest(path, locate, read)
+    return read_newest(path, lambda: init_checkpoint(path), read)
+
+
+def is_ours(path: Path) -> bool:
+    """Whether ``path`` is a run directory or checkpoint of ours (rather than weights of another format)."""
+    return is_pointer(path) or path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
+                                                  or path.name.startswith("step_") or (path / STATE).is_file())
+
+
+def init_checkpoint(path: Path) -> Path:
+    """The checkpoint a fine-tune starts from, of our run directory or checkpoint ``path``, or one sentence."""
+    if (found := find(path)) is None:
+        raise UserError(f"init_from={path} is a run of ours with no complete checkpoint yet; wait for its first "
+                        f"checkpoint, or give init_from a checkpoint that is complete (a step_* folder with {STATE})")
+    return found
+
+
+def init_config(path: Path, found: Path, model_name: str) -> Config:
+    """The recipe of ``found`` (the checkpoint of init_from ``path``), which must have built ``model_name``."""
+    config = saved_config(found, "init_from")
+    if config.model.name != model_name:
+        raise UserError(f"init_from={path} holds a {config.model.name} and the recipe builds {model_name}; set "
+                        f"model.name={config.model.name}")
+    return config
 
 
 def find_given(path: str | Path) -> Path:

@@ -123,7 +123,7 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
         "nodes": job.nodes, "nproc_per_node": nproc, "gpus_per_node": job.gpus_per_node,
         "cpus_per_node": job.cpus_per_node, "memory": memory or f"{32 * nproc}Gi", "backend": job.config.backend,
         "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
-        "rendezvous_port": RENDEZVOUS_PORT, "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
+        "rendezvous_port": RENDEZVOUS_PORT,
         "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,
         "run_dir": posixpath.normpath(job.config.run_dir), "tb_logdir": run_dir, "service_account": service_account, "gcsfuse": gcsfuse, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
     }

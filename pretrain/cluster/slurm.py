@@ -20,7 +20,7 @@ from .. import checkpoint, recipe
 from ..data import shards
 from ..data.stream import StreamState, check_resumable
 from ..errors import UserError
-from ..train.resume import finished
+from ..train.resume import finished, resume_point
 from . import templates
 from .job import Job, job_dir, tool
 
@@ -47,22 +47,25 @@ def prepare(job: Job) -> Job:
 
 def check_reachable(job: Job) -> None:
     """What would fail in the job's first seconds, after its wait in the queue, and the login node sees as well
-    (a shared file system): a missing init_from or local data, and a checkpoint to resume on another layout."""
-    data = job.config.data
-    latest = checkpoint.find(job.config.run_dir) if job.config.checkpoint.resume == "auto" else None
+    (a shared file system): init_from or local data that is missing, a checkpoint to resume (of the run, or
+    checkpoint.resume=PATH) that is missing, of another model or on another layout, and a run already complete."""
+    config = job.config
+    latest = resume_point(config)
     if latest is None:
-        checkpoint.check_init_from(job.config)  # a run that resumes does not read it
+        checkpoint.check_init_from(config)  # a run that resumes does not read it
     for key in recipe.DATA_KEYS:
-        value = getattr(data, key)
+        value = getattr(config.data, key)
         if value and "://" not in value:
             shards.resolve(value, f"data.{key}")
     if latest is None:
         return
+    own = latest.resolve().parent == (Path(config.run_dir) / "checkpoints").resolve()
+    where = f"{config.run_dir} resumes from {latest.name}" if own else f"checkpoint.resume is {latest}"
     saved = checkpoint.saved_config(latest)
-    config = job.config
     if (saved.stage, saved.model.name) != (config.stage, config.model.name):
-        raise UserError(f"{config.run_dir} holds a {saved.stage} run of {saved.model.name} ({latest.name}) and this "
-                        f"recipe is a {config.stage} run of {config.model.name}; give it a run_dir of its own")
+        raise UserError(f"{where}, a {saved.stage} run of {saved.model.name}, and this recipe is a {config.stage} run "
+                        f"of {config.model.name}; " + ("give it a run_dir of its own" if own else
+                                                        f"resume from a {config.stage} run of {config.model.name}"))
     if why := finished(config):
         raise UserError(why)
     if latest.name == job.final_checkpoint:
@@ -70,11 +73,10 @@ def check_reachable(job: Job) -> None:
     with checkpoint.readable(latest):
         ranks = json.loads((latest / checkpoint.STATE).read_text())["data"]
     try:
-        check_resumable(StreamState.from_dict(ranks[0]), data.workers, job.nodes * job.nproc_per_node,
-                        data.allow_resharding)
+        check_resumable(StreamState.from_dict(ranks[0]), config.data.workers, job.nodes * job.nproc_per_node,
+                        config.data.allow_resharding)
     except UserError as e:
-        raise UserError(f"{job.config.run_dir} resumes from {latest.name}, but {e} (--nodes, --gpus-per-node and "
-                        f"data.workers set this run's)") from None
+        raise UserError(f"{where}, but {e} (--nodes, --gpus-per-node and data.workers set this run's)") from None
 
 
 def time_limit_seconds(text: str) -> int:
@@ -106,7 +108,6 @@ def render(job: Job, partition: str = "", time: str = "") -> str:
         "time": time, "grace_seconds": job.grace_seconds, "backend": job.config.backend,
         "recipe_source": job.recipe_source, "recipe": job_dir(run_dir) / "recipe.yaml", "run_dir": run_dir,
         "job_dir": job_dir(run_dir), "workdir": Path.cwd(), "python": sys.executable,
-        "final_checkpoint": run_dir / "checkpoints" / job.final_checkpoint,
     }
     script = templates.render(TEMPLATE, values)
     syntax = tool(["bash", "-n"], "the sbatch script is a bash script", check=False, input=script)
@@ -217,7 +218,9 @@ def _still_queued(record: dict[str, Any]) -> bool:
 
 def cancel(record: dict[str, Any]) -> str:
     state = fields(record).get("JobState")
-    if state is not None and state not in ACTIVE:
+    if state is None:  # scancel would exit 0 all the same
+        return f"Slurm job {record['job_id']} is no longer known to Slurm (it ended); nothing to cancel"
+    if state not in ACTIVE:
         return f"Slurm job {record['job_id']} had already ended ({state}); nothing to cancel"
     tool(["scancel", record["job_id"]], MISSING)
     return (f"cancelled Slurm job {record['job_id']}; its checkpoints stay in {record['run_dir']}, and submitting the "

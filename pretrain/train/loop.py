@@ -67,6 +67,17 @@ class Preemption:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    @staticmethod
+    def mark(step: int) -> None:
+        """Tell the launcher (slurm/train.sbatch, k8s/launch.sh) that a signal stopped the run at ``step`` with the
+        rest owed, the final evaluation included: it starts the run again. Its exit status cannot say so: torchrun,
+        signalled too under Slurm, exits 1 whatever its workers did."""
+        if path := os.environ.get(PREEMPTED_FILE):
+            Path(path).write_text(f"step {step}\n")
+
+
+PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
+
 
 class Skips:
     """Steps whose update was skipped for a non-finite gradient: in all, and in a row (the run stops at a limit).
@@ -287,6 +298,7 @@ class Trainer:
                 try:
                     norm = self.train_step(window)
                 except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
+                    preemption.mark(self.step)
                     self._checkpoint_at_stop(window)
                     print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume",
                           flush=True)  # the same line as between steps: which of the two met it is timing
@@ -302,6 +314,8 @@ class Trainer:
                 if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
                     aside(window, self._fewshot)
                 stop = backend.any(preemption.requested)
+                if stop:
+                    preemption.mark(self.step)
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
                     aside(window, lambda: self._checkpoint(window))
                 if stop:

@@ -134,8 +134,7 @@ def test_data_the_pods_cannot_see_is_named(capsys):
 
 def test_a_run_dir_that_reads_as_yaml_syntax_stays_one_string(capsys):
     objects = by_kind(dry_run(capsys, [*VARIANTS["gpu"], "run_dir=runs/a #1: b"]))
-    env = {e["name"]: e.get("value") for e in objects["Job/a-1-b"]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["PRETRAIN_FINAL_CHECKPOINT"].startswith("/workspace/runs/a #1: b/checkpoints/step_")
+    assert objects["Job/a-1-b"]["metadata"]["annotations"][k8s.OWNER] == "runs/a #1: b"
     tensorboard = objects["Deployment/a-1-b-tensorboard"]["spec"]["template"]["spec"]["containers"][0]
     assert tensorboard["command"][1] == "--logdir=/workspace/runs/a #1: b"
 
@@ -192,8 +191,7 @@ def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_pa
     """The trainer's handler comes after its imports: a SIGTERM before it ends the trainer (143), which is no failure."""
     starting = [sys.executable, "-c", "import time; print('importing', flush=True); time.sleep(60)"]
     pod = subprocess.Popen(["bash", "k8s/launch.sh", *starting], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "PRETRAIN_FINAL_CHECKPOINT": str(tmp_path / "checkpoints/step_000000030")})
+                           stderr=subprocess.STDOUT, text=True)
     assert pod.stdout.readline() == "importing\n"
     pod.send_signal(signal.SIGTERM)
     out = pod.communicate(timeout=30)[0]
@@ -208,8 +206,7 @@ def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(smal
     torchrun = str(Path(sys.executable).parent / "torchrun")
     command = ["bash", "k8s/launch.sh", torchrun, "--standalone", "--nproc-per-node=2", "-m", "pretrain.run",
                "recipes/demo.yaml", *(f"{k}={v}" for k, v in overrides.items())]
-    env = {**os.environ, "PRETRAIN_FINAL_CHECKPOINT": str(tmp_path / "checkpoints/step_000000030"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     pod = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
@@ -230,10 +227,48 @@ def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(smal
 
     # Submitted again with fewer steps, the run is complete: the pod succeeds, not restarted for ever.
     shorter = [*command, "schedule.total_steps=20"]
-    env["PRETRAIN_FINAL_CHECKPOINT"] = str(tmp_path / "checkpoints/step_000000020")
     again = subprocess.run(shorter, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
 
+
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from pretrain import run
+from pretrain.metrics import Metrics
+log = Metrics.log
+def log_then_signal(self, step, scalars, prefix="train"):
+    log(self, step, scalars, prefix)
+    if step == int(os.environ.get("SIGNAL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGTERM)
+Metrics.log = log_then_signal
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_launch_sh_starts_a_run_preempted_in_its_last_step_again_for_its_final_evaluation(small_shards, tmp_path):
+    """The last step's checkpoint is no sign that the run is complete: its final evaluation is owed too. And a run
+    started from another run's last checkpoint, with nothing to train, is complete without a checkpoint of its own."""
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT_STEP)
+    overrides = {"model.name": "vit_mu8", "data.train": small_shards["train"], "data.val": small_shards["val"],
+                 "data.batch_size": 16, "data.workers": 0, "schedule.total_steps": 4, "schedule.warmup_steps": 1,
+                 "log.every": 1, "log.fewshot_every": 0, "checkpoint.every": 100, "run_dir": str(tmp_path / "a")}
+    command = ["bash", "k8s/launch.sh", sys.executable, str(tmp_path / "signal_at.py"), "recipes/demo.yaml",
+               *(f"{k}={v}" for k, v in overrides.items())]
+    stopped = subprocess.run(command, cwd=ROOT, env={**os.environ, "SIGNAL_AT": "4"}, capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    assert "preempted: checkpoint written at step 4" in stopped.stdout
+    assert "stopped at step 4 before the end of the run, after writing a checkpoint; exiting 75" in stopped.stderr
+    evals = lambda run: [r["step"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                         if r["split"] == "eval"]
+    assert evals("a") == []
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert evals("a") == [4]
+    elsewhere = [*command, f"run_dir={tmp_path / 'b'}", f"checkpoint.resume={tmp_path / 'a/checkpoints/step_000000004'}"]
+    once = subprocess.run(elsewhere, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stdout + once.stderr
+    assert evals("b") == [4]
 
 def pod(index: int, created: str, phase: str, exit_code: int | None = None, message: str = "",
         conditions: list[dict] | None = None) -> dict:

@@ -93,12 +93,13 @@ def test_a_two_node_job_writes_checkpoints_and_tensorboard_events(finished_run):
 
 
 def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: str = "torch",
-                       to: str = "--batch") -> int:
-    """A job that gets USR1 mid-run and is requeued; the step it stopped at. ``to`` "--batch": the batch script
-    alone, as --signal=B:USR1@GRACE does at the time limit; "": the job's steps (scancel --signal=USR1 JOBID)."""
+                       to: str = "--batch", signal: str = "USR1") -> int:
+    """A job that gets ``signal`` mid-run and is requeued; the step it stopped at. ``to`` "--batch": the batch script
+    alone, as --signal=B:USR1@GRACE does at the time limit; "": the job's steps (scancel --signal=TERM JOBID, as a
+    site's preemption does)."""
     job_id = submit(slurm, shards, run_dir, backend=backend)
     wait_for("step 8", lambda: max(logged_steps(run_dir), default=0) >= 8, timeout=300)
-    assert slurm.run(["scancel", *filter(None, [to]), "--signal=USR1", job_id]).returncode == 0
+    assert slurm.run(["scancel", *filter(None, [to]), f"--signal={signal}", job_id]).returncode == 0
     requeued = wait_for_state(slurm, job_id, "PENDING")
     assert requeued["Restarts"] == "1"
     # Skip the requeue delay (BeginTime) once the nodes are done with the first run, and a second later:
@@ -124,7 +125,8 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_exactly(slu
 
 def test_the_deepspeed_backend_is_requeued_and_resumed_too(slurm, small_shards, finished_run, tmp_path):
     pytest.importorskip("deepspeed")
-    preempt_and_resume(slurm, small_shards, tmp_path, backend="deepspeed", to="")  # USR1 to the steps, by hand
+    # TERM to the steps reaches torchrun too, which exits 1 once its trainers have written their checkpoint
+    preempt_and_resume(slurm, small_shards, tmp_path, backend="deepspeed", to="", signal="TERM")
     ours, reference = load_file(tmp_path / FINAL), load_file(finished_run / FINAL)
     for name, weight in reference.items():  # ZeRO reduces in another order: equal up to rounding
         assert torch.allclose(ours[name], weight, atol=1e-3), name
@@ -150,6 +152,11 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
     wait_for_state(slurm, job_id, "CANCELLED", timeout=60)
     assert f"Slurm job {job_id}: CANCELLED" in cli(["status", str(tmp_path)])
     assert f"Slurm job {job_id} had already ended (CANCELLED); nothing to cancel" in cli(["cancel", str(tmp_path)])
+    record = json.loads((tmp_path / "job/job.json").read_text())
+    (tmp_path / "forgotten/job").mkdir(parents=True)  # a job that ended before the controller's MinJobAge
+    (tmp_path / "forgotten/job/job.json").write_text(json.dumps({**record, "job_id": "999999"}))
+    assert "Slurm job 999999 is no longer known to Slurm (it ended); nothing to cancel" in \
+        cli(["cancel", str(tmp_path / "forgotten")])
     followed = submit_cli(["logs", str(tmp_path), "--follow"], slurm.env)  # ends with the job (times out if not)
     assert followed.returncode == 0 and f"job {job_id}, start 1" in followed.stdout
     gpus = cli(["slurm", "recipes/demo.yaml", f"run_dir={tmp_path}/gpu", f"data.train={small_shards['train']}",
@@ -207,8 +214,20 @@ def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeyp
                   "2", "--gpus-per-node", "0"]).startswith(f"error: {pretrained_run} resumes from step_000000100, but "
                                                            f"the checkpoint's data stream ran on 1 ranks x ")
     assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "--gpus-per-node", "0"]).startswith(
-        f"error: {pretrained_run} holds a pretrain run of vit_mu8 (step_000000100) and this recipe is a pretrain run "
-        f"of vit_mu4; give it a run_dir of its own")
+        f"error: {pretrained_run} resumes from step_000000100, a pretrain run of vit_mu8, and this recipe is a pretrain "
+        f"run of vit_mu4; give it a run_dir of its own")
+    start = f"{pretrained_run}/checkpoints/step_000000100"  # checkpoint.resume=PATH: checked as the run's own are
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/g", f"checkpoint.resume={start}",
+                  "model.name=vit_mu8", "--nodes", "2", "--gpus-per-node", "0"]).startswith(
+        f"error: checkpoint.resume is {start}, but the checkpoint's data stream ran on 1 ranks x ")
+    assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/g", f"checkpoint.resume={tmp_path}/none",
+                  "--gpus-per-node", "0"]).startswith(f"error: checkpoint.resume={tmp_path}/none holds no complete")
+    ft = ["slurm", "recipes/demo_finetune.yaml", *data, f"run_dir={tmp_path}/ft", "--gpus-per-node", "0"]
+    assert error([*ft, f"init_from={pretrained_run}"]).startswith(  # init_from: ours, of the recipe's model
+        f"error: init_from={pretrained_run} holds a vit_mu8 and the recipe builds vit_mu4; set model.name=vit_mu8")
+    (tmp_path / "starting/checkpoints").mkdir(parents=True)
+    assert error([*ft, f"init_from={tmp_path}/starting"]).startswith(
+        f"error: init_from={tmp_path}/starting is a run of ours with no complete checkpoint yet")
     assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={pretrained_run}", "model.name=vit_mu8",
                   "schedule.total_steps=100", "--gpus-per-node", "0"]).startswith(
         f"error: {pretrained_run} is complete (its checkpoint is at step 100, schedule.total_steps is 100)")

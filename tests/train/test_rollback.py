@@ -7,6 +7,8 @@ import json
 
 from test_training import overrides, run
 
+from pretrain import checkpoint
+
 
 def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside_and_a_rerun_goes_on(small_shards, tmp_path):
     steps = {"data.workers": 0, "checkpoint.every": 4, "checkpoint.keep_last": 2}
@@ -33,3 +35,16 @@ def test_going_back_to_an_earlier_checkpoint_sets_the_later_ones_aside_and_a_rer
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 11))  # one timeline, no repeats
     done = run(overrides(small_shards, tmp_path, **back, **{"schedule.total_steps": 10}))
     assert done.returncode == 0 and "is complete" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+
+def test_going_back_again_keeps_what_an_earlier_going_back_set_aside(tmp_path, capsys):
+    for name in ("step_000000004", "step_000000008", "step_000000012", "abandoned/step_000000012"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "state.json").write_text(name)
+    checkpoint._set_aside_later(tmp_path, 4)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000004"]
+    aside = {p.name: (p / "state.json").read_text() for p in (tmp_path / "abandoned").iterdir()}
+    assert aside == {"step_000000008": "step_000000008", "step_000000012": "abandoned/step_000000012",
+                     "step_000000012.2": "step_000000012"}
+    assert "note: moved step_000000008, step_000000012.2, of the steps this run went back from" in capsys.readouterr().out
