@@ -160,11 +160,27 @@ def grid(samples: list[tuple[str, dict]], classes: list[str]) -> Image.Image:
     return canvas
 
 
+def at_least(low: int):
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of {low} or more")
+        return value
+    return count
+
+
 def write_png(image: Image.Image, url: str) -> None:
     out = io.BytesIO()
     image.save(out, format="PNG")
-    with fsspec.open(url, "wb") as f:
-        f.write(out.getvalue())
+    try:
+        with fsspec.open(url, "wb") as f:
+            f.write(out.getvalue())
+    except OSError as e:
+        raise UserError(f"cannot write the grid to {url} ({e.strerror or e}); give --grid a PNG path in a folder you "
+                        f"can write") from None
 
 
 def show(args: argparse.Namespace) -> int:
@@ -190,9 +206,10 @@ def show(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[1])
     parser.add_argument("output", help="the shard folder (local path or fsspec URL) or its manifest.json")
-    parser.add_argument("--keys", type=int, default=10, metavar="N", help="show the first N keys and their labels")
+    parser.add_argument("--keys", type=at_least(0), default=10, metavar="N",
+                        help="show the first N keys and their labels")
     parser.add_argument("--grid", metavar="PNG", help="draw the first samples with their class names into this PNG")
-    parser.add_argument("--grid-samples", type=int, default=16, metavar="N", help="samples in the grid")
+    parser.add_argument("--grid-samples", type=at_least(1), default=16, metavar="N", help="samples in the grid")
     parser.add_argument("--recount", action="store_true", help="count the labels in the shards anew")
     return show(parser.parse_args(argv))
 

@@ -120,6 +120,7 @@ class ShardReport:
     problems: int = 0
     class_counts: Counter = field(default_factory=Counter)
     readable: bool = True
+    changed: bool = False  # not the bytes the manifest describes (size or sha256)
 
     def add(self, line: str, first: bool = False) -> None:
         """Count a problem; keep its line if there is room (lines with ``first`` go ahead of those of samples)."""
@@ -152,10 +153,11 @@ def check_shard(job: Job) -> ShardReport:
         report.add(f"{shard.name}: cannot be read ({e})")
         return report
     report.bytes_read = stream.size
+    report.changed = stream.size != shard.bytes or stream.sha256.hexdigest() != shard.sha256
     if stream.size != shard.bytes:
         size = f"{stream.size} bytes, the manifest says {shard.bytes}"
         report.add(f"{shard.name}: {size} (truncated or replaced?); {REWRITE}", first=True)
-    elif stream.sha256.hexdigest() != shard.sha256:
+    elif report.changed:
         report.add(f"{shard.name}: sha256 mismatch (the file changed after sharding; {REWRITE})", first=True)
     if report.readable and report.samples != shard.samples:
         report.add(f"{shard.name}: {plural(report.samples, 'sample')}, the manifest says {shard.samples}; {REWRITE}")
@@ -202,11 +204,12 @@ def stray_shards(names: list[str], manifest: Manifest) -> list[str]:
 
 
 def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
-    """Disagreement between the manifest's class_counts and the labels read, once every shard could be read."""
+    """Disagreement between the manifest's class_counts and the labels read, once every shard could be read and
+    is as written (a shard that changed is named already, and rewriting it mends the counts too)."""
     if len(manifest.class_counts) != len(manifest.classes):
         counts, classes = len(manifest.class_counts), len(manifest.classes)
         return [f"manifest.json: {counts} class_counts for {classes} classes; {RESHARD}"]
-    if not all(r.readable for r in reports):
+    if not all(r.readable and not r.changed for r in reports):
         return []
     counted = sum((r.class_counts for r in reports), Counter())
     differ = sum(counted[c] != n for c, n in enumerate(manifest.class_counts))

@@ -22,7 +22,7 @@ from .data import shards
 from .data.stream import EvalStream, loader
 from .cli import OneLineParser, command
 from .errors import UserError
-from .train.losses import hits, loss_fn
+from .train.losses import check_labels, hits, loss_fn
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
         samples += n
         if not n and not backend.spmd:
             continue
+        check_labels(batch["labels"], config.model.num_classes, spec)
         images, y = backend.to_device(batch)
         with backend.autocast():
             logits = model(normalise(images))
@@ -69,7 +70,8 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     top1, top5, loss = (scores if backend.spmd else backend.all_reduce_sum(scores)).tolist()
     if not samples:
         raise UserError(f"no sample of {spec} could be evaluated ({int(bad)} bad or missing); {check_hint(spec)}")
-    return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": samples, "bad_samples": bad}
+    return {"top1": top1 / samples, "top5": top5 / samples, "loss": loss / samples, "samples": int(samples),
+            "bad_samples": int(bad)}
 
 
 def lockstep(batches: Iterable[dict], backend: Backend, rows: int, size: int) -> Iterator[dict]:

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.out} is a file; --format hf writes a folder, so give a folder's path")
     if args.format == "onnx" and args.out.is_dir():
         raise UserError(f"{args.out} is a folder; --format onnx writes one file, e.g. {args.out / 'model.onnx'}")
+    above = next(parent for parent in args.out.absolute().parents if parent.exists())
+    if not above.is_dir():
+        raise UserError(f"{args.out} cannot be written: {above} is a file, not a folder; give a path in a folder")
     occupied = args.out.is_file() or (args.out.is_dir() and any(args.out.iterdir()))
     if occupied and not args.overwrite:
         what = "exists" if args.out.is_file() else "is a folder that is not empty"

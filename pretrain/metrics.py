@@ -25,17 +25,41 @@ PEAK_BF16 = {
     "TPU v4": 275e12,
     "TPU v5p": 459e12,
     "TPU v5e": 197e12,
+    "TPU v6e": 918e12,
 }
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The table's peak for this device, None where unknown (the CPU)."""
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        return PEAK_BF16.get(tpu_generation(xm.xla_device_kind(device)))
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     if "H100" in name and "PCIe" in name:
         return 756e12
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def tpu_generation(kind: str) -> str:
+    """The table's name for a PJRT device kind ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite"), or ''."""
+    kind = kind.lower()
+    if not kind.startswith("tpu"):
+        return ""
+    lite = "lite" in kind or "v5e" in kind or "v6e" in kind
+    for generation in ("v6", "v5", "v4"):
+        if generation in kind:
+            return f"TPU {generation}{'e' if lite or generation == 'v6' else 'p' if generation == 'v5' else ''}"
+    return ""
+
+
+def shown(value: float) -> str:
+    """A figure for the console line: whole numbers as such, large ones without an exponent (27760, not 2.776e+04)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 def keep_rows_through(path: Path, step: int) -> None:
@@ -69,7 +93,7 @@ class Metrics:
 
     def throughput(self, images: int, seconds: float, devices: int) -> dict[str, float]:
         out = {"img_per_s": images / seconds}
-        if self.flops and self.device.type != "cpu":  # a CPU has no meaningful peak: img/s only
+        if self.flops and (self.peak or self.device.type == "cuda"):  # a CPU has no meaningful peak: img/s only
             tflops = images * self.flops / seconds / devices / 1e12
             out["tflops_per_device"] = tflops
             if self.peak:
@@ -90,7 +114,7 @@ class Metrics:
 
     def _line(self, step: int, scalars: dict[str, float], prefix: str) -> str:
         parts = [f"{prefix} step {step}/{self.total_steps}"]
-        parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
+        parts += [f"{k} {shown(v)}" for k, v in scalars.items()]
         elapsed = time.perf_counter() - self.started
         if prefix == "train" and step > self.start_step:
             left = elapsed / (step - self.start_step) * (self.total_steps - step)

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe:
         parser.error("a recipe is required, e.g. python -m pretrain.run recipes/demo.yaml --dry-run")
     config = recipe.load(args.recipe, args.overrides)
+    if args.slice and not (args.dry_run and config.backend == "xla"):
+        raise UserError("--slice plans the memory of a TPU slice, which takes --dry-run and backend=xla")
     if args.dry_run:
         print(recipe.to_yaml(config), end="")
         print("\n".join("# " + line for line in summary(config, args.slice).splitlines()))

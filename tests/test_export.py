@@ -209,6 +209,18 @@ def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec
         evaluate.evaluate_checkpoint(str(runs["pretrain"]), str(data))
 
 
+def test_evaluating_labels_beyond_the_models_classes_is_one_sentence(runs, tmp_path):
+    """A brace pattern has no manifest whose classes could be checked before the labels reach the loss."""
+    for c in range(12):
+        (tmp_path / "images" / f"c{c:02d}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (20 * c, 0, 0)).save(tmp_path / "images" / f"c{c:02d}" / "0.png")
+    subprocess.run([sys.executable, "-m", "data_tools.shard", str(tmp_path / "images"), str(tmp_path / "s"),
+                    "--shard-samples", "6", "--workers", "1"], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    braces = str(tmp_path / "s" / "train-{000000..000001}.tar")
+    with pytest.raises(UserError, match=re.escape(f"{braces} labels a sample 11, but the model has 10 classes")):
+        evaluate.evaluate_checkpoint(str(runs["pretrain"]), braces, batch=12)
+
+
 @pytest.mark.parametrize("cli, args, says", [
     (evaluate, ["{missing}", "data={val}"], "missing does not exist; give a run directory"),
     (evaluate, ["{empty}", "data={val}"], "holds no complete checkpoint"),
@@ -221,6 +233,7 @@ def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec
     (export, ["{run}", "--format", "hf", "{file}"], "is a file; --format hf writes a folder"),
     (export, ["{run}", "--format", "onnx", "{file}"], "model.onnx exists; give a new path, or pass --overwrite"),
     (export, ["{run}", "--format", "hf", "{out}"], "is a folder that is not empty; give a new path, or pass --overwrite"),
+    (export, ["{run}", "--format", "onnx", "{file}/a/m.onnx"], "model.onnx is a file, not a folder; give a path in a"),
 ])
 def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
     (tmp_path / "model.onnx").write_bytes(b"")

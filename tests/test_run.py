@@ -51,6 +51,13 @@ def test_dry_run_warns_of_a_fine_tune_without_its_start(root, capsys):
     assert capsys.readouterr().err.startswith("warning: stage: finetune needs init_from")
 
 
+
+def test_slice_without_an_xla_dry_run_is_refused(root, capsys):
+    for extra in (["--dry-run"], ["backend=xla"]):
+        assert main([str(root / "recipes/vit_h14_jft.yaml"), "--slice", "v5p-128", *extra]) == 2
+        assert capsys.readouterr().err == ("error: --slice plans the memory of a TPU slice, which takes --dry-run and "
+                                           "backend=xla\n")
+
 def test_user_errors_are_one_line_on_stderr(root):
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain.run", "recipes/demo.yaml", "optim.lrr=1", "--dry-run"],

@@ -34,7 +34,7 @@ from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, forward_flops
 from .attention import choose_attention
 from .float8 import use_float8
-from .losses import SIGMOID_HEAD_BIAS, loss_fn
+from .losses import SIGMOID_HEAD_BIAS, check_labels, loss_fn
 from .optim import lr_at
 from .resume import continue_checkpoint, finished, origin, resume_point
 
@@ -378,6 +378,7 @@ class Trainer:
                          f"{cfg.data.train} --decode lists them all)" if last else ""), flush=True)
             if self.step == 0 and i == 0:
                 self.metrics.images(0, batch["image"])
+            check_labels(batch["labels"], cfg.model.num_classes, cfg.data.train)
             images, y = backend.to_device(batch)
             x = normalise(images)
             with backend.micro_step(sync=i == accum - 1):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LossConfig
+from ..errors import UserError
 
 SIGMOID_HEAD_BIAS = -10.0  # sigmoid cross-entropy starts with every class near probability 0
 
@@ -42,3 +43,12 @@ def hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """How many samples have one of their labels among the top-k logits (precision@1 for k=1)."""
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, k)
     return (top[:, :, None] == labels[:, None, :]).any(-1).any(-1).sum()
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, spec: str) -> None:
+    """Refuse labels (a CPU batch's) beyond the model's classes, which the loss would fail on in a traceback: shards
+    given by a brace pattern have no manifest for their classes to be checked against before."""
+    top = int(labels.max()) if labels.numel() else -1
+    if top >= num_classes:
+        raise UserError(f"{spec} labels a sample {top}, but the model has {num_classes} classes (labels 0-"
+                        f"{num_classes - 1}); give shards of the model's classes, or set model.num_classes")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 from shardset import CLASSES, make_samples, write_shard_set
 
@@ -99,3 +100,14 @@ def test_command_line(shard_set, root, tmp_path):
     assert result.returncode == 2
     assert result.stderr == (f"error: {tmp_path / 'nothing'} does not exist; give the OUTPUT folder of "
                              f"python -m data_tools.shard\n")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--grid", "{tmp}/g.png", "--grid-samples", "0"], "argument --grid-samples: '0' is not a whole number of 1 or more"),
+    (["--keys", "-1"], "argument --keys: '-1' is not a whole number of 0 or more"),
+    (["--grid", "{tmp}"], "cannot write the grid to {tmp} ("),
+])
+def test_arguments_it_cannot_use_are_one_sentence(shard_set, tmp_path, capsys, args, says):
+    assert main([str(shard_set), *(a.format(tmp=tmp_path) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says.format(tmp=tmp_path)}") and err.count("\n") == 1, err

@@ -1,7 +1,9 @@
 """python -m data_tools.verify: a clean set passes; each kind of damage is named by shard (and key), exit 1."""
 
+import io
 import json
 import subprocess
+import tarfile
 import sys
 
 import fsspec
@@ -127,6 +129,19 @@ def test_class_counts_that_disagree_with_the_labels_are_reported(shard_set, caps
     code, out = run(capsys, shard_set)
     assert code == 1 and out[0].startswith("manifest.json: class_counts disagree with the labels in the shards for 1 ")
 
+
+
+def test_a_shard_replaced_by_another_tar_is_named_without_blaming_the_manifests_counts(shard_set, capsys):
+    """Rewriting the shard mends the counts too, so the manifest's class_counts are not called wrong."""
+    path = shard_set / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".cls")]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    code, out = run(capsys, shard_set)
+    assert code == 1 and out[0].startswith("train-000000.tar: sha256 mismatch (the file changed after sharding")
+    assert not any("class_counts" in line for line in out), out
 
 def test_a_folder_without_a_manifest_is_one_sentence_and_exit_2(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2

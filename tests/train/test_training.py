@@ -409,6 +409,15 @@ def test_data_labelled_by_other_classes_is_one_sentence(small_shards, tmp_path, 
     assert "--classes" in wrong.stderr and not (tmp_path / "config.yaml").exists()
 
 
+def test_labels_beyond_the_models_classes_are_one_sentence(small_shards, tmp_path):
+    """Shards given by a brace pattern have no manifest to check their classes against before the first batch."""
+    braces = f"{small_shards['train']}/train-{{000000..000007}}.tar"
+    wrong = run(overrides({"train": braces}, tmp_path, **{"model.num_classes": 5, "data.workers": 0}))
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr[-2000:]
+    assert wrong.stderr.startswith(f"error: {braces} labels a sample ")
+    assert "but the model has 5 classes (labels 0-4); give shards of the model's classes" in wrong.stderr
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shards_without_a_readable_sample_stop_the_run_in_one_sentence(small_shards, tmp_path, workers):
     """Rather than a reader that reads on forever and a training process that waits for it."""

@@ -1,0 +1,26 @@
+"""What the console line and the MFU show: figures without exponents, a TPU's peak from its PJRT device kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.metrics import PEAK_BF16, Metrics, shown, tpu_generation
+
+
+@pytest.mark.parametrize("kind, generation", [
+    ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5p", "TPU v5p"), ("TPU v5", "TPU v5p"),
+    ("TPU v6 lite", "TPU v6e"), ("cpu", ""), ("CUDA", "")])
+def test_a_tpus_device_kind_names_its_peak(kind, generation):
+    assert tpu_generation(kind) == generation
+    assert not generation or generation in PEAK_BF16
+
+
+def test_the_console_line_shows_large_figures_and_counts_without_an_exponent(tmp_path):
+    metrics = Metrics(tmp_path, enabled=False, start_step=0, total_steps=312000, train_flops_per_image=0,
+                      device=torch.device("cpu"))
+    line = metrics._line(150000, {"loss": 7.12345, "lr": 0.000512, "img_per_s": 27763.4, "samples": 50000.0,
+                                  "bad_samples": 0.0, "data_wait": 0.0123}, "eval")
+    assert line == ("eval step 150000/312000 | loss 7.123 | lr 0.000512 | img_per_s 27763 | samples 50000 | "
+                    "bad_samples 0 | data_wait 0.0123")
+    assert [shown(v) for v in (1e-5, 2.5, 12345.6, 3.0)] == ["1e-05", "2.5", "12346", "3"]
