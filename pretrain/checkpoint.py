@@ -267,7 +267,7 @@ def check_init_from(config: Config) -> None:
                         f"folder or a weights file")
     path = Path(config.init_from)
     if is_ours(path):
-        init_config(path, init_checkpoint(path), config.model.name)
+        read_newest(path, lambda: init_checkpoint(path), lambda found: init_config(path, found, config.model.name))
 
 
 def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:

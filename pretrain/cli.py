@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import signal
 import sys
@@ -36,6 +37,7 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *, int
 
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
+        logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)  # as the commands' own warnings
         try:
             return main(argv) or 0
         except UserError as e:  # a file name that is not UTF-8 shows its bytes (caf\xe9)

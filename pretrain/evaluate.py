@@ -48,20 +48,21 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
     scores = torch.zeros(3, dtype=torch.float64, device=backend.device)  # top-1 hits, top-5 hits, loss sum
     samples = bad = 0
     batches = loader(stream, workers, backend.device.type == "cuda")
-    for batch in lockstep(batches, backend, micro, config.model.image_size) if backend.spmd else batches:
+    lockstepped = backend.lockstep_eval
+    for batch in lockstep(batches, backend, micro, config.model.image_size) if lockstepped else batches:
         for why in batch["damaged_shards"]:
             log.warning("%s; its missing samples are counted in bad_samples, not evaluated (%s)", why, check_hint(spec))
         bad += batch["bad_samples"]
-        n = int(batch["real"].sum()) if backend.spmd else len(batch["image"])
+        n = int(batch["real"].sum()) if lockstepped else len(batch["image"])
         samples += n
-        if not n and not backend.spmd:
+        if not n and not lockstepped:
             continue
         check_labels(batch["labels"], config.model.num_classes, spec)
         images, y = backend.to_device(batch)
         with backend.autocast():
             logits = model(normalise(images))
         losses = loss_fn(logits, y, config.loss, per_sample=True)
-        if backend.spmd:
+        if lockstepped:
             losses = losses.where(backend.put(batch["real"]), 0.0)
         scores += torch.stack([hits(logits, y, 1), hits(logits, y, 5), losses.sum()]).double()
         backend.mark_step()
@@ -75,8 +76,9 @@ def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
 
 
 def lockstep(batches: Iterable[dict], backend: Backend, rows: int, size: int) -> Iterator[dict]:
-    """SPMD: each batch is one program over every host's devices, so every host feeds ``rows`` rows (``real`` marks
-    those of samples; the rest are black images labelled -1), and as many batches as the host with the most."""
+    """Batches for a forward pass that is a collective (``Backend.lockstep_eval``): every rank feeds as many as the
+    rank with the most, each of ``rows`` rows (``real`` marks those of samples; the rest are black images labelled
+    -1), which SPMD needs besides: each batch is one program over every host's devices, in one shape."""
     batches = iter(batches)
     while True:
         batch = next(batches, None)

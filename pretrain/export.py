@@ -103,7 +103,6 @@ def export_onnx(model: VisionTransformer, config: Config, out: Path) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
     parser = OneLineParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[1])
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (its newest checkpoint) or a checkpoint folder")

@@ -31,10 +31,17 @@ PEAK_BF16 = {
 
 def peak_flops(device: torch.device) -> float | None:
     """The table's peak for this device, None where unknown (the CPU)."""
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
+    if device.type == "xla":  # SPMD's virtual device has no kind to ask: the TPU VM's accelerator type names it
+        import torch_xla.runtime as xr
 
-        return PEAK_BF16.get(tpu_generation(xm.xla_device_kind(device)))
+        if xr.device_type() != "TPU":
+            return None
+        from torch_xla._internal import tpu
+
+        try:
+            return PEAK_BF16.get(tpu_generation(tpu.get_tpu_type()))
+        except (OSError, KeyError, ValueError):  # no TPU metadata to read
+            return None
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -43,16 +50,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def tpu_generation(kind: str) -> str:
-    """The table's name for a PJRT device kind ("TPU v4", "TPU v5 lite", "TPU v5p", "TPU v6 lite"), or ''."""
-    kind = kind.lower()
-    if not kind.startswith("tpu"):
-        return ""
-    lite = "lite" in kind or "v5e" in kind or "v6e" in kind
-    for generation in ("v6", "v5", "v4"):
-        if generation in kind:
-            return f"TPU {generation}{'e' if lite or generation == 'v6' else 'p' if generation == 'v5' else ''}"
-    return ""
+def tpu_generation(accelerator: str) -> str:
+    """The table's name for a TPU VM's accelerator type ("v4", "v5litepod", "v5p", "v6e"; with or without its "-N"
+    chips), or ''."""
+    kind = accelerator.lower().split("-")[0]
+    names = {"v4": "TPU v4", "v5litepod": "TPU v5e", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}
+    return names.get(kind, "")
 
 
 def shown(value: float) -> str:
@@ -93,7 +96,7 @@ class Metrics:
 
     def throughput(self, images: int, seconds: float, devices: int) -> dict[str, float]:
         out = {"img_per_s": images / seconds}
-        if self.flops and (self.peak or self.device.type == "cuda"):  # a CPU has no meaningful peak: img/s only
+        if self.flops and self.device.type != "cpu":  # a CPU has no meaningful peak: img/s only
             tflops = images * self.flops / seconds / devices / 1e12
             out["tflops_per_device"] = tflops
             if self.peak:

@@ -1,4 +1,4 @@
-"""What the console line and the MFU show: figures without exponents, a TPU's peak from its PJRT device kind."""
+"""What the console line and the MFU show: figures without exponents, a TPU's peak from its accelerator type."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import torch
 from pretrain.metrics import PEAK_BF16, Metrics, shown, tpu_generation
 
 
-@pytest.mark.parametrize("kind, generation", [
-    ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5p", "TPU v5p"), ("TPU v5", "TPU v5p"),
-    ("TPU v6 lite", "TPU v6e"), ("cpu", ""), ("CUDA", "")])
-def test_a_tpus_device_kind_names_its_peak(kind, generation):
-    assert tpu_generation(kind) == generation
+@pytest.mark.parametrize("accelerator, generation", [
+    ("v4-256", "TPU v4"), ("v5litepod-16", "TPU v5e"), ("v5p-128", "TPU v5p"), ("v6e", "TPU v6e"), ("v3-8", ""),
+    ("", "")])
+def test_a_tpus_accelerator_type_names_its_peak(accelerator, generation):
+    assert tpu_generation(accelerator) == generation
     assert not generation or generation in PEAK_BF16
 
 

@@ -37,6 +37,12 @@ class Backend(ABC):
     # and every host runs each program, with its part of the batch in the same shape.
     spmd = False
 
+    @property
+    def lockstep_eval(self) -> bool:
+        """Whether a forward pass is a collective (SPMD; ZeRO-3 gathers the parameters), so that every rank must
+        evaluate as many batches as the rank with the most."""
+        return self.spmd
+
     def __init__(self, config: Config):
         self.config = config
 

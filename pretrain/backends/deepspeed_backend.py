@@ -89,6 +89,10 @@ class DeepSpeedBackend(TorchBackend):
         deepspeed.init_distributed(timeout=collective_timeout(config))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
+    @property
+    def lockstep_eval(self) -> bool:
+        return self.stage == 3 and self.world > 1
+
     def setup(self, model: nn.Module) -> None:
         if self.stage == 3 and self.config.log.fewshot_every:
             raise UserError("log.fewshot_every probes the model on rank 0 alone, which ZeRO-3 shards over all ranks; "

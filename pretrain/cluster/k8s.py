@@ -211,6 +211,9 @@ def check_claim(claim: dict[str, Any] | None, pvc: str, namespace: str, nodes: i
     if "ReadWriteMany" in modes:
         return []
     what = f"PersistentVolumeClaim {namespace}/{pvc} is {' and '.join(modes) or 'without an access mode'}"
+    if "ReadWriteOnce" not in modes:  # ReadOnlyMany, or ReadWriteOncePod: no pod writes, or one pod alone
+        raise UserError(f"{what}, which the training pods cannot write and TensorBoard read at once; give a "
+                        f"ReadWriteMany claim (Filestore, NFS, CephFS, a bucket through --gcsfuse)")
     if nodes > 1:
         raise UserError(f"{what}, which one node at a time can mount, but the job's {nodes} pods run on {nodes} "
                         f"nodes; give a ReadWriteMany claim (Filestore, NFS, CephFS, a bucket through --gcsfuse)")

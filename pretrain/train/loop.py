@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..fewshot import few_shot_needs_single_label, fewshot_eval
 from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
-from ..models.zoo import build_model, forward_flops
+from ..models.zoo import build_model, count_params, forward_flops
 from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, check_labels, loss_fn
@@ -51,14 +52,23 @@ class DataStopped(UserError):
 
 class Preemption:
     """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps; while ``interruptible`` (waiting for data,
-    nothing of the step done yet) into ``WaitInterrupted`` at once."""
+    nothing of the step done yet) into ``WaitInterrupted`` at once.
 
-    def __init__(self):
+    A signal, to this process or (agreed at the step's end) to another rank, also leaves the launcher's note
+    (the file ``PRETRAIN_PREEMPTED_FILE`` names; slurm/train.sbatch and k8s/launch.sh set it) that the run is owed
+    the rest, its final evaluation included, so that the launcher starts it again. Its exit status cannot say so:
+    torchrun, signalled too under Slurm, exits 1 whatever its workers did, and kills one still busy 30 s later. A
+    run that completes after all (a signal during its final evaluation) takes the note back.
+    """
+
+    def __init__(self, step: int):
         self.requested = self.interruptible = False
+        self.step = step  # the last finished step, for the note
         self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.mark()
         if self.interruptible:
             self.interruptible = False
             raise WaitInterrupted
@@ -67,13 +77,18 @@ class Preemption:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    @staticmethod
-    def mark(step: int) -> None:
-        """Tell the launcher (slurm/train.sbatch, k8s/launch.sh) that a signal stopped the run at ``step`` with the
-        rest owed, the final evaluation included: it starts the run again. Its exit status cannot say so: torchrun,
-        signalled too under Slurm, exits 1 whatever its workers did."""
+    def mark(self) -> None:
         if path := os.environ.get(PREEMPTED_FILE):
-            Path(path).write_text(f"step {step}\n")
+            try:
+                Path(path).write_text(f"step {self.step}\n")
+            except OSError as e:  # the checkpoint still comes first
+                print(f"warning: cannot write {path} ({e.strerror}), which asks the launcher to start the run again",
+                      file=sys.stderr, flush=True)
+
+    @staticmethod
+    def completed() -> None:
+        if path := os.environ.get(PREEMPTED_FILE):
+            Path(path).unlink(missing_ok=True)
 
 
 PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
@@ -189,6 +204,7 @@ class Trainer:
         head_bias = SIGMOID_HEAD_BIAS if config.loss.kind == "sigmoid" else 0.0
         model = build_model(config.model, head_bias=head_bias)
         self.train_flops = 3 * forward_flops(model)  # forward + backward
+        self.params = count_params(model)  # before the backend may shard it (ZeRO-3)
         found = resume_point(config)
         changed = continue_checkpoint(config, found) if found is not None else ""
         if origin(config) and found is not None and found != checkpoint.find(config.checkpoint.resume):
@@ -286,7 +302,9 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg, backend = self.config, self.backend
-        preemption = self.preemption = Preemption()
+        if backend.is_main:
+            print(self._banner(), flush=True)
+        preemption = self.preemption = Preemption(self.step)
         window = new_window(backend.device)
         if self.resumed_window["steps"]:  # the log window the checkpoint cut through, on any number of ranks
             window["loss"] += self.resumed_window["mean_loss"]  # each rank's share of the sum _log divides by world
@@ -298,7 +316,6 @@ class Trainer:
                 try:
                     norm = self.train_step(window)
                 except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
-                    preemption.mark(self.step)
                     self._checkpoint_at_stop(window)
                     print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume",
                           flush=True)  # the same line as between steps: which of the two met it is timing
@@ -307,6 +324,7 @@ class Trainer:
                     if self.step:
                         self._checkpoint_at_stop(window)
                     raise UserError(f"{e}{f' (at step {self.step}, checkpointed)' if self.step else ''}") from None
+                preemption.step = self.step
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
@@ -315,18 +333,17 @@ class Trainer:
                     aside(window, self._fewshot)
                 stop = backend.any(preemption.requested)
                 if stop:
-                    preemption.mark(self.step)
+                    preemption.mark()  # also where the signal reached another rank
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
                     aside(window, lambda: self._checkpoint(window))
                 if stop:
                     if backend.is_main:
                         print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume", flush=True)
                     return {"step": self.step, "preempted": 1.0}
-            if not cfg.data.val:
-                return {"step": self.step}
-            if self.last_eval.get("step") != self.step:
+            if cfg.data.val and self.last_eval.get("step") != self.step:
                 self.last_eval = self._evaluate()
-            return self.last_eval
+            preemption.completed()
+            return self.last_eval if cfg.data.val else {"step": self.step}
         finally:
             preemption.restore()
             self.close()
@@ -397,7 +414,9 @@ class Trainer:
         seconds = time.perf_counter() - window["start"]
         images = window["images"] * backend.world
         counted = backend.host_gather((self.tracker.bad_samples, sorted(self.tracker.damaged_shards)))
-        scalars = {"loss": loss, "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
+        seen = self.train_set.num_samples
+        epoch = {"epoch": self.step * self.config.data.batch_size / seen} if seen else {}  # unknown for brace patterns
+        scalars = {**epoch, "loss": loss, "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
                    "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.devices),
                    "data_wait": window["wait"] / seconds, "skipped_steps": self.skips.check(self.step),
                    "bad_samples": sum(bad for bad, _ in counted),
@@ -406,6 +425,16 @@ class Trainer:
         self.metrics.log(self.step, scalars)
         self._hint_data_wait(scalars["data_wait"])
         window.update(new_window(backend.device))
+
+    def _banner(self) -> str:
+        """What the run trains, on what, how long: the first line of its output."""
+        cfg, seen = self.config, self.train_set.num_samples
+        data = f"{seen} samples" if seen else "samples"
+        classes = f" of {len(self.train_set.classes)} classes" if self.train_set.classes else ""
+        epochs = f" ({cfg.schedule.total_steps * cfg.data.batch_size / seen:.3g} epochs)" if seen else ""
+        return (f"{cfg.stage}: {cfg.model.name} ({self.params / 1e6:.3g}M parameters) on {data}{classes} "
+                f"({cfg.data.train}), {cfg.schedule.total_steps} steps of {cfg.data.batch_size}{epochs}, backend "
+                f"{cfg.backend} on {self.backend.world} process(es) ({self.backend.device.type})")
 
     def _hint_data_wait(self, share: float) -> None:
         """Once per run, past the first log window (which holds the workers' start): say how to feed the step."""

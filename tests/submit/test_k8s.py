@@ -325,6 +325,8 @@ def test_a_runs_volume_the_pods_would_wait_on_for_ever_is_refused_before_apply(r
     with pytest.raises(UserError, match=r"^PersistentVolumeClaim ml/vit-runs is ReadWriteOnce, which one node at a "
                                         r"time can mount, but the job's 2 pods run on 2 nodes; give a ReadWriteMany"):
         k8s.check_claim(claim("ReadWriteOnce"), "vit-runs", "ml", 2)
+    with pytest.raises(UserError, match=r"^PersistentVolumeClaim ml/vit-runs is ReadWriteOncePod, which the training "):
+        k8s.check_claim(claim("ReadWriteOncePod"), "vit-runs", "ml", 1)
     assert k8s.check_claim(claim("ReadWriteOnce"), "vit-runs", "ml", 1) == [
         "PersistentVolumeClaim ml/vit-runs is ReadWriteOnce: TensorBoard's pod can start only on the training pod's node"]
 

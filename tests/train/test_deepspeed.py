@@ -186,6 +186,17 @@ def test_zero_stage_matches_the_torch_backend(stage, zero, reference):
         assert not (root / "step_000000008/model.safetensors").exists()
 
 
+
+def test_zero3_ranks_evaluate_as_many_batches_when_one_has_no_shard(small_shards, tmp_path):
+    """ZeRO-3's forward gathers the parameters from every rank (vit_ti8's are above the size it keeps whole on each),
+    so a rank without evaluation data feeds padding until the others are done; it waited for them for ever before."""
+    one_shard = f"{small_shards['val']}/val-{{000000..000000}}.tar"  # 50 samples: one rank reads it, the other none
+    argv = args(small_shards, tmp_path, backend="deepspeed", **{"deepspeed.zero_stage": 3, "model.name": "vit_ti8",
+                                                                "schedule.total_steps": 1, "data.val": one_shard})
+    torchrun(argv)
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [(r["step"], r["samples"]) for r in evals] == [(1, 50)]
+
 @pytest.mark.parametrize("stage", [3])  # ZeRO-3 with compiled blocks: the most that a resume has to restore
 def test_sigkill_then_resume_continues_the_same_losses(stage, zero, small_shards, tmp_path):
     script = tmp_path / "kill_after_step.py"

@@ -98,6 +98,8 @@ for name, backend in (("torch", TorchBackend(config)), ("xla", XlaBackend(config
     out[name] = evaluate(backend, config, sys.argv[1])
 before = compiles()
 out["again"], out["compiles_again"] = evaluate(backend, config, sys.argv[1]), compiles() - before
+from pretrain.metrics import peak_flops
+out["peak"] = peak_flops(backend.device)  # none on the XLA CPU device; SPMD's virtual device has no kind to ask
 import torch_xla.runtime as xr
 xr.process_count, config.log.fewshot_every = (lambda: 2), 100  # a slice of two hosts
 try:
@@ -226,7 +228,7 @@ def test_evaluation_pads_every_batch_to_one_shape_and_scores_as_the_torch_backen
     assert got["samples"] == expected["samples"] == 100 and got["bad_samples"] == 0
     assert got["top1"] == expected["top1"] and got["top5"] == expected["top5"] and 0.05 < got["top1"] < 0.9
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-    assert result["again"] == got and result["compiles_again"] == 0
+    assert result["again"] == got and result["compiles_again"] == 0 and result["peak"] is None
     assert result["fewshot_on_two_hosts"].startswith("log.fewshot_every probes the model on the first host alone")
 
 
