@@ -39,6 +39,7 @@ status=$?
 if [ -f "$PRETRAIN_PREEMPTED_FILE" ]; then
     echo "stopped at $(cat "$PRETRAIN_PREEMPTED_FILE") before the end of the run, after writing a checkpoint;" \
         "exiting 75 to be started again" >&2
+    rm -f "$PRETRAIN_PREEMPTED_FILE"
     exit 75
 fi
 if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before its handler was set: in its start-up
