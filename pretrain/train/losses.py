@@ -48,7 +48,7 @@ def hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 def check_labels(labels: torch.Tensor, num_classes: int, spec: str) -> None:
     """Refuse labels (a CPU batch's) beyond the model's classes, which the loss would fail on in a traceback: shards
     given by a brace pattern have no manifest for their classes to be checked against before."""
-    top = int(labels.max()) if labels.numel() else -1
+    top = int(labels.numpy().max()) if labels.numel() else -1  # on the host: numpy, not item(), which reads a device
     if top >= num_classes:
         raise UserError(f"{spec} labels a sample {top}, but the model has {num_classes} classes (labels 0-"
                         f"{num_classes - 1}); give shards of the model's classes, or set model.num_classes")
