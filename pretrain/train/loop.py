@@ -300,11 +300,14 @@ class Trainer:
                                     "ImageNet), or log.fewshot_every=0")
             shards.check_same_classes(sets[test], getattr(data, test), sets[draw], getattr(data, draw))
 
-    def train(self) -> dict[str, float]:
+    def train(self, preemption: Preemption | None = None) -> dict[str, float]:
+        """The run from where it stands; ``preemption``: handlers installed before the trainer was built (the
+        module's ``train``), so that a signal in the start-up stops the run at its first step."""
         cfg, backend = self.config, self.backend
         if backend.is_main:
             print(self._banner(), flush=True)
-        preemption = self.preemption = Preemption(self.step)
+        preemption = self.preemption = preemption or Preemption(self.step)
+        preemption.step = self.step
         window = new_window(backend.device)
         if self.resumed_window["steps"]:  # the log window the checkpoint cut through, on any number of ranks
             window["loss"] += self.resumed_window["mean_loss"]  # each rank's share of the sum _log divides by world
@@ -316,6 +319,7 @@ class Trainer:
                 try:
                     norm = self.train_step(window)
                 except WaitInterrupted:  # the step had not begun: its checkpoint is the last finished step's
+                    preemption.mark()  # with the step, which a signal in the start-up did not know yet
                     self._checkpoint_at_stop(window)
                     print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume",
                           flush=True)  # the same line as between steps: which of the two met it is timing
@@ -486,9 +490,14 @@ def train(config: Config) -> dict[str, float]:
         if os.environ.get("RANK", "0") == "0":
             print(why, flush=True)
         return {"step": config.schedule.total_steps}
-    trainer = Trainer(config)
+    preemption = Preemption(0)  # a signal in the start-up (loading, compiling) stops the run at its first step
     try:
-        result = trainer.train()
+        trainer = Trainer(config)
+    except BaseException:
+        preemption.restore()
+        raise
+    try:
+        result = trainer.train(preemption)
     except BaseException:
         trainer.backend.close(finished=False)
         raise

@@ -225,6 +225,33 @@ def test_sigterm_checkpoints_and_exits_zero_then_the_step_count_continues(small_
     assert sorted(losses(tmp_path))[-5:] == list(range(step, step + 5))
 
 
+
+SIGTERM_IN_START_UP = """
+import os, signal, sys
+from pretrain import run
+from pretrain.train import loop
+build = loop.build_model
+def build_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # while the trainer is built: before, this ended the process (143)
+    return build(*args, **kwargs)
+loop.build_model = build_then_signal
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_in_the_start_up_stops_the_run_at_its_first_step_and_tells_the_launcher(small_shards, tmp_path):
+    note = tmp_path / "preempted"
+    result = run(overrides(small_shards, tmp_path / "run", **{"data.workers": 0}),
+                 launcher=(sys.executable, "-c", SIGTERM_IN_START_UP),
+                 env={**os.environ, "PRETRAIN_PREEMPTED_FILE": str(note)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "preempted: checkpoint written at step 0" in result.stdout
+    assert note.read_text() == "step 0\n"
+    resumed = run(overrides(small_shards, tmp_path / "run", **{"data.workers": 0, "schedule.total_steps": 3}),
+                  env={**os.environ, "PRETRAIN_PREEMPTED_FILE": str(note)})
+    assert resumed.returncode == 0 and "at step 0" in resumed.stdout, resumed.stderr[-2000:]
+    assert not note.exists()  # the run completed: the note is taken back
+
 def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_resume_is_exact(small_shards, tmp_path):
     """Shards over HTTP from a server that goes down: the reader asks again (saying so), and a preemption then
     checkpoints the last finished step at once instead of waiting for the data; storage that stays down past
