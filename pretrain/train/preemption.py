@@ -1,0 +1,58 @@
+"""SIGTERM / SIGUSR1 during training: a flag the loop reads between steps, and a note for the launcher that
+starts a run again after a preemption (slurm/train.sbatch, k8s/launch.sh)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+class WaitInterrupted(BaseException):
+    """SIGTERM / SIGUSR1 while a one-process run waits for the first batch of a step (storage that does not answer):
+    a BaseException, so that the DataLoader's own ``except Exception`` lets it through."""
+
+
+class Preemption:
+    """Turns SIGTERM / SIGUSR1 into a flag the loop reads between steps; while ``interruptible`` (waiting for data,
+    nothing of the step done yet) into ``WaitInterrupted`` at once.
+
+    A signal, to this process or (agreed at the step's end) to another rank, also leaves the launcher's note
+    (the file ``PRETRAIN_PREEMPTED_FILE`` names; slurm/train.sbatch and k8s/launch.sh set it) that the run is owed
+    the rest, its final evaluation included, so that the launcher starts it again. Its exit status cannot say so:
+    torchrun, signalled too under Slurm, exits 1 whatever its workers did, and kills one still busy 30 s later. A
+    run that completes after all (a signal during its final evaluation) takes the note back.
+    """
+
+    def __init__(self, step: int):
+        self.requested = self.interruptible = False
+        self.step = step  # the last finished step, for the note
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        self.mark()
+        if self.interruptible:
+            self.interruptible = False
+            raise WaitInterrupted
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def mark(self) -> None:
+        if path := os.environ.get(PREEMPTED_FILE):
+            try:
+                Path(path).write_text(f"step {self.step}\n")
+            except OSError as e:  # the checkpoint still comes first
+                print(f"warning: cannot write {path} ({e.strerror}), which asks the launcher to start the run again",
+                      file=sys.stderr, flush=True)
+
+    @staticmethod
+    def completed() -> None:
+        if path := os.environ.get(PREEMPTED_FILE):
+            Path(path).unlink(missing_ok=True)
+
+
+PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
