@@ -233,7 +233,8 @@ def test_evaluation_pads_every_batch_to_one_shape_and_scores_as_the_torch_backen
 
 
 LOCKSTEP = """
-import json, torch
+import json, sys, torch
+from pathlib import Path
 from pretrain.backends.torch_backend import TorchBackend
 from pretrain.config import Config
 from pretrain.evaluate import lockstep
@@ -244,7 +245,7 @@ mine = [{"image": torch.full((n, 3, 2, 2), 1, dtype=torch.uint8), "labels": torc
          "bad_samples": 1, "damaged_shards": []} for n in ([8, 8, 3] if rank == 0 else [5])]
 fed = [(list(b["image"].shape), int(b["real"].sum()), int(b["image"].sum()), b["labels"][:, 0].tolist())
        for b in lockstep(mine, backend, 8, 2)]
-print(json.dumps({"rank": rank, "fed": fed, "sums": backend.host_reduce([len(mine), rank])}))
+Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps({"fed": fed, "sums": backend.host_reduce([len(mine), rank])}))
 backend.close()
 """
 
@@ -254,10 +255,10 @@ def test_hosts_with_uneven_parts_of_the_evaluation_set_feed_as_many_batches_of_o
     until the host with the most is done. Two gloo processes stand in for two TPU VM hosts."""
     (tmp_path / "lockstep.py").write_text(LOCKSTEP)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(tmp_path / "lockstep.py")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             str(tmp_path / "lockstep.py"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = {r["rank"]: r for r in (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]  # their stdout interleaves
     rows = 8 * 3 * 2 * 2
     assert ranks[0]["fed"] == [[[8, 3, 2, 2], 8, rows, [0] * 8], [[8, 3, 2, 2], 8, rows, [0] * 8],
                                [[8, 3, 2, 2], 3, 3 * 12, [0] * 3 + [-1] * 5]]
