@@ -58,6 +58,9 @@ def tpu_generation(accelerator: str) -> str:
     return names.get(kind, "")
 
 
+SHARES = {"data_wait"}  # fractions of the step time, shown on the console as percentages (kept as fractions in the logs)
+
+
 def shown(value: float) -> str:
     """A figure for the console line: whole numbers as such, large ones without an exponent (27760, not 2.776e+04)."""
     if float(value).is_integer():
@@ -117,7 +120,7 @@ class Metrics:
 
     def _line(self, step: int, scalars: dict[str, float], prefix: str) -> str:
         parts = [f"{prefix} step {step}/{self.total_steps}"]
-        parts += [f"{k} {shown(v)}" for k, v in scalars.items()]
+        parts += [f"{k} {v:.1%}" if k in SHARES else f"{k} {shown(v)}" for k, v in scalars.items()]
         elapsed = time.perf_counter() - self.started
         if prefix == "train" and step > self.start_step:
             left = elapsed / (step - self.start_step) * (self.total_steps - step)
