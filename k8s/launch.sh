@@ -42,7 +42,7 @@ if [ -f "$PRETRAIN_PREEMPTED_FILE" ]; then
     rm -f "$PRETRAIN_PREEMPTED_FILE"
     exit 75
 fi
-if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before its handler was set: in its start-up
+if ((termed && status == 128 + 15)); then  # ended by the SIGTERM before the interpreter got to the trainer's first line
     echo "SIGTERM ended the trainer before it could write a checkpoint; exiting 75 to be started again" >&2
     exit 75
 fi

@@ -10,6 +10,11 @@ import argparse
 import os
 import sys
 
+if __name__ == "__main__":  # before the imports below, which take seconds
+    from pretrain.train.preemption import hold_signals
+
+    hold_signals()
+
 import torch
 
 from data_tools.pool import exit_when_gone

@@ -26,9 +26,12 @@ class Preemption:
     """
 
     def __init__(self, step: int):
-        self.requested = self.interruptible = False
+        self.interruptible = False
         self.step = step  # the last finished step, for the note
-        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {s: signal.signal(s, self._handler) for s in SIGNALS} | _before
+        _before.clear()
+        self.requested = bool(_held)
+        _held.clear()
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
@@ -56,3 +59,14 @@ class Preemption:
 
 
 PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_held: list[int] = []  # signals that came while held, for the Preemption
+_before: dict = {}  # the handlers hold_signals replaced, which the Preemption restores
+
+
+def hold_signals() -> None:
+    """From a trainer process's first line until its Preemption is set (importing torch, reading the recipe: seconds),
+    SIGTERM / SIGUSR1 are kept for the Preemption rather than ending the process (TERM) or being lost (USR1, which
+    slurm/train.sbatch has the trainers ignore until they handle it)."""
+    for s in SIGNALS:
+        _before[s] = signal.signal(s, lambda signum, frame: _held.append(signum))

@@ -188,7 +188,7 @@ def test_tpu_slices_have_the_hosts_gke_gives_them(accelerator, topology, hosts, 
 
 
 def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_path):
-    """The trainer's handler comes after its imports: a SIGTERM before it ends the trainer (143), which is no failure."""
+    """A SIGTERM before the trainer's first line (the interpreter's own start) ends it (143), which is no failure."""
     starting = [sys.executable, "-c", "import time; print('importing', flush=True); time.sleep(60)"]
     pod = subprocess.Popen(["bash", "k8s/launch.sh", *starting], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -251,6 +252,30 @@ def test_sigterm_in_the_start_up_stops_the_run_at_its_first_step_and_tells_the_l
                   env={**os.environ, "PRETRAIN_PREEMPTED_FILE": str(note)})
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout, resumed.stderr[-2000:]
     assert not note.exists()  # the run completed: the note is taken back
+
+def caught(pid: int, signum: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(status.split("SigCgt:")[1].split()[0], 16) >> (signum - 1) & 1)
+
+
+def test_sigusr1_while_the_trainer_imports_torch_is_kept_for_it(small_shards, tmp_path):
+    """As slurm/train.sbatch starts them, the trainers ignore USR1 until they handle it: one sent while they import
+    torch (seconds) was lost. It now stops the run at its first step with a checkpoint and the launcher's note."""
+    note = tmp_path / "preempted"
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "pretrain.run",
+                                                *overrides(small_shards, tmp_path / "run", **{"data.workers": 0})])
+    trainer = subprocess.Popen(["bash", "-c", f'trap "" USR1; exec {command}'], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PRETRAIN_PREEMPTED_FILE": str(note)})
+    deadline = time.time() + 30
+    while not caught(trainer.pid, signal.SIGUSR1):
+        assert time.time() < deadline and trainer.poll() is None, trainer.communicate()
+    importing = "libtorch" not in Path(f"/proc/{trainer.pid}/maps").read_text()
+    trainer.send_signal(signal.SIGUSR1)
+    out, err = trainer.communicate(timeout=300)
+    assert importing, "the trainer handled USR1 only once torch was loaded"
+    assert trainer.returncode == 0, err[-2000:]
+    assert "preempted: checkpoint written at step 0" in out and note.read_text() == "step 0\n"
+
 
 def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_resume_is_exact(small_shards, tmp_path):
     """Shards over HTTP from a server that goes down: the reader asks again (saying so), and a preemption then
