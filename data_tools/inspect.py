@@ -18,7 +18,7 @@ import fsspec
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from pretrain.cli import OneLineParser, command
+from pretrain.cli import OneLineParser, command, plural, whole
 from pretrain.errors import UserError
 
 from .manifest import REPORT, Manifest, Shard, load
@@ -38,8 +38,8 @@ def summary(where: Location, manifest: Manifest) -> list[str]:
     size = sum(s.bytes for s in manifest.shards)
     kind = "multi-label" if manifest.multi_label else "single-label"
     lines = [
-        f"{manifest.name}: {manifest.num_samples} samples in {len(manifest.shards)} shards ({size / 2**20:.1f} MiB), "
-        f"{len(manifest.classes)} classes, {kind}",
+        f"{manifest.name}: {plural(manifest.num_samples, 'sample')} in {plural(len(manifest.shards), 'shard')} "
+        f"({size / 2**20:.1f} MiB), {plural(len(manifest.classes), 'class', 'classes')}, {kind}",
         f"source: {manifest.source} ({manifest.source_kind})",
     ]
     skipped = f"skipped: {manifest.skipped}"
@@ -160,18 +160,6 @@ def grid(samples: list[tuple[str, dict]], classes: list[str]) -> Image.Image:
     return canvas
 
 
-def at_least(low: int):
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of {low} or more")
-        return value
-    return count
-
-
 def write_png(image: Image.Image, url: str) -> None:
     out = io.BytesIO()
     image.save(out, format="PNG")
@@ -206,10 +194,10 @@ def show(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[1])
     parser.add_argument("output", help="the shard folder (local path or fsspec URL) or its manifest.json")
-    parser.add_argument("--keys", type=at_least(0), default=10, metavar="N",
+    parser.add_argument("--keys", type=whole(0), default=10, metavar="N",
                         help="show the first N keys and their labels")
     parser.add_argument("--grid", metavar="PNG", help="draw the first samples with their class names into this PNG")
-    parser.add_argument("--grid-samples", type=at_least(1), default=16, metavar="N", help="samples in the grid")
+    parser.add_argument("--grid-samples", type=whole(1), default=16, metavar="N", help="samples in the grid")
     parser.add_argument("--recount", action="store_true", help="count the labels in the shards anew")
     return show(parser.parse_args(argv))
 

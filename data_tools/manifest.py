@@ -81,7 +81,7 @@ class Manifest:
             data.pop("num_samples", None)
             data["shards"] = [Shard(**s) for s in data["shards"]]
             manifest = cls(**data)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: JSON, not an object
             raise UserError(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
         if len(manifest.class_counts) != len(manifest.classes) or any(
             s.samples < 0 or s.bytes < 0 for s in manifest.shards

@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
 
 from pretrain.cli import Terminated
+from pretrain.errors import UserError
 
 
 @contextlib.contextmanager
@@ -81,7 +83,12 @@ class ProcessPool(ProcessPoolExecutor):
     def __exit__(self, exc_type, exc, traceback):
         if exc_type is not None:  # Ctrl-C, or a task's error: the tasks not begun are not started
             self.shutdown(cancel_futures=True)
-        return super().__exit__(exc_type, exc, traceback)
+        super().__exit__(exc_type, exc, traceback)
+        if isinstance(exc, BrokenProcessPool):
+            raise UserError("a worker process died (killed for memory? dmesg says; or a crash in an image decoder), so "
+                            "the command stopped; what was finished is kept: run the same command again, with fewer "
+                            "--workers if memory ran out") from None
+        return False
 
 
 @contextlib.contextmanager

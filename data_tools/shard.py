@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.cli import OneLineParser, command, plural
+from pretrain.cli import OneLineParser, command, plural, whole
 from pretrain.errors import UserError
 
 from . import sources
@@ -50,17 +50,15 @@ def parse_size(text: str) -> int:
     return size
 
 
-def positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of samples above 0")
-    return n
+def prefix(text: str) -> str:
+    """--name: the start of the shards' file names, in OUTPUT itself."""
+    if not text or "/" in text or "\\" in text or text.startswith(".") or "{" in text:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a file name prefix (no '/', '{{' or leading '.')")
+    return text
 
 
 def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) -> Corpus:
+    sources.check_not_shard_set(source)
     kind = sources.detect_kind(source) if kind == "auto" else kind
     if kind == "imagefolder":
         return sources.list_imagefolder(source, classes_file)
@@ -72,12 +70,13 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
                                    "synset tar")
     index = {sources.nfc(name): label for label, name in enumerate(classes)}
     labels = [index[sources.nfc(stem)] for stem in stems]
-    items, refused = [], []
+    items, refused, members = [], [], Counter()
     with ProcessPool(workers) as pool:
         listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
-        for found, bad in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
+        for found, bad, ignored_members in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
             refused += bad
+            members += ignored_members
     first: dict[str, Item] = {}
     for item in items:  # in tar and member order; a tar's members cannot be renamed in place: skip them, not stop
         if item.key in first:
@@ -85,7 +84,8 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
                             f"{first[item.key].where} (a key drops the extension and folders inside a tar), which is kept"})
         else:
             first[item.key] = item
-    return Corpus("i21k", classes, False, [it for it in items if first[it.key] is it], refused, ignored, hidden)
+    return Corpus("i21k", classes, False, [it for it in items if first[it.key] is it], refused, ignored, hidden,
+                  members)
 
 
 def plan(items: list[Item], seed: int, shard_samples: int, shard_bytes: int) -> list[list[Item]]:
@@ -112,31 +112,59 @@ def plan_digest(names: list[str], shards: list[list[Item]]) -> str:
     return h.hexdigest()
 
 
+def classes_canonical(spec: str | None) -> str | None:
+    """--classes as the run records it: 'classes.txt' run from another folder, and a shard set named by its folder or
+    its manifest.json, are the same."""
+    if spec is None:
+        return None
+    if spec.rstrip("/").rsplit("/", 1)[-1] == MANIFEST:
+        spec = spec.rstrip("/")[: -len(MANIFEST)] or "."
+    return Location(spec).canonical
+
+
+def comparable(options: dict) -> dict:
+    """An earlier run's options as this one records them (its --classes was recorded as typed until 2026-12)."""
+    return {**options, "classes": classes_canonical(options.get("classes"))}
+
+
 def differences(options: dict, source: str, run: dict) -> str:
     """How an earlier command (its options and source) differs from this one, e.g. '--seed 0 there, 1 here'."""
     parts = [f"source {source} there, {run['source']} here"] if source != run["source"] else []
+    options = comparable(options)
     parts += [f"--{key.replace('_', '-')} {options.get(key)} there, {value} here"
               for key, value in run["options"].items() if key != "plan_sha256" and options.get(key) != value]
     return "; ".join(parts) or "the same options, but the source's files changed since"
 
 
-def check_output(out: Location, run: dict) -> Manifest | None:
-    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else."""
+def check_output(out: Location, run: dict, names: list[str]) -> Manifest | None:
+    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else. A folder
+    that holds this run's shards (by their names) and a damaged manifest.json, or none, is written again."""
     entries = [n for n in out.names() if not n.startswith(".")]
+    ours = set(entries) <= {*names, MANIFEST, REPORT, PARTS}
+    damaged = False
     if MANIFEST in entries:
-        done = Manifest.from_json(out.read_bytes(MANIFEST).decode(), out.url_of(MANIFEST))
-        if done.source == run["source"] and done.options == run["options"]:
-            return done
-        how = differences(done.options, done.source, run)
-        raise UserError(f"{out.url} already holds the shards of another command ({how}); pick an empty OUTPUT")
+        try:
+            done = Manifest.from_json(out.read_bytes(MANIFEST).decode(errors="replace"), out.url_of(MANIFEST))
+        except UserError:
+            if not ours:
+                raise
+            damaged = True
+        else:
+            if done.source == run["source"] and comparable(done.options) == run["options"]:
+                return done
+            how = differences(done.options, done.source, run)
+            raise UserError(f"{out.url} already holds the shards of another command ({how}); pick an empty OUTPUT")
     if PARTS in entries and out.exists(f"{PARTS}/run.json"):
         earlier = json.loads(out.read_bytes(f"{PARTS}/run.json"))
-        if earlier != run:
+        if earlier["source"] != run["source"] or comparable(earlier["options"]) != run["options"]:
             how = differences(earlier["options"], earlier["source"], run)
             finish = ("restore the source as it was to finish that run" if how.startswith("the same options")
                       else "rerun that command to finish it")
             raise UserError(f"{out.url} holds an unfinished run of another command ({how}); {finish}, or pick an "
                             f"empty OUTPUT")
+    elif entries and ours:
+        print(f"{out.url} holds shards named as this run's and {'a damaged' if damaged else 'no'} {MANIFEST} to "
+              f"check them by; writing them again")
     elif entries:
         raise UserError(f"{out.url} is not empty and holds no run of data_tools.shard; pick an empty OUTPUT (nothing was written)")
     return None
@@ -154,7 +182,7 @@ def repair(out: Location, manifest: Manifest, damaged: list[str], planned: dict[
     """Write ``damaged`` shards of a finished set again, from the same plan, and their sizes and hashes into the
     manifest; a shard that comes out with another number of samples means the source changed since."""
     listed = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
-    print(f"{out.url} holds this run, but {listed} are missing or of another size than manifest.json says; "
+    print(f"{out.url} holds this run, but {listed} {'is' if len(damaged) == 1 else 'are'} missing or of another size than manifest.json says; "
           f"writing them again")
     todo = [(name, planned[name]) for name in damaged]
     records = {r["name"]: r for r in write_all(out, todo, options, workers, sum(len(items) for _, items in todo))}
@@ -221,13 +249,26 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
                 records.append(finish(write_shard(out.url, name, items, options, advance)))
             return records
         progress = multiprocessing.get_context("spawn").Queue()  # handed to each worker as it starts
-        with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = {pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo}
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        futures, recorded = [], set()
+        try:
+            with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
+                futures = [pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo]
+                pending = set(futures)
+                try:
+                    while pending:
+                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        _drain(progress, advance)
+                        for f in done:
+                            records.append(finish(f.result()))
+                            recorded.add(f)
+                except KeyboardInterrupt:
+                    bar.write("stopping: the shards being written are finished first", file=sys.stderr)
+                    raise
                 _drain(progress, advance)
-                records += [finish(f.result()) for f in done]
-            _drain(progress, advance)
+        finally:  # an interrupt, or a worker's death, waited for the others' shards: they count as finished
+            for f in futures:
+                if f not in recorded and f.done() and not f.cancelled() and f.exception() is None:
+                    records.append(finish(f.result()))
         return records
     finally:
         bar.close()
@@ -256,6 +297,10 @@ def shard(args: argparse.Namespace) -> Manifest:
         what = "an image" if corpus.kind == "imagefolder" else "a synset tar"
         like = ", as torchvision's ImageFolder does" if corpus.kind == "imagefolder" else ""
         print(f"ignored {plural(n, 'file')} not named as {what} ({endings}){like}")
+    if corpus.ignored_members:
+        endings = ", ".join(f"{end} {k}" for end, k in corpus.ignored_members.most_common())
+        print(f"ignored {plural(corpus.ignored_members.total(), 'tar member')} not named as an image ({endings}), as "
+              f"torchvision's ImageFolder does")
     if corpus.hidden:
         names = ", ".join(f"{name} {k}" for name, k in corpus.hidden.most_common(5))
         print(f"ignored {plural(corpus.hidden.total(), 'hidden file or folder', 'hidden files and folders')} (a name "
@@ -267,7 +312,8 @@ def shard(args: argparse.Namespace) -> Manifest:
     names = [shard_name(args.name, i) for i in range(len(shards))]
     cli = {k: getattr(args, k) for k in ("kind", "classes", "name", "shard_samples", "shard_size", "seed", "resize_short", "quality", "check")}
     run = {"source": Location(args.source).canonical,
-           "options": {**cli, "kind": corpus.kind, "plan_sha256": plan_digest(names, shards)}}
+           "options": {**cli, "classes": classes_canonical(args.classes), "kind": corpus.kind,
+                       "plan_sha256": plan_digest(names, shards)}}
     with written_to(out):
         return write_set(out, run, corpus, names, shards, options, args)
 
@@ -288,12 +334,13 @@ def written_to(out: Location) -> Iterator[None]:
 def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards: list[list[Item]], options: Options,
               args: argparse.Namespace) -> Manifest:
     """Write the planned shards into ``out`` (those an earlier run left intact are kept), then the manifest."""
-    done = check_output(out, run)
+    done = check_output(out, run, names)
     if done is not None:
         damaged = damaged_shards(out, done)
         if damaged:
             return repair(out, done, damaged, dict(zip(names, shards)), options, args.workers)
-        print(f"{out.url} already holds this run: {len(done.shards)} shards, {done.num_samples} samples; nothing to do")
+        print(f"{out.url} already holds this run: {plural(len(done.shards), 'shard')}, "
+              f"{plural(done.num_samples, 'sample')}; nothing to do")
         return done
     out.write_bytes(f"{PARTS}/run.json", json.dumps(run).encode())
 
@@ -309,6 +356,11 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     for r in ordered:
         counts.update({int(k): v for k, v in r["class_counts"].items()})
     skipped = corpus.refused + [s for r in ordered for s in r["skipped"]]
+    if not any(r["samples"] for r in ordered):
+        out.write_bytes(REPORT, "".join(json.dumps(s) + "\n" for s in skipped).encode())
+        first = f" ({skipped[0]['source']}: {skipped[0]['reason']})" if skipped else ""
+        raise UserError(f"none of the {len(corpus.items)} images of {args.source} could be read{first}; every "
+                        f"reason is in {out.url_of(REPORT)}")
     manifest = Manifest(
         name=args.name,
         source=run["source"],
@@ -334,7 +386,7 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
     print(
         f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), "
-        f"{manifest.num_samples} samples, {size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} "
+        f"{plural(manifest.num_samples, 'sample')}, {size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} "
         f"skipped{damaged}"
         + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
@@ -358,19 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", help="the classes, in label order: a file with one name per line or a shard set "
                    "(its manifest's); required for image lists, and for folders and tars it labels a split as the "
                    "split it names, e.g. --classes shards/train for the validation images")
-    p.add_argument("--name", default="train", help="shard name prefix: NAME-000000.tar (default: train)")
+    p.add_argument("--name", type=prefix, default="train", help="shard name prefix: NAME-000000.tar (default: train)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-samples", type=positive, default=0, help="samples per shard")
+    size.add_argument("--shard-samples", type=whole(1), default=0, help="samples per shard")
     size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
                       help="target shard size, counted in the source's image bytes (default 1GB; with --resize-short "
                            "shards come out smaller by as much as the images shrink)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
-    p.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the shuffle across shards")
+    p.add_argument("--workers", type=whole(1), default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
     p.add_argument("--check", choices=["header", "decode"], default="header",
                    help="how hard to check each image: header (the header, PNG checksums, the end of a JPEG; a JPEG "
                         "cut short is decoded to tell) or decode (every pixel)")
-    p.add_argument("--resize-short", type=int, default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--resize-short", type=whole(0), default=0, help="re-encode as JPEG with this shorter side (0: keep bytes)")
+    p.add_argument("--quality", type=whole(1, 100), default=95, help="JPEG quality when re-encoding")
     args = p.parse_args(argv)
     with terminate_as_interrupt():
         shard(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import os
 import posixpath
@@ -18,6 +19,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
+import fsspec
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
 from PIL import Image
@@ -25,6 +27,7 @@ from PIL import Image
 from pretrain.cli import plural
 from pretrain.errors import UserError
 
+from .manifest import MANIFEST
 from .manifest import load as load_manifest
 from .storage import Location
 
@@ -54,8 +57,10 @@ class Corpus:
     # marks a whole tar that could not be read to its end (its images are not counted, being unknown)
     ignored: Counter = field(default_factory=Counter)  # files of a tree that are no samples, by ending
     hidden: Counter = field(default_factory=Counter)  # hidden files and folders left out ('.DS_Store'), by name
+    ignored_members: Counter = field(default_factory=Counter)  # members of synset tars that are no images, by ending
 
 
+@functools.cache
 def image_endings() -> frozenset[str]:
     """File name endings ('.jpg', lower case) of the formats PIL opens; other files of a tree are not images."""
     Image.init()
@@ -65,6 +70,9 @@ def image_endings() -> frozenset[str]:
 def detect_kind(source: str) -> str:
     fs, path = url_to_fs(source)
     if fs.isfile(path):
+        if is_tar(path) or tarfile_magic(fs, path):
+            raise UserError(f"SOURCE {source} is a tar; unpack it first (tar xf {source} -C DIR: the ImageNet-21k "
+                            f"release is a tar of per-synset tars) and give DIR")
         return "list"
     if not fs.isdir(path):
         raise UserError(f"SOURCE {source} does not exist; give an ImageFolder tree, a folder of per-class tars or an image list")
@@ -78,8 +86,21 @@ def detect_kind(source: str) -> str:
     return "i21k" if tars else "imagefolder"
 
 
+def check_not_shard_set(source: str) -> None:
+    fs, path = url_to_fs(source)
+    if fs.isfile(f"{path.rstrip('/')}/{MANIFEST}"):
+        raise UserError(f"SOURCE {source} is a shard set already (it holds {MANIFEST}); train on it as it is "
+                        f"(data.train={source}), or shard the images it was made from")
+
+
 def is_tar(name: str) -> bool:
     return name.lower().endswith(".tar")
+
+
+def tarfile_magic(fs: AbstractFileSystem, path: str) -> bool:
+    """A POSIX tar, whatever its name: 'ustar' at byte 257 of its first header."""
+    with fs.open(path, "rb") as f:
+        return f.read(263)[257:262] == b"ustar"
 
 
 def hidden(name: str) -> bool:
@@ -136,7 +157,7 @@ def read_classes(spec: str) -> list[str]:
     if not fs.isfile(path):
         raise UserError(f"--classes {spec} does not exist; give a file with one class name per line or a shard set")
     classes, lines = [], {}
-    for lineno, line in enumerate(read_lines(fs, path), 1):
+    for lineno, line in enumerate(read_lines(fs, path, f"--classes {spec}"), 1):
         name = line.strip()
         if name in lines:
             raise UserError(f"--classes {spec} names '{name}' twice (lines {lines[name]} and {lineno}); a label is "
@@ -149,10 +170,14 @@ def read_classes(spec: str) -> list[str]:
     return classes
 
 
-def read_lines(fs: AbstractFileSystem, path: str) -> list[str]:
+def read_lines(fs: AbstractFileSystem, path: str, shown: str) -> list[str]:
     """A text file's lines, without the byte-order mark that Excel and Notepad write at the start of UTF-8."""
-    with fs.open(path, "rt", encoding="utf-8-sig") as f:
-        return f.read().splitlines()
+    try:
+        with fs.open(path, "rt", encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{shown} is not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}); save it as UTF-8, "
+                        f"e.g. with iconv -f latin1 -t utf-8 (or -f utf-16)") from None
 
 
 def fixed_labels(found: list[str], classes: list[str] | None, classes_spec: str | None, what: str) -> list[str]:
@@ -244,11 +269,12 @@ def local_files(folder: str) -> dict[str, dict]:
     return files
 
 
-def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
-    """Members of one per-synset tar: headers only, data offsets kept for reading in place."""
+def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict], Counter]:
+    """Members of one per-synset tar: headers only, data offsets kept for reading in place; and the endings of the
+    members not named as images, left out as ImageFolder leaves out such files."""
     fs, path = url_to_fs(tar_url)
     synset = posixpath.basename(path)[: -len(".tar")]
-    items, refused = [], []
+    items, refused, ignored, images = [], [], Counter(), image_endings()
     with fs.open(path, "rb") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
@@ -256,7 +282,7 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
             f.seek(0)
             why = ("compressed (gzip: a .tar.gz under a .tar name); decompress it, as the synset tars are read in place"
                    if f.read(2) == b"\x1f\x8b" else f"unreadable tar ({e})")
-            return [], [{"source": tar_url, "reason": why, "tar": True}]
+            return [], [{"source": tar_url, "reason": why, "tar": True}], ignored
         try:
             while tar.next() is not None:
                 pass
@@ -275,10 +301,12 @@ def list_tar(tar_url: str, label: int) -> tuple[list[Item], list[dict]]:
         elif not m.isfile():
             if not m.isdir():
                 refused.append({"source": where, "reason": "not a regular file (link or device)"})
+        elif (ending := posixpath.splitext(m.name)[1].lower()) not in images:
+            ignored[ending or "no ending"] += 1
         else:
             key = sample_key(f"{synset}/{posixpath.basename(m.name)}")
             items.append(Item(key, tar_url, (label,), m.size, m.offset_data, m.name))
-    return items, refused
+    return items, refused, ignored
 
 
 def list_i21k_tars(source: str) -> tuple[list[str], Counter, Counter]:
@@ -297,6 +325,12 @@ def list_i21k_tars(source: str) -> tuple[list[str], Counter, Counter]:
     if not tars:
         raise UserError(f"{source} holds no .tar files; the ImageNet-21k layout is one n0xxxxxxx.tar per synset")
     check_names([posixpath.basename(t) for t in tars], source, "synset tar")
+    first: dict[str, str] = {}
+    for t in tars:
+        name = posixpath.basename(t)
+        if (twin := first.setdefault(nfc(name[: -len(".tar")]), name)) != name:
+            raise UserError(f"{source} has synset tars '{twin}' and '{name}', one class spelled two ways (the "
+                            f"ending's case, or Unicode NFC and NFD); merge them into one tar")
     return tars, ignored, hidden_names
 
 
@@ -305,7 +339,10 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     if not classes_file:
         raise UserError(f"{source} is an image list; pass --classes FILE with one class name per line")
     fs, list_path = url_to_fs(source)
-    lines = read_lines(fs, list_path)
+    if not fs.isfile(list_path):
+        what = "a folder, not an image list" if fs.isdir(list_path) else "not there"
+        raise UserError(f"SOURCE {source} is {what}; --kind list reads a CSV or JSON-lines file naming the images")
+    lines = read_lines(fs, list_path, f"SOURCE {source}")
     classes = read_classes(classes_file)
     index = {c: i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)
@@ -330,6 +367,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         # A class named twice is one label, not a double count in the manifest.
         ids = tuple(dict.fromkeys(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels))
         if "://" in path:
+            check_protocol(path, source, lineno)
             key, resolved = sample_key(path.split("://", 1)[1].split("/", 1)[-1]), path
         else:
             path = posixpath.normpath(path)  # ./a.jpg is a.jpg
@@ -348,6 +386,15 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     return Corpus("list", classes, True, _with_sizes(items))
 
 
+def check_protocol(url: str, source: str, lineno: int) -> None:
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:  # "Install s3fs to access S3", "Protocol not known: foo"
+        raise UserError(f"{source} line {lineno}: '{url}' cannot be read here ({e}); install the package for "
+                        f"{protocol}:// or fix the URL") from None
+
+
 def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
     if line.lstrip().startswith("{"):
         try:
@@ -362,7 +409,7 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
             return str(record["path"]), labels
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{source} line {lineno}: not a JSON object with 'path' and 'labels' ({e})") from None
-    row = next(csv.reader([line]))
+    row = next(csv.reader([line], skipinitialspace=True))  # "a.jpg", "cat": the label is cat
     path = row[0].strip()
     labels = " ".join(row[1:]).split()
     return path, labels
@@ -377,8 +424,13 @@ def _label_id(label, index: dict[str, int], classes: list[str], source: str, lin
         return index[str(label)]
     near = difflib.get_close_matches(str(label), classes, n=1)
     header = lineno == 1 and not str(source).endswith(".jsonl")
-    hint = f" (did you mean '{near[0]}'?)" if near else (" (a header line? the list has none: remove it)" if header
-                                                          else "")
+    if near:
+        hint = f" (did you mean '{near[0]}'?)"
+    elif isinstance(label, str) and label.isdigit():
+        hint = (f" (a class id? a CSV list names its classes; JSON lines take ids: "
+                f'{{"path": "...", "labels": [{label}]}})')
+    else:
+        hint = " (a header line? the list has none: remove it)" if header else ""
     shown = label if isinstance(label, str) else json.dumps(label)  # as written in the file: true, not True
     raise UserError(f"{source} line {lineno}: label '{shown}' is not in {classes_file}{hint}")
 

@@ -8,13 +8,15 @@ seed draws the same images, so the demo is reproducible; a small ViT learns them
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pretrain.cli import OneLineParser, command, whole
+from pretrain.errors import UserError
 
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "diagonal", "checker", "dots"]
 
@@ -65,23 +67,34 @@ def draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def write_split(root: Path, per_class: int, size: int, seed: int) -> int:
+    """Writes the split over an earlier one: its images beyond ``per_class`` (a run with more) go."""
     rng = np.random.default_rng(seed)
     for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
+        folder = root / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{folder} cannot be a folder (a file is in its way); give an OUTPUT folder") from None
+        written = set()
         for i in range(per_class):
             out = io.BytesIO()
             draw(label, size, rng).save(out, "JPEG", quality=90)
-            (root / name / f"{name}_{i:05d}.jpg").write_bytes(out.getvalue())
+            path = folder / f"{name}_{i:05d}.jpg"
+            path.write_bytes(out.getvalue())
+            written.add(path)
+        for earlier in set(folder.glob(f"{name}_[0-9][0-9][0-9][0-9][0-9].jpg")) - written:
+            earlier.unlink()
     return per_class * len(CLASSES)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.synthetic", description=__doc__.split("\n\n")[1])
+    p = OneLineParser(prog="python -m data_tools.synthetic", description=__doc__.split("\n\n")[1])
     p.add_argument("output", help="folder for the train/ and val/ ImageFolder trees")
-    p.add_argument("--train-per-class", type=int, default=400)
-    p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--size", type=int, default=40, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-class", type=whole(1), default=400)
+    p.add_argument("--val-per-class", type=whole(1), default=50)
+    p.add_argument("--size", type=whole(8), default=40, help="image side in pixels")
+    p.add_argument("--seed", type=whole(0), default=0)
     args = p.parse_args(argv)
     out = Path(args.output)
     n = write_split(out / "train", args.train_per_class, args.size, args.seed)

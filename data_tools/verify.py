@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print(line)
     verdict = plural(problems, "problem") if problems else "OK"
-    print(f"verified {len(manifest.shards)} shards, {samples} samples: {verdict}")
+    print(f"verified {plural(len(manifest.shards), 'shard')}, {plural(samples, 'sample')}: {verdict}")
     return 1 if problems else 0
 
 

@@ -17,6 +17,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C but ending with its own exit status (128 + 15)."""
 
 
+def whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``)."""
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number {bounds}")
+        return value
+    return number
+
+
 def plural(n: int, noun: str, nouns: str = "") -> str:
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 

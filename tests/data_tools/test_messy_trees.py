@@ -12,9 +12,10 @@ import tarfile
 import unicodedata
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from corpus import CLASSES, i21k_tars, image_bytes, image_folder
+from corpus import CLASSES, i21k_tars, image_bytes, image_folder, image_list
 from data_tools import manifest as mf
 from data_tools.shard import main
 from test_shard import labels_of, read_back
@@ -145,8 +146,8 @@ def test_synset_tars_as_they_come(tmp_path, capsys):
 
 def test_sizes_and_counts_that_make_no_shards_are_refused(tmp_path, capsys):
     image_folder(tmp_path / "src", per_class=1)
-    for option, value, said in (("--shard-samples", "-5", "'-5' is not a number of samples above 0"),
-                                ("--shard-samples", "0", "'0' is not a number of samples above 0"),
+    for option, value, said in (("--shard-samples", "-5", "'-5' is not a whole number of 1 or more"),
+                                ("--shard-samples", "0", "'0' is not a whole number of 1 or more"),
                                 ("--shard-size", "0", "'0' is not a size like 1GB"),
                                 ("--shard-size", "1.5.5GB", "'1.5.5GB' is not a size like 1GB")):
         assert main([str(tmp_path / "src"), str(tmp_path / "out"), option, value]) == 2
@@ -165,3 +166,135 @@ def test_an_unfinished_run_whose_source_changed_says_to_restore_it(tmp_path, cap
     assert main([str(tmp_path / "src"), str(out), "--workers", "1"]) == 2
     assert ("(the same options, but the source's files changed since); restore the source as it was to finish that "
             "run, or pick an empty OUTPUT") in capsys.readouterr().err
+
+
+def test_arguments_out_of_their_range_are_refused(tmp_path, capsys):
+    image_folder(tmp_path / "src", per_class=1)
+    for option, value, said in (("--seed", "-1", "'-1' is not a whole number of 0 or more"),
+                                ("--resize-short", "-1", "'-1' is not a whole number of 0 or more"),
+                                ("--quality", "0", "'0' is not a whole number from 1 to 100"),
+                                ("--quality", "101", "'101' is not a whole number from 1 to 100"),
+                                ("--workers", "0", "'0' is not a whole number of 1 or more"),
+                                ("--name", "a/b", "'a/b' is not a file name prefix"),
+                                ("--name", "../esc", "'../esc' is not a file name prefix")):
+        assert main([str(tmp_path / "src"), str(tmp_path / "out"), option, value]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def sources_that_cannot_be_read(root):
+    """(SOURCE, extra options, what the one sentence says) for inputs read wrong before."""
+    image_list(root / "jft")
+    (root / "latin1.csv").write_bytes(b"jft/images/caf\xe9.jpg, n01440764\n")
+    (root / "latin1_classes.txt").write_bytes(b"caf\xe9\n")
+    (root / "s3.csv").write_text("jft/images/im0.jpg, n01440764\nfoo://bucket/im1.jpg, n01440764\n")
+    (root / "ids.csv").write_text("jft/images/im0.jpg, 0\n")
+    i21k_tars(root / "i21k", per_class=2)
+    with tarfile.open(root / "release.tar", "w") as tar:  # the ImageNet-21k release: a tar of the synset tars
+        tar.add(root / "i21k", arcname="i21k")
+    image_folder(root / "tree", per_class=2)
+    assert main([str(root / "tree"), str(root / "set"), "--workers", "1"]) == 0
+    i21k_tars(root / "twins", per_class=2)
+    (root / "twins" / f"{CLASSES[0]}.tar").rename(root / "twins" / f"{CLASSES[0]}.TAR")
+    (root / "twins" / f"{CLASSES[0]}.tar").write_bytes((root / "twins" / f"{CLASSES[1]}.tar").read_bytes())
+    classes = ["--classes", str(root / "jft" / "classes.txt")]
+    return [
+        (root / "latin1.csv", classes, "latin1.csv is not UTF-8 text (byte 0xe9 at 14); save it as UTF-8"),
+        (root / "jft" / "list.csv", ["--classes", str(root / "latin1_classes.txt")], "is not UTF-8 text (byte 0xe9"),
+        (root / "release.tar", [], "release.tar is a tar; unpack it first (tar xf"),
+        (root / "tree", ["--kind", "list", *classes], "tree is a folder, not an image list"),
+        (root / "nothing.csv", ["--kind", "list", *classes], "nothing.csv is not there"),
+        (root / "s3.csv", classes, "s3.csv line 2: 'foo://bucket/im1.jpg' cannot be read here (Protocol not known"),
+        (root / "ids.csv", classes, "label '0' is not in"),
+        (root / "set", [], "set is a shard set already (it holds manifest.json); train on it as it is"),
+        (root / "twins", [], f"synset tars '{CLASSES[0]}.TAR' and '{CLASSES[0]}.tar', one class spelled two ways"),
+    ]
+
+
+def test_sources_that_cannot_be_read_are_one_sentence(tmp_path, capsys):
+    for source, options, said in sources_that_cannot_be_read(tmp_path):
+        capsys.readouterr()
+        assert main([str(source), str(tmp_path / "out"), "--workers", "1", *options]) == 2, source
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_csv_list_of_class_ids_is_told_that_json_lines_take_them(tmp_path, capsys):
+    image_list(tmp_path)
+    (tmp_path / "ids.csv").write_text('images/im0.jpg, 0\n')
+    (tmp_path / "quoted.csv").write_text(f'"images/im0.jpg", "{CLASSES[1]}"\n')  # a space after the comma
+    assert main([str(tmp_path / "ids.csv"), str(tmp_path / "o1"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert 'a CSV list names its classes; JSON lines take ids: {"path": "...", "labels": [0]}' in capsys.readouterr().err
+    assert main([str(tmp_path / "quoted.csv"), str(tmp_path / "o2"), "--classes", str(tmp_path / "classes.txt"),
+                 "--workers", "1"]) == 0
+    assert [labels_of(s) for s in read_back(str(tmp_path / "o2"))[1].values()] == [(1,)]
+
+
+def test_a_source_of_which_no_image_can_be_read_is_an_error_not_an_empty_set(tmp_path, capsys):
+    for name in CLASSES[:2]:
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / "x.jpg").write_bytes(b"<html>403 Forbidden</html>")
+    for _ in range(2):  # and again: the same
+        assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "none of the 2 images of" in err and "could be read (" in err and "every reason is in" in err, err
+    assert not (tmp_path / "out" / mf.MANIFEST).exists()
+    assert len((tmp_path / "out" / mf.REPORT).read_text().splitlines()) == 2
+
+
+def test_members_of_synset_tars_that_are_no_images_are_left_out(tmp_path, capsys):
+    good = i21k_tars(tmp_path / "i21k", per_class=2)
+    with tarfile.open(tmp_path / "i21k" / f"{CLASSES[1]}.tar", "a") as tar:
+        for name, data in (("LICENSE.txt", b"terms"), ("meta.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main([str(tmp_path / "i21k"), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "ignored 2 tar members not named as an image (.txt 1, .json 1)" in capsys.readouterr().out
+    manifest, samples = read_back(str(tmp_path / "out"))
+    assert set(samples) == set(good) and manifest.skipped == 2  # the corrupt and the unsafe member, not the text
+
+
+def test_the_same_command_from_another_folder_or_naming_the_class_set_otherwise_is_the_same_run(tmp_path, capsys,
+                                                                                                monkeypatch):
+    image_list(tmp_path / "jft")
+    assert main([str(tmp_path / "jft"), str(tmp_path / "cls"), "--kind", "list", "--workers", "1"]) == 2  # no list
+    monkeypatch.chdir(tmp_path / "jft")
+    assert main(["list.csv", "../out", "--classes", "classes.txt", "--workers", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "jft" / "images")
+    capsys.readouterr()
+    assert main(["../list.csv", "../../out", "--classes", "../classes.txt", "--workers", "1"]) == 0
+    assert "already holds this run" in capsys.readouterr().out
+    image_folder(tmp_path / "tree", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tree", "s-train", "--workers", "1"]) == 0
+    assert main(["tree", "s-val", "--classes", "s-train", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["tree", "s-val", "--classes", "s-train/manifest.json", "--workers", "1"]) == 0
+    assert "already holds this run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ['{"format": "vit', "[1, 2]", None])
+def test_a_set_whose_manifest_is_damaged_or_lost_is_written_again_by_the_same_command(tmp_path, capsys, manifest):
+    from data_tools.verify import main as verify
+
+    image_folder(tmp_path / "src", per_class=4)
+    command = [str(tmp_path / "src"), str(tmp_path / "out"), "--shard-samples", "5", "--workers", "1"]
+    assert main(command) == 0
+    written = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    if manifest is None:
+        (tmp_path / "out" / mf.MANIFEST).unlink()
+    else:
+        (tmp_path / "out" / mf.MANIFEST).write_text(manifest)
+        assert verify([str(tmp_path / "out")]) == 2
+        assert "manifest.json is damaged" in capsys.readouterr().err
+    assert main(command) == 0
+    said = "no manifest.json" if manifest is None else "a damaged manifest.json"
+    assert f"holds shards named as this run's and {said} to check them by; writing them again" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == written
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train-000000.tar").write_bytes(b"")
+    (tmp_path / "other" / "notes.txt").write_text("someone else's")
+    assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2  # not only shards of this run: refused
+    assert "is not empty and holds no run of data_tools.shard" in capsys.readouterr().err

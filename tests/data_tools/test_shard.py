@@ -12,6 +12,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -345,10 +346,11 @@ def test_a_finished_set_with_a_shard_lost_or_cut_short_is_mended_by_the_same_com
     assert verify([str(out), "--decode"]) == 0
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM", "a worker killed"])
 def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
     """Killed (its workers must not outlive it), Ctrl-C in a terminal (SIGINT to the whole process group, workers
-    included) or SIGTERM (to it alone, as a scheduler or kill sends it): one line, no traceback, then resumed."""
+    included), SIGTERM (to it alone, as a scheduler or kill sends it) or a worker killed (for memory): one line, no
+    traceback, every shard the workers finished kept, then resumed."""
     image_folder(tmp_path / "src", per_class=60)
     command = [sys.executable, "-m", "data_tools.shard", str(tmp_path / "src")]
     options = ["--shard-samples", "6", "--workers", "2", "--check", "decode"]
@@ -362,13 +364,22 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
         time.sleep(0.01)
     if how == "Ctrl-C":
         os.killpg(proc.pid, signal.SIGINT)
+    elif how == "a worker killed":
+        workers = [pid for pid in living(parent=proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(workers[0], signal.SIGKILL)
     else:
         os.kill(proc.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert not (out / mf.MANIFEST).exists(), "the run finished before it could be interrupted"
     if how != "SIGKILL":
-        assert proc.returncode == {"Ctrl-C": 130, "SIGTERM": 143}[how] and "Traceback" not in err, err[-3000:]
-        assert err.splitlines()[-1].startswith("interrupted; the finished shards are kept")
+        code = {"Ctrl-C": 130, "SIGTERM": 143, "a worker killed": 2}[how]
+        assert proc.returncode == code and "Traceback" not in err, err[-3000:]
+        said = "error: a worker process died" if code == 2 else "interrupted; the finished shards are kept"
+        assert err.splitlines()[-1].startswith(said)
+        tars = {p.name for p in out.glob("*.tar")}  # the workers' shards, finished while the command stopped
+        records = {p.name[: -len(".json")] for p in (out / "_parts").glob("*.tar.json")}
+        # a broken pool ends the other workers, with their shards unfinished
+        assert records == tars if code != 2 else records <= tars
     deadline = time.time() + 30
     while living(session=proc.pid) and time.time() < deadline:
         time.sleep(0.1)
