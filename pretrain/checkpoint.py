@@ -200,9 +200,20 @@ def check_resumable(folder: Path, backend: Backend, model_name: str) -> dict[str
     may take minutes (DeepSpeed's engine) to reach a refusal."""
     state = read_state(folder)
     saved = state.get("config", {}).get("model", {}).get("name")
+    elsewhere = ("give this recipe a run_dir of its own" if backend.config.checkpoint.resume in ("auto", "never") else
+                 "give checkpoint.resume another checkpoint")
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; set "
-                        f"model.name={saved} to resume it, or give this recipe a run_dir of its own")
+                        f"model.name={saved} to resume it, or {elsewhere}")
+    total = backend.config.schedule.total_steps
+    if state["step"] > total:
+        raise UserError(f"checkpoint {folder} is at step {state['step']}, past schedule.total_steps={total}; raise "
+                        f"schedule.total_steps to train on from it, or evaluate it with python -m pretrain.evaluate "
+                        f"{folder} data=SHARDS")
+    saved_optim, optim = state["config"].get("optim", {}).get("name", "adamw"), backend.config.optim.name
+    if saved_optim != optim:
+        raise UserError(f"checkpoint {folder} holds the state of optim.name={saved_optim}, which {optim} cannot take "
+                        f"over; set optim.name={saved_optim} to resume it, or {elsewhere}")
     written_by = state["config"].get("backend", "torch")  # the optimizer state's layout is the backend's own
     if written_by != backend.config.backend:
         raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "

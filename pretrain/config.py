@@ -33,8 +33,8 @@ class ModelConfig:
     num_classes: int = doc(1000, "Classifier outputs (21843 for ImageNet-21k); 0 leaves the classifier out.", low=0)
     head: Head = doc("prelogits", "prelogits: Linear(D, D) + tanh before the classifier (pre-training); linear: classifier only (fine-tuning).")
     pool: Pool = doc("cls", "Representation: cls reads the [CLS] token; gap averages all tokens (no [CLS] token).")
-    dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).", low=0, high=1)
-    attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.", low=0, high=1)
+    dropout: float = doc(0.0, "Dropout after the position embedding and after every dense layer but q, k, v (0.1 for ImageNet-21k).", low=0, below=1)
+    attn_dropout: float = doc(0.0, "Dropout on the attention probabilities.", low=0, below=1)
     norm_eps: float = doc(1e-6, "LayerNorm epsilon.", above=0)
     bf16_residual: bool = doc(False, "Under bf16 autocast (precision bf16 or float8), carry the residual stream between the blocks in bf16, as Megatron-LM and torchtitan do, instead of the fp32 the fp32 position embeddings promote it to: a fifth fewer bytes through a compiled block's memory-bound elementwise kernels (benchmarks/block_bytes.py), 3-5% faster on an H100 with the same 200-step loss; each residual add is rounded to bf16.")
     posemb_interp: Interpolation = doc("bilinear", "How position embeddings are resampled to a new grid: bilinear (the paper) or bicubic.")
@@ -78,7 +78,7 @@ class ScheduleConfig:
 @dataclass
 class LossConfig:
     kind: Literal["softmax", "sigmoid"] = doc("softmax", "softmax cross-entropy, or sigmoid cross-entropy for multi-label corpora (head bias starts at -10).")
-    label_smoothing: float = doc(0.0, "Label smoothing for softmax cross-entropy.", low=0, high=1)
+    label_smoothing: float = doc(0.0, "Label smoothing for softmax cross-entropy.", low=0, below=1)
 
 
 @dataclass
@@ -112,12 +112,12 @@ class Config:
     stage: Literal["pretrain", "finetune"] = doc("pretrain", "pretrain, or finetune from init_from (pre-logits dropped, zero-init head, position embeddings resampled).")
     init_from: str = doc("", "Fine-tuning start: a run directory or checkpoint of ours, an HF folder, a timm state dict or an official .npz.")
     run_dir: str = doc("runs/default", "Where the run writes everything: resolved recipe, checkpoints, TensorBoard events, metrics.")
-    seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.")
+    seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.", low=0, high=2**32 - 1)
     precision: Literal["fp32", "bf16", "float8"] = doc("bf16", "bf16 autocast where the device supports it, else fp32; float8: bf16 plus float8 matmuls in the encoder blocks (torchao, Ada/Hopper GPUs; the CPU emulates them).")
     compile: bool = doc(False, "torch.compile each encoder block, in place (parameter names unchanged): one compilation serves every block, and DDP / ZeRO still overlap gradient reduction with the backward. The xla backend always compiles and ignores this.")
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = doc("auto", "The scaled_dot_product_attention kernels on a GPU: auto times flash, cuDNN and memory-efficient attention on the model's shape at start and keeps the fastest; or name one (math: plain PyTorch).")
     backend: Literal["torch", "deepspeed", "xla"] = doc("torch", "torch: CPU, one GPU or DDP under torchrun; deepspeed: ZeRO (GPU clusters); xla: TPU (PJRT, SPMD).")
-    max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped).", low=1)
+    max_nonfinite: int = doc(10, "Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped); told at the next log or checkpoint step, as the loop does not wait for the device between them.", low=1)
     model: ModelConfig = section(ModelConfig, "The network.")
     data: DataConfig = section(DataConfig, "The data stream.")
     optim: OptimConfig = section(OptimConfig, "The optimizer.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -103,6 +104,10 @@ def _data_spec(arg: str) -> str:
     return arg.removeprefix("data=")
 
 
+def same_files(urls: list[str]) -> set[str]:
+    return {url if "://" in url else os.path.realpath(url) for url in urls}
+
+
 def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, batch: int | None = None) -> dict:
     """Top-1 / top-5 / loss of the checkpoint at ``path`` on ``spec`` in this one process (a GPU if there
     is one), and few-shot accuracy with training samples from ``fewshot_train``. On data of other classes than
@@ -119,6 +124,10 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
             if shard_set.multi_label:
                 raise UserError(few_shot_needs_single_label(named) + "; give single-label shards")
         shards.check_same_classes(test, spec, draw, fewshot_train)
+        if same_files(test.urls) & same_files(draw.urls):
+            print(f"warning: --fewshot-train {fewshot_train} shares shards with data={spec}: the few-shot probe is then "
+                  f"tested on samples it was fitted to, which scores memory, not transfer; give a training split",
+                  file=sys.stderr)
     if batch:
         config.data.eval_batch_size = batch
     # One process on this host's GPU or CPU: no DeepSpeed engine, no torch-xla (a run trained on TPUs is evaluated

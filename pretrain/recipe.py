@@ -148,6 +148,9 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             yamls = sorted(p.name for p in path.glob("*.yaml"))
             listing = f" (it holds {', '.join(yamls[:6])}{', ...' if len(yamls) > 6 else ''})" if yamls else ""
             raise RecipeError(f"recipe '{path}' is a folder{listing}; pass one YAML file, such as recipes/demo.yaml")
+        if "=" in path.name:
+            raise RecipeError(f"'{path}' is an override where the recipe goes; the recipe comes first: python -m "
+                              f"pretrain.run RECIPE key=value ...")
         raise RecipeError(f"recipe '{path}' does not exist; pass the path of a YAML file such as recipes/demo.yaml")
     values = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(values, dict):
@@ -238,9 +241,20 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return [row[0] for row in describe(cls, prefix)]
 
 
+ELSEWHERE = {  # keys of other trainers (timm, big_vision, torchtitan) and where their settings live here
+    "patch_size": "the patch size is part of model.name (vit_b16: 16)",
+    "epochs": "schedule.total_steps counts steps (epochs x samples / data.batch_size)",
+    "warmup_epochs": "schedule.warmup_steps counts steps (epochs x samples / data.batch_size)",
+    "img_size": "model.image_size",
+    "drop_path_rate": "this trainer has no stochastic depth: the ViT paper's recipes use model.dropout",
+}
+
+
 def _suggest(key: str) -> str:
     keys = _all_keys()
     leaf = key.rsplit(".", 1)[-1]
+    if leaf in ELSEWHERE:
+        return f"; {ELSEWHERE[leaf]}"
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     close = same_leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or [
         k for k in keys if k.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1)
@@ -273,6 +287,8 @@ def _check(values: dict[str, Any], cls: type, source: str, prefix: str = "") -> 
                 raise RecipeError(f"{source}: '{full}' is a section of keys (e.g. {_all_keys(tp, full + '.')[0]}), not {value!r}")
             _check(value, tp, source, full + ".")
         elif not (value is None and _optional_text(full)):
+            if value == "" and not _optional_text(full):  # run_dir= would write into the current folder
+                raise RecipeError(f"{source}: '{full}' is empty; give it a value, or leave it out for its default")
             _in_range(_coerce(value, tp, full, source), full, source)
 
 
@@ -315,8 +331,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value not in choices:
-            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            said = [str(c) for c in choices]
+            if str(value) in said:  # '2' for 2: a quoted number
+                hint = f" (write it without quotes: {key}={value})"
+            else:
+                near = difflib.get_close_matches(str(value).lower(), [c.lower() for c in said], n=1)
+                hint = f" (did you mean '{said[[c.lower() for c in said].index(near[0])]}'?)" if near else ""
             raise RecipeError(f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
         return value
     if get_origin(tp) is tuple:

@@ -39,9 +39,10 @@ def summary(config: Config, slices: list[str] | None = None) -> str:
     lines = [
         f"model: {config.model.name}, {si(params)} parameters, {tokens} tokens "
         f"({model.grid[0]}x{model.grid[1]} grid + {model.num_prefix_tokens} [CLS]) at {config.model.image_size}px",
-        f"forward: {si(flops)}FLOPs per image ({si(flops // 2)} multiply-adds, the papers' and timm's \"GFLOPs\"); "
+        f"forward: {si(flops)}FLOPs per image ({si(flops // 2)} multiply-adds, the \"GFLOPs\" of DeiT and most papers; "
+        f"timm's model cards leave out attention's two matrix products); "
         f"training step at batch {batch}: {si(step)}FLOPs",
-        f"schedule: {steps} steps, {si(steps * batch)} images seen, {si(step * steps)}FLOPs in all",
+        f"schedule: {steps} steps, {si(steps * batch).rstrip()} images seen, {si(step * steps)}FLOPs in all",
     ]
     if config.backend == "xla":
         from .backends.xla_plan import plan  # no torch_xla needed

@@ -194,8 +194,10 @@ def test_fewshot_on_data_of_other_classes_leaves_out_the_heads_top1(runs, small_
     other = small_shards["val_reversed"]  # the classes in another order: the head's top-1 would be meaningless
     with caplog.at_level(logging.WARNING):
         assert evaluate.main([str(runs["pretrain"]), f"data={other}", "--fewshot-train", other]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr()
+    printed = json.loads(said.out)
     assert "top1" not in printed and 0 <= printed["fewshot_5shot_top1"] <= 1
+    assert f"warning: --fewshot-train {other} shares shards with data={other}" in said.err  # fitted on its test set
     assert "labels its samples by other classes than" in caplog.text and "only the few-shot accuracy" in caplog.text
 
 

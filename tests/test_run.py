@@ -67,6 +67,14 @@ def test_user_errors_are_one_line_on_stderr(root):
     assert proc.stderr == "error: command line: unknown key 'optim.lrr'; did you mean 'optim.lr'?\n"
 
 
+def test_an_override_in_the_recipes_place_and_a_zoo_name_spelled_otherwise_are_one_sentence(root, capsys):
+    assert main(["optim.lr=1", str(root / "recipes/demo.yaml"), "--dry-run"]) == 2
+    assert capsys.readouterr().err == ("error: 'optim.lr=1' is an override where the recipe goes; the recipe comes "
+                                       "first: python -m pretrain.run RECIPE key=value ...\n")
+    assert main([str(root / "recipes/demo.yaml"), "model.name=vit_mu04", "--dry-run"]) == 2
+    assert "write the patch size without a leading zero, vit_mu4" in capsys.readouterr().err
+
+
 def test_a_run_that_is_not_there_is_called_so_by_every_command(tmp_path, capsys):
     from pretrain import consolidate, evaluate, export
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import Config
 from ..errors import UserError
 from ..train.loop import micro_batch
-from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
+from ..train.optim import build_optimizer, clip_in_step, grad_norm, recipe_settings_kept, set_lr
 from ..weights_file import save_weights
 from .base import Backend, collective_timeout
 from .torch_backend import TorchBackend
@@ -164,7 +164,8 @@ class DeepSpeedBackend(TorchBackend):
                             f"or give a new run_dir to start fresh")
 
     def load(self, folder: Path) -> None:
-        self.engine.load_checkpoint(str(folder), tag=TAG)
+        with recipe_settings_kept(self.optimizer):
+            self.engine.load_checkpoint(str(folder), tag=TAG)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), enabled=self.stage == 3):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..train.optim import build_optimizer, clip_in_step, grad_norm, set_lr
+from ..train.optim import build_optimizer, clip_in_step, grad_norm, recipe_settings_kept, set_lr
 from ..weights_file import save_weights
 from .base import Backend, collective_timeout
 
@@ -76,7 +76,8 @@ class TorchBackend(Backend):
     def load(self, folder: Path) -> None:
         self.module.load_state_dict(load_file(folder / "model.safetensors", device=str(self.device)))
         state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state)
+        with recipe_settings_kept(self.optimizer):
+            self.optimizer.load_state_dict(state)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -45,7 +45,7 @@ from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullySha
 
 from ..errors import UserError
 from ..models.vit import Block
-from ..train.optim import clip_and_flag, param_groups, set_lr
+from ..train.optim import clip_and_flag, param_groups, recipe_settings_kept, set_lr
 from ..weights_file import save_weights
 from .base import Backend, collective_timeout
 from .xla_plan import mesh_axis
@@ -222,7 +222,8 @@ class XlaBackend(Backend):
             raise RuntimeError(str(e)) from None
         names = {k.replace(WRAPPED, ""): k for k in self.module.state_dict()}
         self.module.load_state_dict({names[k]: v for k, v in state["model"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        with recipe_settings_kept(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         torch_xla.sync()
 
     def _create_optimizer_state(self) -> None:

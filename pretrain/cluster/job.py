@@ -47,8 +47,6 @@ class Job:
         if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_node < 0 or self.grace_seconds < 0:
             raise UserError("--nodes must be at least 1, and --gpus-per-node, --cpus-per-node and --grace-seconds "
                             "cannot be negative")
-        if not self.config.run_dir:
-            raise UserError("run_dir is empty; a job needs the folder its checkpoints go to, e.g. run_dir=runs/b16")
         if self.config.checkpoint.resume == "never":
             raise UserError("checkpoint.resume=never: a job started again after preemption would refuse its own "
                             "checkpoints; use auto, which starts fresh in a run_dir without checkpoints")

@@ -105,8 +105,9 @@ def load_into(
     interp: Interpolation = "bilinear",
     align_corners: bool = True,
     drop_heads: bool = False,
+    source: str = "the checkpoint",
 ) -> None:
-    """Load ``state_dict`` (our names) into ``model``, strictly.
+    """Load ``state_dict`` (our names) into ``model``, strictly; ``source`` names it in messages.
 
     A position-embedding grid other than the model's is resampled (``posemb.resample_posemb``, the
     [CLS] entry kept; ``interp`` and ``align_corners`` as there). ``drop_heads`` ignores the
@@ -121,26 +122,26 @@ def load_into(
         expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIXES)}
     if "pos_embed" not in state and not any(k.startswith("blocks.") for k in state):
         first = ", ".join(list(state)[:3]) or "nothing"
-        raise UserError(f"the checkpoint holds no ViT weights (no pos_embed, no blocks.*; it holds {first}); give the "
+        raise UserError(f"{source} holds no ViT weights (no pos_embed, no blocks.*; it holds {first}); give the "
                         f"weights of a ViT: a run of ours, an HF folder, a timm state dict or an official .npz")
     if ("cls_token" in state) != ("cls_token" in expected):
         has, lacks = ("has", "lacks") if "cls_token" in state else ("lacks", "has")
         pool = "cls" if "cls_token" in state else "gap"
-        raise UserError(f"the checkpoint {has} a class token and {name} {lacks} one; set model.pool={pool} ('cls' "
+        raise UserError(f"{source} {has} a class token and {name} {lacks} one; set model.pool={pool} ('cls' "
                         f"reads the class token, 'gap' averages tokens without one)")
     for key, want in expected.items():
         if key not in state:
-            raise UserError(f"the checkpoint lacks {key}, which {name} has{_hint(key, missing=True)}")
+            raise UserError(f"{source} lacks {key}, which {name} has{_hint(key, missing=True)}")
         if key == "pos_embed":
             state[key] = _fit_posemb(state[key], model, name, interp, align_corners)
         if state[key].shape != want.shape:
             raise UserError(
-                f"the checkpoint has {key} of shape {tuple(state[key].shape)} but {name} expects "
+                f"{source} has {key} of shape {tuple(state[key].shape)} but {name} expects "
                 f"{tuple(want.shape)}{_hint(key, named=_zoo_name(state))}"
             )
     extra = next((k for k in state if k not in expected), None)
     if extra is not None:
-        raise UserError(f"the checkpoint has {extra}, which {name} does not have{_hint(extra)}")
+        raise UserError(f"{source} has {extra}, which {name} does not have{_hint(extra)}")
     model.load_state_dict(state, strict=not drop_heads)
 
 

@@ -52,22 +52,28 @@ class Skips:
     """
 
     def __init__(self, total: int, limit: int, precision: str):
-        self.total, self.streak, self.limit, self.precision = total, 0, limit, precision
+        self.total, self.streak, self.longest, self.limit, self.precision = total, 0, 0, limit, precision
 
     def add(self, updated: bool | torch.Tensor, step: int) -> None:
         on_device = isinstance(updated, torch.Tensor)
         skipped = ~updated if on_device else not updated
         self.total = self.total + skipped
         self.streak = (self.streak + 1) * skipped
+        # the longest streak since the last check: one that ended between two checks counts too
+        if on_device:
+            self.longest = torch.maximum(self.streak, torch.as_tensor(self.longest, device=self.streak.device))
+        else:
+            self.longest = max(self.longest, self.streak)
         if not on_device:
             self.check(step)
 
     def check(self, step: int) -> int:
-        """The total, after stopping the run if the current streak reached the limit."""
-        if int(self.streak) >= self.limit:
+        """The total, after stopping the run if a streak reached the limit since the last check."""
+        if int(self.longest) >= self.limit:
             fp32 = "" if self.precision == "fp32" else " or use precision=fp32"
-            raise UserError(f"{int(self.streak)} steps in a row had a non-finite loss or gradient (step {step}); "
+            raise UserError(f"{int(self.longest)} steps in a row had a non-finite loss or gradient (by step {step}); "
                             f"lower optim.lr{',' if fp32 else ' or'} raise schedule.warmup_steps{fp32}")
+        self.longest = self.streak
         return int(self.total)
 
 
@@ -88,7 +94,7 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     weights = checkpoint.init_weights(config.init_from, config.model.name)
     tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
     load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
-              drop_heads=True)
+              drop_heads=True, source=f"init_from={config.init_from}")
     line = (f"fine-tuning from {config.init_from}: its encoder, without its heads; a zero-initialised "
             f"{config.model.num_classes}-class head")
     side = math.isqrt(tokens)
@@ -176,7 +182,7 @@ class Trainer:
                          self.backend.is_main)
         compile_in_place(model, config)
         self.backend.setup(model)
-        self.step = 0
+        self.step = self.images_seen = 0  # images: the batch size may change on resume
         self.preemption: Preemption | None = None  # train()'s
         skipped_steps = 0
         self.last_eval: dict[str, float] = {}
@@ -188,6 +194,7 @@ class Trainer:
             checkpoint.load(found, self.backend, state)
             self.origin, self.resumed_at = self.origin or state.get("origin"), state["step"]
             self.step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+            self.images_seen = state.get("images_seen", self.step * state["config"]["data"]["batch_size"])
             ranks = state["data"]  # a layout that differs is refused (or restarted) by check_resumable
             self.resumed_window = state.get("log_window", self.resumed_window)
             if "loss" in self.resumed_window:  # written before the mean: the sum over the checkpoint's ranks
@@ -216,9 +223,6 @@ class Trainer:
 
     def _check_settings(self) -> None:
         cfg = self.config
-        if not cfg.run_dir:
-            raise UserError("run_dir is empty; give the folder the run writes its checkpoints, config.yaml and "
-                            "TensorBoard events to, e.g. run_dir=runs/my_run")
         if "://" in cfg.run_dir:
             raise UserError(f"run_dir {cfg.run_dir} is a URL, and checkpoints are made atomic by renames in a file "
                             f"system; give a folder: a local one, or the bucket mounted (gcsfuse, Filestore)")
@@ -313,6 +317,7 @@ class Trainer:
         loss, updated, norm = self._micro_batches(window)
         self.skips.add(updated, self.step)
         self.step += 1
+        self.images_seen += self.config.data.batch_size
         window["loss"] += loss
         window["steps"] += 1
         self.backend.mark_step()
@@ -369,7 +374,7 @@ class Trainer:
         images = window["images"] * backend.world
         counted = backend.host_gather((self.tracker.bad_samples, sorted(self.tracker.damaged_shards)))
         seen = self.train_set.num_samples
-        epoch = {"epoch": self.step * self.config.data.batch_size / seen} if seen else {}  # unknown for brace patterns
+        epoch = {"epoch": self.images_seen / seen} if seen else {}  # unknown for brace patterns
         scalars = {**epoch, "loss": loss, "lr": lr_at(self.step - 1, self.config.optim.lr, self.config.schedule),
                    "grad_norm": norm.item(), **self.metrics.throughput(images, seconds, backend.devices),
                    "data_wait": window["wait"] / seconds, "skipped_steps": self.skips.check(self.step),
@@ -385,7 +390,8 @@ class Trainer:
         cfg, seen = self.config, self.train_set.num_samples
         data = f"{seen} samples" if seen else "samples"
         classes = f" of {len(self.train_set.classes)} classes" if self.train_set.classes else ""
-        epochs = f" ({cfg.schedule.total_steps * cfg.data.batch_size / seen:.3g} epochs)" if seen else ""
+        images = self.images_seen + (cfg.schedule.total_steps - self.step) * cfg.data.batch_size
+        epochs = f" ({images / seen:.3g} epochs)" if seen else ""
         return (f"{cfg.stage}: {cfg.model.name} ({self.params / 1e6:.3g}M parameters) on {data}{classes} "
                 f"({cfg.data.train}), {cfg.schedule.total_steps} steps of {cfg.data.batch_size}{epochs}, backend "
                 f"{cfg.backend} on {self.backend.world} process(es) ({self.backend.device.type})")
@@ -393,7 +399,8 @@ class Trainer:
     def _hint_data_wait(self, share: float) -> None:
         """Once per run, past the first log window (which holds the workers' start): say how to feed the step."""
         data = self.config.data
-        if self.hinted or share < DATA_WAIT_HINT or self.step <= self.config.log.every or not self.backend.is_main:
+        first_window = self.step <= self.metrics.start_step + self.config.log.every  # also after a resume
+        if self.hinted or share < DATA_WAIT_HINT or first_window or not self.backend.is_main:
             return
         self.hinted = True
         gpu = self.backend.device.type == "cuda"
@@ -429,6 +436,7 @@ class Trainer:
             total = self.backend.all_reduce_sum(window["loss"].clone()).item()
             log_window = {"mean_loss": total / self.backend.world, "steps": window["steps"]}
         state = {"config": recipe.to_dict(self.config), "data": data, "skipped_steps": self.skips.check(self.step),
+                 "images_seen": self.images_seen,
                  "log_window": log_window, "origin": self.origin}
         c = self.config.checkpoint
         checkpoint.save(self.run_dir, self.step, self.backend, state, c.keep_last, c.keep_every, self.resumed_at)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -56,6 +58,17 @@ def clip_and_flag(module: nn.Module, clip: float) -> tuple[torch.Tensor, torch.T
     params = [p for p in module.parameters() if p.grad is not None]
     norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
     return norm, (~torch.isfinite(norm)).float()
+
+
+@contextlib.contextmanager
+def recipe_settings_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Loading a checkpoint's optimizer state restores the settings it was written with (weight decay, betas,
+    momentum); the recipe's are put back, so that a change made on resume applies, as the run's note says (the
+    learning rate is set every step)."""
+    kept = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, kept):
+        group.update(settings)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -42,8 +42,10 @@ def continue_checkpoint(config: Config, found: Path) -> str:
     (config.yaml says so); returns a note naming the settings changed since the checkpoint was written, or ''."""
     saved = checkpoint.saved_config(found)
     if saved.stage != config.stage:
+        fix = ("give this run a run_dir of its own" if origin(config) is None else
+               f"give checkpoint.resume a checkpoint of a {config.stage} run")
         raise UserError(f"{found} is a checkpoint of a {saved.stage} run and this recipe is stage: {config.stage}; "
-                        f"give this run a run_dir of its own (a fine-tune reads its pre-training run through init_from)")
+                        f"{fix} (a fine-tune reads its pre-training run through init_from)")
     recipe.anchor_paths(saved)  # a checkpoint written before data paths were stored absolute
     changed = recipe.changes(saved, config)
     changed.pop("checkpoint.resume", None)

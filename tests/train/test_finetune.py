@@ -132,7 +132,7 @@ def test_finetune_needs_a_start(small_shards, pretrained, tmp_path, monkeypatch,
                                      f"run_dir={tmp_path}", *data)
     assert f"init_from={tmp_path} is read by stage: finetune only" in error(
         "recipes/demo.yaml", f"init_from={tmp_path}", f"run_dir={tmp_path}", *data[:1])
-    assert "run_dir is empty" in error("recipes/demo.yaml", "run_dir=", *data[:1])
+    assert "'run_dir' is empty" in error("recipes/demo.yaml", "run_dir=", *data[:1])
     assert "run_dir gs://bucket/runs/x is a URL" in error("recipes/demo.yaml", "run_dir=gs://bucket/runs/x", *data[:1])
     assert not (ROOT / "gs:").exists() and not list(tmp_path.iterdir())
     written = {p: p.stat().st_mtime_ns for p in pretrained.rglob("*")}
@@ -199,8 +199,9 @@ def test_a_finetune_leaves_other_runs_alone_and_names_what_its_start_is(small_sh
     assert "is a run of ours with no complete checkpoint yet" in refused(f"init_from={tmp_path / 'starting'}",
                                                                          f"run_dir={out}")
     torch.save({"foo": torch.zeros(3)}, tmp_path / "random.pt")
-    assert "the checkpoint holds no ViT weights (no pos_embed, no blocks.*; it holds foo)" in refused(
-        f"init_from={tmp_path / 'random.pt'}", f"run_dir={out}")
+    random = tmp_path / "random.pt"
+    assert f"init_from={random} holds no ViT weights (no pos_embed, no blocks.*; it holds foo)" in refused(
+        f"init_from={random}", f"run_dir={out}")
     newest = checkpoint.find(pre)
     (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:3000])
     older = sorted(p for p in (pre / "checkpoints").glob("step_*") if p != newest)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from procs import alive, living
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pretrain import checkpoint
@@ -487,3 +489,32 @@ def test_the_demo_recipe_learns(pretrained_run):
     run); `make demo` trains its own vit_mu4 at batch 128 for 500 steps."""
     evals = [json.loads(line) for line in (pretrained_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert evals[-1]["step"] == 100 and evals[-1]["top1"] > 0.3, evals  # chance is 0.1
+
+
+def test_settings_changed_on_resume_apply_or_are_refused(small_shards, tmp_path):
+    """The optimizer's settings come from the recipe, not the checkpoint (its state restored them: a changed weight
+    decay was said to apply and did not); another optimizer is one sentence; the epoch counts the images seen when
+    the batch size changes."""
+    base = {"data.workers": 0, "schedule.total_steps": 4, "checkpoint.every": 4, "log.every": 2}
+    first = run(overrides(small_shards, tmp_path / "a", **base))
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    more = {**base, "schedule.total_steps": 6, "data.batch_size": 32}
+    for run_dir, decay in (("a", 0.1), ("b", 5.0)):
+        resumed = run(overrides(small_shards, tmp_path / run_dir, **more, **{"optim.weight_decay": decay}))
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "6 steps of 32 (0.32 epochs)" in resumed.stdout  # 4 x 16 + 2 x 32 images of 400
+    groups = {run_dir: torch.load(tmp_path / run_dir / "checkpoints/step_000000006/optimizer.pt")["param_groups"]
+              for run_dir in "ab"}
+    assert [g["weight_decay"] for g in groups["b"]] == [5.0, 0.0]  # the decayed weights, then the rest
+    assert [g["weight_decay"] for g in groups["a"]] == [0.1, 0.0]
+    weights = [load_file(tmp_path / d / "checkpoints/step_000000006/model.safetensors") for d in "ab"]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["epoch"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"] == pytest.approx([0.08, 0.16, 0.32])
+    sgd = run(overrides(small_shards, tmp_path / "a", **{**more, "schedule.total_steps": 8, "optim.name": "sgd"}))
+    assert sgd.returncode == 2 and sgd.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {tmp_path / 'a' / 'checkpoints' / 'step_000000006'} holds the state of optim.name=adamw, which sgd "
+        f"cannot take over; set optim.name=adamw to resume it, or give this recipe a run_dir of its own"), sgd.stderr
+    seed = run(overrides(small_shards, tmp_path / "c", seed=-1))
+    assert seed.returncode == 2 and "seed" in seed.stderr and not (tmp_path / "c").exists(), seed.stderr

@@ -277,6 +277,15 @@ def test_skips_reported_on_the_device_are_checked_when_asked():
     assert int(skips.total) == 6
     with pytest.raises(UserError, match="lower optim.lr or raise schedule.warmup_steps$"):  # fp32 already
         Skips(total=0, limit=1, precision="fp32").add(False, step=1)
+    skips = Skips(total=0, limit=3, precision="bf16")
+    for updated in (True, False, False, False, False, True, True):  # a streak of 4 that ended before the check
+        skips.add(torch.tensor(updated), step=0)
+    with pytest.raises(UserError, match=r"^4 steps in a row had a non-finite loss or gradient \(by step 7\)"):
+        skips.check(step=7)
+    skips = Skips(total=0, limit=3, precision="bf16")
+    for updated in (False, False, True, False, False, True):  # streaks of 2: under the limit, checked or not
+        skips.add(torch.tensor(updated), step=0)
+        assert skips.check(step=1) >= 0
 
 
 def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
