@@ -160,9 +160,16 @@ def grid(samples: list[tuple[str, dict]], classes: list[str]) -> Image.Image:
     return canvas
 
 
-def write_png(image: Image.Image, url: str) -> None:
+def write_image(image: Image.Image, url: str) -> None:
+    """In the format its name's ending says (grid.jpg a JPEG), PNG for any other."""
+    Image.init()
+    ending = "." + url.rsplit(".", 1)[-1].lower() if "." in url.rsplit("/", 1)[-1] else ""
+    fmt = Image.registered_extensions().get(ending, "PNG")
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    try:
+        image.save(out, format=fmt)
+    except (OSError, KeyError, ValueError):  # a format PIL reads but does not write
+        image.save(out, format="PNG")
     try:
         with fsspec.open(url, "wb") as f:
             f.write(out.getvalue())
@@ -185,8 +192,10 @@ def show(args: argparse.Namespace) -> int:
     samples = first_samples(where, manifest, max(args.keys, args.grid_samples if args.grid else 0))
     print("\n".join(key_lines(samples[: args.keys], classes)))
     if args.grid and samples:
-        write_png(grid(samples[: args.grid_samples], classes), args.grid)
+        write_image(grid(samples[: args.grid_samples], classes), args.grid)
         print(f"grid of {min(len(samples), args.grid_samples)} samples written to {args.grid}")
+    elif args.grid:
+        print(f"no grid written to {args.grid}: the set holds no sample")
     return 0 if agree else 1
 
 

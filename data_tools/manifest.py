@@ -41,6 +41,10 @@ def label_ids(sample: dict) -> list[int]:
     return ids
 
 
+class Damaged(UserError):
+    """A manifest.json that cannot be read as one (not UTF-8, not JSON, fields missing or inconsistent)."""
+
+
 @dataclass
 class Shard:
     name: str
@@ -73,20 +77,26 @@ class Manifest:
         return json.dumps(data, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> Manifest:
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
+        """``text``: the file's bytes, or its text; not UTF-8, not JSON or not a manifest's fields is ``Damaged``."""
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise UserError(f"{where} is not a manifest of this tool (format {data.get('format')!r}, expected {FORMAT})")
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        except ValueError as e:  # UnicodeDecodeError too
+            raise Damaged(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
+        if data.get("format") != FORMAT:
+            raise UserError(f"{where} is not a manifest of this tool (format {data.get('format')!r}, expected {FORMAT})")
+        try:
             data.pop("num_samples", None)
             data["shards"] = [Shard(**s) for s in data["shards"]]
             manifest = cls(**data)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: JSON, not an object
-            raise UserError(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
+        except (KeyError, TypeError) as e:
+            raise Damaged(f"{where} is damaged ({e}); re-run data_tools.shard to rewrite it") from None
         if len(manifest.class_counts) != len(manifest.classes) or any(
             s.samples < 0 or s.bytes < 0 for s in manifest.shards
         ):
-            raise UserError(f"{where} is inconsistent (class counts or shard sizes); re-run data_tools.shard to rewrite it")
+            raise Damaged(f"{where} is inconsistent (class counts or shard sizes); re-run data_tools.shard to rewrite it")
         return manifest
 
 
@@ -120,4 +130,4 @@ def _load(where: Location, name: str) -> tuple[Location, Manifest]:
             raise UserError(f"{where.url} holds folders, not shards; if it is an image folder, shard it first: "
                             f"python -m data_tools.shard {where.url} OUTPUT")
         raise UserError(f"no {name} in {where.url}; is it the OUTPUT of python -m data_tools.shard, and did that run finish?")
-    return where, Manifest.from_json(where.read_bytes(name).decode(), where.url_of(name))
+    return where, Manifest.from_json(where.read_bytes(name), where.url_of(name))

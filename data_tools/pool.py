@@ -86,8 +86,7 @@ class ProcessPool(ProcessPoolExecutor):
         super().__exit__(exc_type, exc, traceback)
         if isinstance(exc, BrokenProcessPool):
             raise UserError("a worker process died (killed for memory? dmesg says; or a crash in an image decoder), so "
-                            "the command stopped; what was finished is kept: run the same command again, with fewer "
-                            "--workers if memory ran out") from None
+                            "the command stopped; run it again, with fewer --workers if memory ran out") from None
         return False
 
 

@@ -29,7 +29,7 @@ from pretrain.cli import OneLineParser, command, plural, whole
 from pretrain.errors import UserError
 
 from . import sources
-from .manifest import MANIFEST, REPORT, Manifest, Shard, shard_name
+from .manifest import MANIFEST, REPORT, Damaged, Manifest, Shard, shard_name
 from .pool import ProcessPool, terminate_as_interrupt
 from .sources import Corpus, Item
 from .storage import Location, first_contact
@@ -137,17 +137,19 @@ def differences(options: dict, source: str, run: dict) -> str:
 
 
 def check_output(out: Location, run: dict, names: list[str]) -> Manifest | None:
-    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else. A folder
-    that holds this run's shards (by their names) and a damaged manifest.json, or none, is written again."""
+    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else. A set this
+    tool finished (its skipped.jsonl is there) whose manifest.json is damaged or gone is written again, if the folder
+    holds nothing but this run's shards."""
     entries = [n for n in out.names() if not n.startswith(".")]
-    ours = set(entries) <= {*names, MANIFEST, REPORT, PARTS}
+    ours = REPORT in entries and set(entries) <= {*names, MANIFEST, REPORT, PARTS}
     damaged = False
     if MANIFEST in entries:
         try:
-            done = Manifest.from_json(out.read_bytes(MANIFEST).decode(errors="replace"), out.url_of(MANIFEST))
-        except UserError:
+            done = Manifest.from_json(out.read_bytes(MANIFEST), out.url_of(MANIFEST))
+        except Damaged as e:
             if not ours:
-                raise
+                raise UserError(f"{str(e).split('; re-run')[0]}, and {out.url} holds other files than this run's "
+                                f"shards; move them away to have the set written again, or pick an empty OUTPUT") from None
             damaged = True
         else:
             if done.source == run["source"] and comparable(done.options) == run["options"]:
@@ -162,10 +164,10 @@ def check_output(out: Location, run: dict, names: list[str]) -> Manifest | None:
                       else "rerun that command to finish it")
             raise UserError(f"{out.url} holds an unfinished run of another command ({how}); {finish}, or pick an "
                             f"empty OUTPUT")
-    elif entries and ours:
+    elif set(entries) & set(names) and ours:
         print(f"{out.url} holds shards named as this run's and {'a damaged' if damaged else 'no'} {MANIFEST} to "
               f"check them by; writing them again")
-    elif entries:
+    elif entries and not ours:
         raise UserError(f"{out.url} is not empty and holds no run of data_tools.shard; pick an empty OUTPUT (nothing was written)")
     return None
 
@@ -356,7 +358,10 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     for r in ordered:
         counts.update({int(k): v for k, v in r["class_counts"].items()})
     skipped = corpus.refused + [s for r in ordered for s in r["skipped"]]
-    if not any(r["samples"] for r in ordered):
+    if not any(r["samples"] for r in ordered):  # the shards go: a rerun once the source is mended writes them all
+        for name in names:
+            out.remove(name)
+        out.remove(PARTS)
         out.write_bytes(REPORT, "".join(json.dumps(s) + "\n" for s in skipped).encode())
         first = f" ({skipped[0]['source']}: {skipped[0]['reason']})" if skipped else ""
         raise UserError(f"none of the {len(corpus.items)} images of {args.source} could be read{first}; every "

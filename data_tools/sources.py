@@ -347,7 +347,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
     index = {c: i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)
     folder = Location(source).parent()
-    items, seen, files = [], {}, {}
+    items, seen, files, protocols = [], {}, {}, set()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -367,7 +367,9 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         # A class named twice is one label, not a double count in the manifest.
         ids = tuple(dict.fromkeys(_label_id(lab, index, classes, source, lineno, classes_file) for lab in labels))
         if "://" in path:
-            check_protocol(path, source, lineno)
+            if (protocol := path.split("://", 1)[0]) not in protocols:
+                check_protocol(path, source, lineno)
+                protocols.add(protocol)
             key, resolved = sample_key(path.split("://", 1)[1].split("/", 1)[-1]), path
         else:
             path = posixpath.normpath(path)  # ./a.jpg is a.jpg

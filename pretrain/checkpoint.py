@@ -200,26 +200,36 @@ def check_resumable(folder: Path, backend: Backend, model_name: str) -> dict[str
     may take minutes (DeepSpeed's engine) to reach a refusal."""
     state = read_state(folder)
     saved = state.get("config", {}).get("model", {}).get("name")
-    elsewhere = ("give this recipe a run_dir of its own" if backend.config.checkpoint.resume in ("auto", "never") else
-                 "give checkpoint.resume another checkpoint")
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; set "
-                        f"model.name={saved} to resume it, or {elsewhere}")
-    total = backend.config.schedule.total_steps
+                        f"model.name={saved} to resume it, or {elsewhere(backend.config)}")
+    check_fits(folder, state, backend.config)
+    backend.check_resumable(folder, state)
+    return state
+
+
+def elsewhere(config: Config) -> str:
+    """How to leave a checkpoint that does not fit alone: the run's own, or one checkpoint.resume names."""
+    return ("give this recipe a run_dir of its own" if config.checkpoint.resume in ("auto", "never") else
+            "give checkpoint.resume another checkpoint")
+
+
+def check_fits(folder: Path, state: dict[str, Any], config: Config) -> None:
+    """What the recipe must agree on with a checkpoint to resume it, besides the model: its step within the
+    schedule, its optimizer and its backend (also checked when a job is submitted)."""
+    total = config.schedule.total_steps
     if state["step"] > total:
         raise UserError(f"checkpoint {folder} is at step {state['step']}, past schedule.total_steps={total}; raise "
                         f"schedule.total_steps to train on from it, or evaluate it with python -m pretrain.evaluate "
                         f"{folder} data=SHARDS")
-    saved_optim, optim = state["config"].get("optim", {}).get("name", "adamw"), backend.config.optim.name
+    saved_optim, optim = state["config"].get("optim", {}).get("name", "adamw"), config.optim.name
     if saved_optim != optim:
         raise UserError(f"checkpoint {folder} holds the state of optim.name={saved_optim}, which {optim} cannot take "
-                        f"over; set optim.name={saved_optim} to resume it, or {elsewhere}")
+                        f"over; set optim.name={saved_optim} to resume it, or {elsewhere(config)}")
     written_by = state["config"].get("backend", "torch")  # the optimizer state's layout is the backend's own
-    if written_by != backend.config.backend:
+    if written_by != config.backend:
         raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "
-                        f"set backend={written_by}, or give a new run_dir to start fresh")
-    backend.check_resumable(folder, state)
-    return state
+                        f"set backend={written_by}, or {elsewhere(config)}")
 
 
 def load(folder: Path, backend: Backend, state: dict[str, Any]) -> None:

@@ -112,7 +112,7 @@ class Config:
     stage: Literal["pretrain", "finetune"] = doc("pretrain", "pretrain, or finetune from init_from (pre-logits dropped, zero-init head, position embeddings resampled).")
     init_from: str = doc("", "Fine-tuning start: a run directory or checkpoint of ours, an HF folder, a timm state dict or an official .npz.")
     run_dir: str = doc("runs/default", "Where the run writes everything: resolved recipe, checkpoints, TensorBoard events, metrics.")
-    seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.", low=0, high=2**32 - 1)
+    seed: int = doc(0, "Seed of every random choice: init, shard order, shuffling, augmentation.", low=0, high=2**63 - 1)
     precision: Literal["fp32", "bf16", "float8"] = doc("bf16", "bf16 autocast where the device supports it, else fp32; float8: bf16 plus float8 matmuls in the encoder blocks (torchao, Ada/Hopper GPUs; the CPU emulates them).")
     compile: bool = doc(False, "torch.compile each encoder block, in place (parameter names unchanged): one compilation serves every block, and DDP / ZeRO still overlap gradient reduction with the backward. The xla backend always compiles and ignores this.")
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = doc("auto", "The scaled_dot_product_attention kernels on a GPU: auto times flash, cuDNN and memory-efficient attention on the model's shape at start and keeps the fastest; or name one (math: plain PyTorch).")

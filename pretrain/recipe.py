@@ -245,7 +245,7 @@ ELSEWHERE = {  # keys of other trainers (timm, big_vision, torchtitan) and where
     "patch_size": "the patch size is part of model.name (vit_b16: 16)",
     "epochs": "schedule.total_steps counts steps (epochs x samples / data.batch_size)",
     "warmup_epochs": "schedule.warmup_steps counts steps (epochs x samples / data.batch_size)",
-    "img_size": "model.image_size",
+    "img_size": "its name here is model.image_size",
     "drop_path_rate": "this trainer has no stochastic depth: the ViT paper's recipes use model.dropout",
 }
 

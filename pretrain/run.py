@@ -24,6 +24,7 @@ from .config import Config
 from .cli import OneLineParser, command
 from .errors import UserError
 from .models.zoo import build_model, count_params, forward_flops
+from .train.preemption import release_signals
 
 
 def summary(config: Config, slices: list[str] | None = None) -> str:
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher passes --local_rank; the backends read LOCAL_RANK from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)  # overrides before or after the flags
+    if args.help_recipe or args.dry_run:
+        release_signals()  # nothing to checkpoint: a SIGTERM ends these as it would any command
 
     if args.help_recipe:
         rows = recipe.describe()

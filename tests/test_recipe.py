@@ -77,7 +77,7 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["log.every=0"], "command line: 'log.every' must be at least 1, got 0"),
         ("", ["model.dropout=1"], "command line: 'model.dropout' must be at least 0 and below 1, got 1"),
         ("", ["loss.label_smoothing=1"], "'loss.label_smoothing' must be at least 0 and below 1, got 1"),
-        ("", ["seed=-1"], "command line: 'seed' must be between 0 and 4294967295, got -1"),
+        ("", ["seed=-1"], "command line: 'seed' must be between 0 and 9223372036854775807, got -1"),
         ("", ["run_dir="], "command line: 'run_dir' is empty; give it a value, or leave it out for its default"),
         ("", ["checkpoint.resume="], "'checkpoint.resume' is empty; give it a value, or leave it out for its default"),
         ("", ["model.patch_size=8"], "unknown key 'model.patch_size'; the patch size is part of model.name (vit_b16: 16)"),

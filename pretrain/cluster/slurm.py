@@ -7,7 +7,6 @@ trains exactly what was submitted; its output goes to ``RUN_DIR/job/slurm-JOBID.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import subprocess
@@ -68,10 +67,11 @@ def check_reachable(job: Job) -> None:
                                                         f"resume from a {config.stage} run of {config.model.name}"))
     if why := finished(config):
         raise UserError(why)
+    state = checkpoint.read_state(latest)
+    checkpoint.check_fits(latest, state, config)
     if latest.name == job.final_checkpoint:
         return
-    with checkpoint.readable(latest):
-        ranks = json.loads((latest / checkpoint.STATE).read_text())["data"]
+    ranks = state["data"]
     try:
         check_resumable(StreamState.from_dict(ranks[0]), config.data.workers, job.nodes * job.nproc_per_node,
                         config.data.allow_resharding)

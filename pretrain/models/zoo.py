@@ -43,7 +43,7 @@ def parse_name(name: str) -> Arch:
     sizes = "/".join(SIZES)
     if not m or m["size"] not in SIZES:
         raise UserError(f"model.name '{name}' is not in the zoo; use vit_{{{sizes}}}{{patch}} (e.g. vit_b16) or vit_r50_b16")
-    if m["patch"].startswith("0"):  # vit_mu04 would build vit_mu4 and then not match it on resume
+    if m["patch"].startswith("0") and int(m["patch"]):  # vit_mu04 would build vit_mu4 and then not match it on resume
         raise UserError(f"model.name '{name}': write the patch size without a leading zero, "
                         f"{name[: m.start('patch')]}{int(m['patch'])}")
     backbone = None

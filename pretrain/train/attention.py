@@ -43,6 +43,8 @@ def choose_attention(model: VisionTransformer, choice: str, micro: int, device: 
     """Enable the chosen SDPA kernels, process-wide and before compiling (a compiled graph keeps the kernel it
     traced); ``dtype``: the attention's inputs under autocast, None for fp32."""
     if device.type != "cuda":
+        if choice not in ("auto", "math") and announce:
+            print(f"warning: attention={choice} is a CUDA kernel; on {device.type} PyTorch picks its own", flush=True)
         return
     size = model.size
     shape = (micro, size.heads, model.num_prefix_tokens + model.grid[0] * model.grid[1], size.width // size.heads)

@@ -35,7 +35,7 @@ from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, check_labels, loss_fn
 from .optim import lr_at
-from .preemption import Preemption, WaitInterrupted
+from .preemption import Preemption, WaitInterrupted, release_signals
 from .resume import continue_checkpoint, finished, origin, resume_point
 
 
@@ -445,6 +445,7 @@ class Trainer:
 
 def train(config: Config) -> dict[str, float]:
     if why := finished(config):
+        release_signals()
         if os.environ.get("RANK", "0") == "0":
             print(why, flush=True)
         return {"step": config.schedule.total_steps}

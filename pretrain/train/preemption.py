@@ -32,6 +32,8 @@ class Preemption:
         _before.clear()
         self.requested = bool(_held)
         _held.clear()
+        if self.requested:  # now, not at the first step: a launcher may kill the trainer before it
+            self.mark()
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
@@ -62,6 +64,17 @@ PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _held: list[int] = []  # signals that came while held, for the Preemption
 _before: dict = {}  # the handlers hold_signals replaced, which the Preemption restores
+
+
+def release_signals() -> None:
+    """For a command that trains nothing (--dry-run, a complete run): the handlers as they were, and a signal that
+    came while held delivered again, to act as it would have."""
+    for s, handler in _before.items():
+        signal.signal(s, handler)
+    _before.clear()
+    for signum in dict.fromkeys(_held):
+        os.kill(os.getpid(), signum)
+    _held.clear()
 
 
 def hold_signals() -> None:

@@ -58,6 +58,9 @@ def test_grid_png_has_a_tile_and_caption_per_sample(shard_set, tmp_path, capsys)
     assert main([str(shard_set), "--grid", str(png), "--grid-samples", "100"]) == 0  # only 18 samples: 5 x 4
     with Image.open(png) as image:
         assert image.size == (5 * TILE, 4 * (TILE + CAPTION))
+    assert main([str(shard_set), "--grid", str(tmp_path / "grid.jpg")]) == 0  # the format its name says
+    with Image.open(tmp_path / "grid.jpg") as image:
+        assert image.format == "JPEG"
 
 
 def test_recount_agrees_with_the_manifest_and_names_disagreement(tmp_path, shards, capsys):

@@ -239,8 +239,13 @@ def test_a_source_of_which_no_image_can_be_read_is_an_error_not_an_empty_set(tmp
         assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 2
         err = capsys.readouterr().err
         assert "none of the 2 images of" in err and "could be read (" in err and "every reason is in" in err, err
-    assert not (tmp_path / "out" / mf.MANIFEST).exists()
-    assert len((tmp_path / "out" / mf.REPORT).read_text().splitlines()) == 2
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [mf.REPORT]  # no shard kept to be reused
+        assert len((tmp_path / "out" / mf.REPORT).read_text().splitlines()) == 2
+    rng = np.random.default_rng(0)
+    for name in CLASSES[:2]:  # the source mended (the storage's credentials, say)
+        (tmp_path / "src" / name / "x.jpg").write_bytes(image_bytes(rng))
+    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert read_back(str(tmp_path / "out"))[0].num_samples == 2
 
 
 def test_members_of_synset_tars_that_are_no_images_are_left_out(tmp_path, capsys):
@@ -275,7 +280,7 @@ def test_the_same_command_from_another_folder_or_naming_the_class_set_otherwise_
     assert "already holds this run" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("manifest", ['{"format": "vit', "[1, 2]", None])
+@pytest.mark.parametrize("manifest", ['{"format": "vit', "[1, 2]", b'{"classes": ["caf\xe9"]}', None])
 def test_a_set_whose_manifest_is_damaged_or_lost_is_written_again_by_the_same_command(tmp_path, capsys, manifest):
     from data_tools.verify import main as verify
 
@@ -286,15 +291,22 @@ def test_a_set_whose_manifest_is_damaged_or_lost_is_written_again_by_the_same_co
     if manifest is None:
         (tmp_path / "out" / mf.MANIFEST).unlink()
     else:
-        (tmp_path / "out" / mf.MANIFEST).write_text(manifest)
+        (tmp_path / "out" / mf.MANIFEST).write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
         assert verify([str(tmp_path / "out")]) == 2
         assert "manifest.json is damaged" in capsys.readouterr().err
     assert main(command) == 0
     said = "no manifest.json" if manifest is None else "a damaged manifest.json"
     assert f"holds shards named as this run's and {said} to check them by; writing them again" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == written
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "train-000000.tar").write_bytes(b"")
-    (tmp_path / "other" / "notes.txt").write_text("someone else's")
-    assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2  # not only shards of this run: refused
+    (tmp_path / "other").mkdir()  # shards of another tool, named as webdataset names them: not ours
+    for i in range(2):
+        (tmp_path / "other" / f"train-00000{i}.tar").write_bytes(b"someone else's")
+    assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2
     assert "is not empty and holds no run of data_tools.shard" in capsys.readouterr().err
+    (tmp_path / "other" / mf.MANIFEST).write_text('{"format": "vit-pretrain/shards/2"}')  # a later version's
+    assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2
+    assert "is not a manifest of this tool (format 'vit-pretrain/shards/2'" in capsys.readouterr().err
+    (tmp_path / "other" / mf.MANIFEST).write_text("{")
+    assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2
+    assert "holds other files than this run's shards; move them away" in capsys.readouterr().err
+    assert (tmp_path / "other" / "train-000000.tar").read_bytes() == b"someone else's"

@@ -378,8 +378,8 @@ def test_interrupted_run_resumes_to_the_clean_result(tmp_path, how):
         assert err.splitlines()[-1].startswith(said)
         tars = {p.name for p in out.glob("*.tar")}  # the workers' shards, finished while the command stopped
         records = {p.name[: -len(".json")] for p in (out / "_parts").glob("*.tar.json")}
-        # a broken pool ends the other workers, with their shards unfinished
-        assert records == tars if code != 2 else records <= tars
+        if code != 2:  # a broken pool ends the other workers too, with their shards unfinished
+            assert records == tars
     deadline = time.time() + 30
     while living(session=proc.pid) and time.time() < deadline:
         time.sleep(0.1)

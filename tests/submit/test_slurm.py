@@ -220,6 +220,10 @@ def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeyp
     assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/g", f"checkpoint.resume={start}",
                   "model.name=vit_mu8", "--nodes", "2", "--gpus-per-node", "0"]).startswith(
         f"error: checkpoint.resume is {start}, but the checkpoint's data stream ran on 1 ranks x ")
+    for extra, said in ((["optim.name=sgd"], "holds the state of optim.name=adamw, which sgd cannot take over"),
+                        (["schedule.total_steps=50"], "is at step 100, past schedule.total_steps=50")):
+        assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/g", f"checkpoint.resume={start}",
+                      "model.name=vit_mu8", *extra, "--gpus-per-node", "0"]).startswith(f"error: checkpoint {start} {said}")
     assert error(["slurm", "recipes/demo.yaml", *data, f"run_dir={tmp_path}/g", f"checkpoint.resume={tmp_path}/none",
                   "--gpus-per-node", "0"]).startswith(f"error: checkpoint.resume={tmp_path}/none holds no complete")
     ft = ["slurm", "recipes/demo_finetune.yaml", *data, f"run_dir={tmp_path}/ft", "--gpus-per-node", "0"]

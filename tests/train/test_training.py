@@ -273,10 +273,25 @@ def test_sigusr1_while_the_trainer_imports_torch_is_kept_for_it(small_shards, tm
         assert time.time() < deadline and trainer.poll() is None, trainer.communicate()
     importing = "libtorch" not in Path(f"/proc/{trainer.pid}/maps").read_text()
     trainer.send_signal(signal.SIGUSR1)
+    while not note.exists():  # at once, before the trainer is built: a launcher may kill it before its first step
+        assert time.time() < deadline and trainer.poll() is None, trainer.communicate()
+    noted_first = not (tmp_path / "run" / "checkpoints").exists()
     out, err = trainer.communicate(timeout=300)
     assert importing, "the trainer handled USR1 only once torch was loaded"
+    assert noted_first, "the note came with the checkpoint, not at once"
     assert trainer.returncode == 0, err[-2000:]
     assert "preempted: checkpoint written at step 0" in out and note.read_text() == "step 0\n"
+
+
+def test_a_dry_run_sent_sigterm_while_it_imports_torch_ends_as_any_command():
+    """Held for a trainer, the signal is delivered again to a command that trains nothing."""
+    dry = subprocess.Popen([sys.executable, "-m", "pretrain.run", "recipes/demo.yaml", "--dry-run"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while not caught(dry.pid, signal.SIGTERM):
+        assert time.time() < deadline and dry.poll() is None
+    dry.send_signal(signal.SIGTERM)
+    assert dry.wait(timeout=60) == -signal.SIGTERM
 
 
 def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_resume_is_exact(small_shards, tmp_path):
