@@ -104,8 +104,9 @@ def checked_image(data: bytes, options: Options) -> tuple[str, bytes]:
             # PIL warns above 89 megapixels (a 12000x8000 panorama) and refuses above twice that, as training would.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                if img.format not in FORMATS:
-                    raise BadImage(f"unsupported image format {img.format}")
+                if img.format not in FORMATS and not options.resize_short:  # which re-encodes any format as JPEG
+                    raise BadImage(f"unsupported image format {img.format} (shards hold JPEG, PNG, WebP, GIF, BMP or "
+                                   f"TIFF; --resize-short N re-encodes any format PIL reads as JPEG)")
                 if options.resize_short:
                     return "jpg", _resized(img, options.resize_short, options.quality)
                 # A JPEG without its end marker is most often cut short (some have data after it): decoded to tell.

@@ -310,3 +310,15 @@ def test_a_set_whose_manifest_is_damaged_or_lost_is_written_again_by_the_same_co
     assert main([command[0], str(tmp_path / "other"), *command[2:]]) == 2
     assert "holds other files than this run's shards; move them away" in capsys.readouterr().err
     assert (tmp_path / "other" / "train-000000.tar").read_bytes() == b"someone else's"
+
+
+def test_images_in_formats_the_shards_do_not_hold_are_skipped_or_re_encoded(tmp_path, capsys):
+    image_folder(tmp_path / "src", per_class=1)
+    Image.fromarray(np.full((40, 60, 3), 200, dtype=np.uint8)).save(tmp_path / "src" / CLASSES[2] / "scan.ppm")
+    assert main([str(tmp_path / "src"), str(tmp_path / "kept"), "--workers", "1"]) == 0
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "kept" / mf.REPORT).read_text().splitlines()]
+    assert any(r.startswith("unsupported image format PPM (shards hold JPEG, PNG") and "--resize-short N re-encodes"
+               in r for r in reasons), reasons
+    assert main([str(tmp_path / "src"), str(tmp_path / "jpeg"), "--workers", "1", "--resize-short", "32"]) == 0
+    samples = read_back(str(tmp_path / "jpeg"))[1]
+    assert f"{CLASSES[2]}/scan" in samples and samples[f"{CLASSES[2]}/scan"]["jpg"][:2] == b"\xff\xd8"
