@@ -39,7 +39,7 @@ PARTS = "_parts"  # per-shard records of an unfinished run; removed when manifes
 
 
 def parse_size(text: str) -> int:
-    """'1GB', '512MB', '500M', '1e9' -> bytes."""
+    """'1GB', '512MB', '500M', '1e9' -> bytes; as file sizes are counted by ls -h and du, 1GB is 2^30 bytes."""
     m = re.fullmatch(r"\s*([\d.e+]+)\s*([kmgt]?)i?b?\s*", text.lower())
     try:
         size = int(float(m[1]) * 1024 ** " kmgt".index(m[2] or " ")) if m else 0
@@ -391,7 +391,7 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     damaged = f", {plural(tars, 'tar')} read in part or not at all" if tars else ""
     print(
         f"wrote {plural(len(names), 'shard')} ({len(names) - len(todo)} kept from an earlier run), "
-        f"{plural(manifest.num_samples, 'sample')}, {size / 1e9:.2f} GB to {out.url}; {plural(manifest.skipped, 'image')} "
+        f"{plural(manifest.num_samples, 'sample')}, {size / 2**30:.2f} GiB to {out.url}; {plural(manifest.skipped, 'image')} "
         f"skipped{damaged}"
         + (f" (listed in {out.url_of(REPORT)})" if skipped else "")
     )
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--shard-samples", type=whole(1), default=0, help="samples per shard")
     size.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
-                      help="target shard size, counted in the source's image bytes (default 1GB; with --resize-short "
+                      help="target shard size, counted in the source's image bytes (default 1GB, 2^30 bytes; with --resize-short "
                            "shards come out smaller by as much as the images shrink)")
     p.add_argument("--seed", type=whole(0), default=0, help="seed of the shuffle across shards")
     p.add_argument("--workers", type=whole(1), default=max(1, multiprocessing.cpu_count()), help="processes (default: all cores)")
