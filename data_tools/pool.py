@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
 
@@ -70,23 +70,73 @@ class ProcessPool(ProcessPoolExecutor):
     The workers start at the first submits with SIGINT blocked (not SIGTERM, which the executor sends to stop them
     when one has died), and end when this process does. When Ctrl-C or an error leaves the ``with`` block, the tasks
     the workers are on finish and the rest are not started.
+
+    Inside the ``with`` block, Ctrl-C and SIGTERM are held and raised (``KeyboardInterrupt``, ``Terminated``) by
+    :meth:`wait` and the iterators built on it, at most ``POLL`` seconds later, or when the block ends. Raised where
+    they arrive, they could strike inside ``concurrent.futures.wait``, between the locks it takes on each future: the
+    lock it held then was never released, and the executor's shutdown waited for it forever.
     """
+
+    POLL = 0.2
 
     def __init__(self, workers: int, initializer=None, initargs: tuple = ()):
         super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                          initargs=(os.getpid(), initializer, initargs))
+        self._held: int | None = None
+        self._handlers: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+            self._handlers = {s: signal.signal(s, self._hold) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self._held = self._held or signum
+
+    def _raise_held(self) -> None:
+        held, self._held = self._held, None
+        if held == signal.SIGTERM:
+            raise Terminated
+        if held == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         with signals_blocked(signal.SIGINT):
             return super().submit(fn, *args, **kwargs)
 
+    def wait(self, futures: set[Future]) -> tuple[set[Future], set[Future]]:
+        """``concurrent.futures.wait`` for the first of ``futures`` to finish, or ``POLL`` seconds: (done, pending)."""
+        done, pending = wait(futures, timeout=self.POLL, return_when=FIRST_COMPLETED)
+        self._raise_held()
+        return done, pending
+
+    def completed(self, futures: list[Future]) -> Iterator[Future]:
+        """``futures`` as they finish, as ``concurrent.futures.as_completed``."""
+        pending = set(futures)
+        while pending:
+            done, pending = self.wait(pending)
+            yield from done
+
+    def results(self, futures: list[Future]) -> Iterator:
+        """The results of ``futures`` in their order, as ``Executor.map``."""
+        for future in futures:
+            while not future.done():
+                self.wait({future})
+            yield future.result()
+
     def __exit__(self, exc_type, exc, traceback):
-        if exc_type is not None:  # Ctrl-C, or a task's error: the tasks not begun are not started
-            self.shutdown(cancel_futures=True)
-        super().__exit__(exc_type, exc, traceback)
+        try:
+            if exc_type is not None:  # Ctrl-C, or a task's error: the tasks not begun are not started
+                self.shutdown(cancel_futures=True)
+            super().__exit__(exc_type, exc, traceback)
+        finally:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
         if isinstance(exc, BrokenProcessPool):
             raise UserError("a worker process died (killed for memory? dmesg says; or a crash in an image decoder), so "
                             "the command stopped; run it again, with fewer --workers if memory ran out") from None
+        if exc_type is None:
+            self._raise_held()  # one that came after the last wait
         return False
 
 

@@ -20,7 +20,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
 from tqdm import tqdm
@@ -72,7 +71,7 @@ def list_corpus(source: str, kind: str, classes_file: str | None, workers: int) 
     labels = [index[sources.nfc(stem)] for stem in stems]
     items, refused, members = [], [], Counter()
     with ProcessPool(workers) as pool:
-        listed = pool.map(sources.list_tar, tars, labels, chunksize=16)
+        listed = pool.results([pool.submit(sources.list_tar, tar, label) for tar, label in zip(tars, labels)])
         for found, bad, ignored_members in tqdm(listed, total=len(tars), desc="listing tars", unit="tar"):
             items += found
             refused += bad
@@ -258,7 +257,7 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
                 pending = set(futures)
                 try:
                     while pending:
-                        done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                        done, pending = pool.wait(pending)
                         _drain(progress, advance)
                         for f in done:
                             records.append(finish(f.result()))

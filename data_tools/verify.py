@@ -14,7 +14,6 @@ import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -170,7 +169,7 @@ def run_jobs(jobs: list[Job], workers: int) -> Iterator[ShardReport]:
         yield from map(check_shard, jobs)
         return
     with ProcessPool(min(workers, len(jobs))) as pool:
-        for future in as_completed([pool.submit(check_shard, job) for job in jobs]):
+        for future in pool.completed([pool.submit(check_shard, job) for job in jobs]):
             yield future.result()
 
 
