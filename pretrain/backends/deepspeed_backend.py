@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import UserError
+from ..models.vit import Block
 from ..train.loop import micro_batch
 from ..train.optim import build_optimizer, clip_in_step, grad_norm, recipe_settings_kept, set_lr
 from ..weights_file import save_weights
@@ -59,7 +60,12 @@ def ds_config(config: Config, world: int, autocast: bool) -> dict:
         "gradient_clipping": 0.0,
         # ZeRO-1/2: the norm and the skip are ours too; its own norm waits for the device (a read, and a blocking
         # copy of a constant to the device per parameter group), after which the GPU idles while the host works.
-        "zero_optimization": {"stage": stage, **({"compute_grad_norm": False} if stage in (1, 2) else {})},
+        "zero_optimization": {"stage": stage, **({"compute_grad_norm": False} if stage in (1, 2) else {}),
+                              # ZeRO-3 gathers an encoder block's weights at once, as FSDP's per-block wrapping does,
+                              # rather than each Linear's and LayerNorm's: its hooks on those broke a compiled block
+                              # into a graph per layer, and each new kind of layer recompiled the hooks themselves.
+                              **({"leaf_module": {"classes": [f"{Block.__module__}.{Block.__qualname__}"]}}
+                                 if stage == 3 else {})},
         "bf16": {"enabled": False},  # bf16 is torch autocast: see the module docstring
         "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,  # SGD: ZeRO shards any element-wise torch optimizer

@@ -111,7 +111,9 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
 
 
 def compile_in_place(model: VisionTransformer, config: Config) -> None:
-    """config.compile: each encoder block through ``nn.Module.compile``, so parameter names (checkpoints) stay.
+    """config.compile: each encoder block's ``forward`` through ``torch.compile``, so parameter names (checkpoints)
+    stay. Not the block's ``__call__`` (``nn.Module.compile``): the hooks others set on a block, ZeRO-3's gathering of
+    its weights, stay outside the graph, where dynamo broke the graph at them and recompiled them.
 
     Under autocast the compiled block keeps bf16 matmuls and fuses the fp32 LayerNorm, GELU, bias, residual and
     casts around them; attention stays scaled_dot_product_attention (flash or cuDNN on a GPU). The blocks are
@@ -120,7 +122,7 @@ def compile_in_place(model: VisionTransformer, config: Config) -> None:
     if not config.compile or config.backend == "xla":
         return
     for block in model.blocks:
-        block.compile()
+        block.forward = torch.compile(block.forward)
 
 
 DATA_WAIT_HINT = 0.1  # share of the time a step may wait for data before the run says how to feed it
