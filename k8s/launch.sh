@@ -37,8 +37,8 @@ wait "$child"
 status=$?
 
 if [ -f "$PRETRAIN_PREEMPTED_FILE" ]; then
-    echo "stopped at $(cat "$PRETRAIN_PREEMPTED_FILE") before the end of the run, after writing a checkpoint;" \
-        "exiting 75 to be started again" >&2
+    echo "a signal stopped the trainer at $(cat "$PRETRAIN_PREEMPTED_FILE") before the end of the run (exit status" \
+        "$status); exiting 75 to be started again, from its newest checkpoint" >&2
     rm -f "$PRETRAIN_PREEMPTED_FILE"
     exit 75
 fi

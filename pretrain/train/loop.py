@@ -24,6 +24,7 @@ from ..config import Config
 from ..data import shards
 from ..data.device_decode import DeviceDecoded
 from ..data.stream import StreamState, StreamTracker, TrainStream, check_resumable, loader
+from ..cli import plural
 from ..errors import UserError
 from ..evaluate import evaluate, normalise
 from ..fewshot import few_shot_needs_single_label, fewshot_eval
@@ -302,7 +303,7 @@ class Trainer:
                     return {"step": self.step, "preempted": 1.0}
             if cfg.data.val and self.last_eval.get("step") != self.step:
                 self.last_eval = self._evaluate()
-            preemption.completed()
+            preemption.withdraw()
             return self.last_eval if cfg.data.val else {"step": self.step}
         finally:
             preemption.restore()
@@ -396,7 +397,8 @@ class Trainer:
         epochs = f" ({images / seen:.3g} epochs)" if seen else ""
         return (f"{cfg.stage}: {cfg.model.name} ({self.params / 1e6:.3g}M parameters) on {data}{classes} "
                 f"({cfg.data.train}), {cfg.schedule.total_steps} steps of {cfg.data.batch_size}{epochs}, backend "
-                f"{cfg.backend} on {self.backend.world} process(es) ({self.backend.device.type})")
+                f"{cfg.backend} on {self.backend.world} process(es) ({self.backend.device.type}, "
+                f"{plural(len(os.sched_getaffinity(0)), 'CPU')} each)")
 
     def _hint_data_wait(self, share: float) -> None:
         """Once per run, past the first log window (which holds the workers' start): say how to feed the step."""
@@ -454,12 +456,16 @@ def train(config: Config) -> dict[str, float]:
     preemption = Preemption(0)  # a signal in the start-up (loading, compiling) stops the run at its first step
     try:
         trainer = Trainer(config)
-    except BaseException:
+    except BaseException as e:
         preemption.restore()
+        if isinstance(e, Exception):
+            preemption.withdraw()
         raise
     try:
         result = trainer.train(preemption)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, Exception):
+            preemption.withdraw()
         trainer.backend.close(finished=False)
         raise
     trainer.backend.close()

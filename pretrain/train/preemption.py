@@ -22,7 +22,8 @@ class Preemption:
     (the file ``PRETRAIN_PREEMPTED_FILE`` names; slurm/train.sbatch and k8s/launch.sh set it) that the run is owed
     the rest, its final evaluation included, so that the launcher starts it again. Its exit status cannot say so:
     torchrun, signalled too under Slurm, exits 1 whatever its workers did, and kills one still busy 30 s later. A
-    run that completes after all (a signal during its final evaluation) takes the note back.
+    run that completes after all (a signal during its final evaluation) takes the note back, and so does one that
+    fails (a recipe error found after the signal came): the launcher then reports its error, not a preemption.
     """
 
     def __init__(self, step: int):
@@ -55,7 +56,7 @@ class Preemption:
                       file=sys.stderr, flush=True)
 
     @staticmethod
-    def completed() -> None:
+    def withdraw() -> None:
         if path := os.environ.get(PREEMPTED_FILE):
             Path(path).unlink(missing_ok=True)
 

@@ -198,6 +198,27 @@ def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_pa
     assert pod.returncode == 75 and "exiting 75 to be started again" in out, out
 
 
+SIGNAL_IN_START_UP = """
+import os, signal, sys
+from pretrain.train import preemption
+preemption.hold_signals()
+os.kill(os.getpid(), signal.SIGTERM)
+from pretrain import run
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_launch_sh_reports_a_trainer_that_fails_after_a_sigterm_as_failed(tmp_path):
+    """A recipe error found after the SIGTERM came: the pod fails with the trainer's error, not started again."""
+    (tmp_path / "signal_first.py").write_text(SIGNAL_IN_START_UP)
+    (tmp_path / "empty").mkdir()
+    command = ["bash", "k8s/launch.sh", sys.executable, str(tmp_path / "signal_first.py"), "recipes/demo.yaml",
+               "model.name=vit_mu8", f"data.train={tmp_path / 'empty'}", "data.val=", f"run_dir={tmp_path / 'run'}"]
+    failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert "error: " in failed.stderr and "exiting 75" not in failed.stderr
+
+
 def test_launch_sh_turns_sigterm_into_a_checkpoint_and_exit_75_then_resumes(small_shards, tmp_path):
     """The pod's entry point with torchrun and two trainers, as Kubernetes runs it: SIGTERM to it alone."""
     overrides = {"model.name": "vit_mu8", "data.train": small_shards["train"], "data.val": "", "data.batch_size": 16,
@@ -258,7 +279,7 @@ def test_launch_sh_starts_a_run_preempted_in_its_last_step_again_for_its_final_e
                              timeout=300)
     assert stopped.returncode == 75, stopped.stdout + stopped.stderr
     assert "preempted: checkpoint written at step 4" in stopped.stdout
-    assert "stopped at step 4 before the end of the run, after writing a checkpoint; exiting 75" in stopped.stderr
+    assert "a signal stopped the trainer at step 4 before the end of the run (exit status 0); exiting 75" in stopped.stderr
     evals = lambda run: [r["step"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
                          if r["split"] == "eval"]
     assert evals("a") == []

@@ -85,6 +85,7 @@ def test_a_two_node_job_writes_checkpoints_and_tensorboard_events(finished_run):
     output = (finished_run / "job").glob("slurm-*.out")
     log = next(output).read_text()
     assert "start 1, on n[1-2]" in log and "trainers finished with exit status 0" in log
+    assert "(cpu, 2 CPUs each)" in log  # the task's CPUs, which srun bound to the job step
     assert sorted(p.name for p in (finished_run / "checkpoints").glob("step_*")) == ["step_000000020", "step_000000040"]
     events = EventAccumulator(str(finished_run / "tb"))
     events.Reload()
