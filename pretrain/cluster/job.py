@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..models.zoo import build_model, count_params
 from ..train.loop import micro_batch
 
 RECORD = "job.json"
+SCHEDULERS = ("slurm", "k8s")
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights and two optimizer moments
 WRITE_BYTES_PER_S = 100e6  # a network file system, conservatively
 STEP_AND_EXIT_S = 120  # finishing the step in flight, agreeing to stop, exiting
@@ -100,16 +102,36 @@ def job_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "job"
 
 
+def write_local(path: Path, text: str) -> None:
+    """Write a file of the job folder on this machine, whole or not at all (a full disk leaves the one before)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.part")
+        part.write_text(text)
+        os.replace(part, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}): the job folder, on this machine, keeps what status, "
+                        f"logs and cancel read; submit from a folder where the run directory can be written, or "
+                        f"give another run_dir") from None
+
+
 def save_record(run_dir: str | Path, record: dict[str, Any]) -> None:
-    path = job_dir(run_dir) / RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_local(job_dir(run_dir) / RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def find_record(run_dir: str | Path) -> dict[str, Any] | None:
     """The record of the last job submitted with this run directory, if any."""
     path = job_dir(run_dir) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        record = None
+    if not isinstance(record, dict) or record.get("scheduler") not in SCHEDULERS:
+        raise UserError(f"{path} is damaged (not the record pretrain.submit writes); if a job of this run is still "
+                        f"queued, cancel it with scancel or kubectl delete job, then delete the file and submit again")
+    return record
 
 
 def load_record(run_dir: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import yaml
 from .. import recipe
 from ..errors import UserError
 from . import templates
-from .job import Job, job_dir, tool
+from .job import Job, job_dir, tool, write_local
 
 WORKDIR = PurePosixPath("/workspace")
 RUNS_MOUNT = WORKDIR / "runs"
@@ -39,6 +39,9 @@ RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before t
 # slice of 1, 4 or 8 v5e or v6e chips is one host of that many; larger ones are hosts of 4).
 TPU_ACCELERATORS = {"tpu-v4-podslice": 3, "tpu-v5p-slice": 3, "tpu-v5-lite-podslice": 2, "tpu-v6e-slice": 2}
 SINGLE_HOST_2D = (1, 4, 8)
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"  # a component of an image's name, as the registries take it
+IMAGE = (rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/)?"
+         rf"{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?")
 QUANTITY = r"\d+(\.\d+)?([KMGTPE]i?|k)?"  # Kubernetes' memory quantities: 256Gi, 512G, 1.5Ti
 
 
@@ -62,10 +65,13 @@ def check_names(namespace: str, pvc: str, memory: str, image: str) -> None:
     if memory and not re.fullmatch(QUANTITY, memory):
         hint = f"; {memory[:-1]}i is {memory}'s binary unit" if re.fullmatch(r"\d+[KMGTPE]B", memory) else ""
         raise UserError(f"--memory '{memory}' is not a Kubernetes quantity like 256Gi{hint}")
-    if not image or re.search(r"\s", image):
+    if not image:
         raise UserError("k8s needs --image: a container image with this repository installed "
-                        "(pip install '.[gpu]' for GPUs, '.[tpu]' for TPUs)" if not image else
-                        f"--image '{image}' holds a space; give an image reference like ghcr.io/you/vit-pretrain:1.0")
+                        "(pip install '.[gpu]' for GPUs, '.[tpu]' for TPUs)")
+    if not re.fullmatch(IMAGE, image):
+        raise UserError(f"--image '{image}' is not an image reference (a lower-case name, a registry before it, a "
+                        f":tag or @sha256:digest after it); give one like ghcr.io/you/vit-pretrain:1.0, or the pods "
+                        f"would wait for ever in InvalidImageName")
 
 
 def unreachable_data(config) -> list[str]:
@@ -174,10 +180,6 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     else:
         last = (got.stderr.strip() or f"exit status {got.returncode}").splitlines()[-1]
         raise UserError(f"kubectl get persistentvolumeclaim failed: {last}")
-    folder = job_dir(job.config.run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "manifests.yaml"
-    path.write_text(manifests)
     existing = _job({"name": job.name, "namespace": namespace})
     if existing is not None and not _ours(existing, {"run_dir": job.config.run_dir}):
         raise UserError(f"a Job named {job.name} in namespace {namespace} belongs to run directory "
@@ -188,6 +190,8 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     if existing is not None:  # ended: a Job's pod template cannot be applied over, so it goes first
         tool(["kubectl", "delete", "job", job.name, "--namespace", namespace, "--cascade=foreground", "--wait=true",
               "--timeout=300s"], MISSING)
+    path = job_dir(job.config.run_dir) / "manifests.yaml"  # only now: cancel deletes what it names
+    write_local(path, manifests)
     tool(["kubectl", "apply", "--filename", str(path)], MISSING)
     return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
             "manifests": str(path), "run_dir": job.config.run_dir, "grace": job.grace_seconds}

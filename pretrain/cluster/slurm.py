@@ -21,7 +21,7 @@ from ..data.stream import StreamState, check_resumable
 from ..errors import UserError
 from ..train.resume import finished, resume_point
 from . import templates
-from .job import Job, job_dir, tool
+from .job import Job, job_dir, tool, write_local
 
 TEMPLATE = "slurm/train.sbatch"
 FOLLOW_POLL_S = 5  # logs --follow asks Slurm this often whether the job is still queued or running
@@ -120,10 +120,9 @@ def submit(job: Job, script: str) -> dict[str, Any]:
     """Write the script and the resolved recipe into the run's job folder, sbatch it; the job record."""
     folder = job_dir(job.config.run_dir)
     first = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe.save(job.config, folder / "recipe.yaml")
     path = folder / "train.sbatch"
-    path.write_text(script)
+    write_local(path, script)
+    recipe.save(job.config, folder / "recipe.yaml")
     try:
         job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
     except UserError as e:

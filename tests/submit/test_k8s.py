@@ -165,7 +165,9 @@ def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
     (["--namespace", "Bad NS", "--image", IMAGE], "--namespace 'Bad NS' is not a Kubernetes namespace name"),
     (["--pvc", "", "--image", IMAGE], "--pvc '' is not a PersistentVolumeClaim name"),
     (["--memory", "256GB", "--image", IMAGE], "--memory '256GB' is not a Kubernetes quantity like 256Gi; 256Gi is"),
-    (["--image", "bad image:1"], "--image 'bad image:1' holds a space"),
+    (["--image", "bad image:1"], "--image 'bad image:1' is not an image reference"),
+    (["--image", "ghcr.io/You/vit:1"], "--image 'ghcr.io/You/vit:1' is not an image reference"),
+    (["--image", "*x"], "--image '*x' is not an image reference"),
     (["checkpoint.resume=never", "--image", IMAGE], "checkpoint.resume=never: a job started again after preemption"),
     (["backend=xla", "--tpu-accelerator", "tpu-v5e", "--image", IMAGE], "--tpu-accelerator 'tpu-v5e' is not one of"),
     (["backend=xla", "--tpu-accelerator", "tpu-v5-lite-podslice", "--tpu-topology", "2x2x4", "--image", IMAGE],
@@ -384,6 +386,35 @@ def test_submit_checks_the_claim_before_it_applies_anything(cluster, capsys, ans
     else:
         assert code == 2 and "apply" not in calls.read_text() and not Path("runs").exists()
         assert err.startswith("error: PersistentVolumeClaim vit-runs does not exist in namespace default")
+
+
+def test_a_submission_refused_for_another_runs_job_leaves_nothing_that_cancel_would_delete(cluster, capsys):
+    """The Job's name is taken by another run's Job: manifests naming it would have cancel delete that run's objects."""
+    calls = cluster(pvc=claim("ReadWriteMany"),
+                    job={"metadata": {"annotations": {k8s.OWNER: "runs/x"}}, "status": {"active": 1}})
+    code = submit.main(["k8s", str(ROOT / "recipes/demo.yaml"), "run_dir=runs/y", "--name", "x", "--image", IMAGE,
+                        "--gpus-per-node", "0"])
+    assert code == 2 and "belongs to run directory runs/x" in capsys.readouterr().err
+    assert "apply" not in calls.read_text() and not Path("runs/y/job/manifests.yaml").exists()
+
+
+def test_a_job_folder_this_machine_cannot_write_is_one_sentence(cluster, capsys):
+    cluster(pvc=claim("ReadWriteMany"))
+    Path("runs").write_text("")  # a file where the run directories would go
+    assert submit.main(["k8s", str(ROOT / "recipes/demo.yaml"), "run_dir=runs/y", "--image", IMAGE,
+                        "--gpus-per-node", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write runs/y/job/manifests.yaml (Not a directory): the "
+                                              "job folder, on this machine, keeps what status, logs and cancel read")
+
+
+@pytest.mark.parametrize("record", [b"", b"[1]", b'{"scheduler": "pbs"}', b"\xff"])
+def test_a_damaged_job_record_is_one_sentence(cluster, capsys, record):
+    Path("runs/y/job").mkdir(parents=True)
+    Path("runs/y/job/job.json").write_bytes(record)
+    for argv in (["status", "runs/y"], ["k8s", str(ROOT / "recipes/demo.yaml"), "run_dir=runs/y", "--image", IMAGE,
+                                        "--gpus-per-node", "0"]):
+        assert submit.main(argv) == 2
+        assert capsys.readouterr().err.startswith("error: runs/y/job/job.json is damaged (not the record")
 
 
 def test_logs_follow_goes_on_to_the_pods_of_the_jobs_next_start_until_it_ends(cluster, capfd, monkeypatch):
