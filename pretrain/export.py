@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -108,10 +109,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run directory (its newest checkpoint) or a checkpoint folder")
     parser.add_argument("--format", required=True, choices=("hf", "onnx"),
                         help="hf: a transformers folder; onnx: one file")
-    parser.add_argument("out", metavar="OUT", type=Path, help="the folder (hf) or file (onnx) to write")
+    parser.add_argument("out", metavar="OUT", help="the folder (hf) or file (onnx) to write, on this machine")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUT file, or write into a folder that is not empty")
     args = parser.parse_args(argv)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", args.out):
+        raise UserError(f"export writes to this machine's disk, not to {args.out}; write it here, then copy it there "
+                        f"(gcloud storage cp --recursive, aws s3 cp --recursive)")
+    args.out = Path(args.out)
+    if args.out.is_dir() and ((args.out / checkpoint.STATE).exists() or any(args.out.glob(f"*/{checkpoint.STATE}"))
+                              or (args.out / "checkpoints").is_dir()):
+        raise UserError(f"{args.out} holds a run's checkpoints, which export would overwrite; give a folder of its own")
     if args.format == "hf" and args.out.exists() and not args.out.is_dir():
         raise UserError(f"{args.out} is a file; --format hf writes a folder, so give a folder's path")
     if args.format == "onnx" and args.out.is_dir():

@@ -236,6 +236,10 @@ def test_evaluating_labels_beyond_the_models_classes_is_one_sentence(runs, tmp_p
     (export, ["{run}", "--format", "onnx", "{file}"], "model.onnx exists; give a new path, or pass --overwrite"),
     (export, ["{run}", "--format", "hf", "{out}"], "is a folder that is not empty; give a new path, or pass --overwrite"),
     (export, ["{run}", "--format", "onnx", "{file}/a/m.onnx"], "model.onnx is a file, not a folder; give a path in a"),
+    (export, ["{run}", "--format", "onnx", "gs://bucket/m.onnx"], "export writes to this machine's disk, not to gs://"),
+    (export, ["{run}", "--format", "hf", "{run}/checkpoints/step_000000100", "--overwrite"],
+     "step_000000100 holds a run's checkpoints, which export would overwrite"),
+    (export, ["{run}", "--format", "hf", "{run}", "--overwrite"], "holds a run's checkpoints, which export would"),
 ])
 def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
     (tmp_path / "model.onnx").write_bytes(b"")

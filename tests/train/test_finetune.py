@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import checkpoint
+from pretrain.errors import UserError
 from pretrain import run as pretrain_run
 from pretrain.config import ModelConfig
 from pretrain.models.convert import load_into
@@ -97,6 +98,9 @@ def test_a_start_from_hugging_face_with_another_layernorm_eps_says_so(pretrained
     assert start_from_pretrained(build_model(config.model), config).endswith(
         "; its LayerNorms were trained with eps 1e-12, this model's is model.norm_eps=1e-06 (set model.norm_eps=1e-12 "
         "to keep its features exactly)")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**settings, "num_attention_heads": 1}))
+    with pytest.raises(UserError, match=r"splits attention into 1 head and vit_mu8 into 4, so its features would"):
+        start_from_pretrained(build_model(config.model), config)  # the weights' shapes do not show it
 
 
 def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
