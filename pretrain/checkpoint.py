@@ -373,5 +373,10 @@ def load_checkpoint(path: str | Path) -> tuple[VisionTransformer, Config, Path]:
 
     weights, config, found = read_newest(path, lambda: find_given(path), read)
     model = build_model(config.model)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # strict: a key or shape that the saved recipe's model does not have
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UserError(f"{found}'s weights do not fit the {config.model.name} its config.yaml describes ({first}); "
+                        f"the folder changed after training: use the checkpoint before it") from None
     return model.eval(), config, found

@@ -41,6 +41,10 @@ def prepare(job: Job) -> Job:
         if re.search(r"[\s'\"\\#%]", path):  # #SBATCH lines (--output, --chdir) take a path as one bare word
             raise UserError(f"{what} {path} holds a space, quote, backslash, # or %, which sbatch's #SBATCH lines "
                             f"cannot take (# starts a comment there, % a pattern like %j); use a path without them")
+    if job.nodes > 1 and config.run_dir.startswith(("/tmp/", "/dev/shm/", "/var/tmp/")):
+        print(f"warning: run_dir {config.run_dir} is usually each node's own disk, but the job's {job.nodes} nodes "
+              f"must write one run directory (and a requeued job may start on other nodes); give a path on a shared "
+              f"file system", file=sys.stderr)
     return dataclasses.replace(job, config=config)
 
 
@@ -97,6 +101,9 @@ def time_limit_seconds(text: str) -> int:
 
 def render(job: Job, partition: str = "", time: str = "") -> str:
     """The sbatch script for ``job`` (prepared)."""
+    if partition and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", partition):  # #SBATCH takes one bare word
+        raise UserError(f"--partition '{partition}' is not a partition name, or a list of them joined by commas; "
+                        f"sinfo --summarize lists the partitions you may use")
     if time and time_limit_seconds(time) and time_limit_seconds(time) <= job.grace_seconds:
         raise UserError(f"--time {time} is no longer than the {job.grace_seconds} s warning before it "
                         f"(--grace-seconds), so the job would be told to stop before it trained; give a longer "

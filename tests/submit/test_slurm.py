@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pretrain.errors import UserError
 from pretrain.submit import main as submit_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,3 +263,18 @@ def test_a_job_is_named_after_the_start_of_its_run_directory():
     alike = "/scratch/alice/experiments/2026/imagenet21k/vit_{}16"
     assert job_name(alike.format("b")) != job_name(alike.format("l"))  # alike but for their ends
 
+
+
+def test_a_partition_that_is_no_name_is_one_sentence_and_a_node_local_run_dir_a_warning(small_shards, tmp_path,
+                                                                                         capsys):
+    from pretrain import recipe
+    from pretrain.cluster import job as jobs, slurm as slurm_jobs
+
+    config = recipe.load("recipes/demo.yaml", [f"data.train={small_shards['train']}", f"run_dir={tmp_path}"])
+    job = slurm_jobs.prepare(jobs.Job(config, "recipes/demo.yaml", gpus_per_node=0))
+    with pytest.raises(UserError, match=r"--partition 'gpu #1' is not a partition name, or a list of them joined"):
+        slurm_jobs.render(job, partition="gpu #1")
+    assert "#SBATCH --partition=gpu,debug\n" in slurm_jobs.render(job, partition="gpu,debug")
+    assert capsys.readouterr().err == ""
+    slurm_jobs.prepare(jobs.Job(config, "recipes/demo.yaml", nodes=2, gpus_per_node=0))
+    assert f"warning: run_dir {tmp_path} is usually each node's own disk" in capsys.readouterr().err

@@ -95,3 +95,15 @@ def test_a_checkpoint_pruned_while_it_is_read_is_read_as_its_runs_newest(two_che
         checkpoint.load_model(root / "step_000000004")  # given the folder itself: no newer one to read
 
 
+
+
+def test_weights_that_do_not_fit_their_own_recipe_are_one_sentence_for_evaluate_and_export(two_checkpoints, tmp_path):
+    """A checkpoint folder whose model.safetensors was replaced (another run's, an export's): no traceback."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    newest = checkpoint.find(tmp_path)
+    weights = load_file(newest / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "cls_token"}, newest / "model.safetensors")
+    with pytest.raises(UserError, match=r"weights do not fit the vit_mu8 its config.yaml describes \(Missing key"):
+        checkpoint.load_checkpoint(newest)
