@@ -15,7 +15,7 @@ import sys
 from . import recipe
 from .cluster import job as jobs
 from .cluster import k8s, slurm
-from .cli import OneLineParser, command
+from .cli import OneLineParser, command, whole
 from .errors import UserError
 
 SCHEDULERS = {"slurm": slurm, "k8s": k8s}
@@ -52,6 +52,10 @@ def parser() -> OneLineParser:
             p.add_argument("--gcsfuse", action="store_true",
                            help="the --pvc volume is a Cloud Storage bucket through GKE's GCS FUSE CSI driver: the "
                                 "pods get its sidecar")
+            p.add_argument("--rendezvous-timeout", type=whole(1), default=3600,
+                           help="seconds the first pods wait for the others (Kubernetes starts them one by one as GPUs "
+                                "free up): then torchrun gives up and the Job counts a failure (torchrun's own "
+                                "default, 600, failed an 8-node job in about 30 minutes of waiting for one node)")
             p.add_argument("--tpu-accelerator", default="tpu-v5p-slice",
                            help="backend=xla: GKE TPU accelerator (tpu-v4-podslice, tpu-v5p-slice, "
                                 "tpu-v5-lite-podslice, tpu-v6e-slice)")
@@ -92,6 +96,7 @@ def submit(args: argparse.Namespace) -> int:
         rendered = k8s.render(job, image=args.image, namespace=args.namespace, pvc=args.pvc, memory=args.memory,
                               tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology,
                               tpu_chips_per_host=args.tpu_chips_per_host, service_account=args.service_account,
+                              rendezvous_timeout=args.rendezvous_timeout,
                               gcsfuse=args.gcsfuse)
         k8s.validate(rendered)
         for line in k8s.unreachable_data(job.config):

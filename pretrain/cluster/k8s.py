@@ -111,7 +111,8 @@ def tpu_slice(accelerator: str, topology: str, chips_per_host: int = 0) -> tuple
 
 def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-runs", memory: str = "",
            tpu_accelerator: str = "tpu-v5p-slice", tpu_topology: str = "2x2x2",
-           tpu_chips_per_host: int = 0, service_account: str = "", gcsfuse: bool = False) -> str:
+           tpu_chips_per_host: int = 0, service_account: str = "", gcsfuse: bool = False,
+           rendezvous_timeout: int = 3600) -> str:
     """The manifests for ``job``, one YAML stream: ConfigMap, training Service and Job, TensorBoard."""
     check_names(namespace, pvc, memory, image)
     if service_account and not re.fullmatch(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?", service_account):
@@ -129,7 +130,7 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
         "nodes": job.nodes, "nproc_per_node": nproc, "gpus_per_node": job.gpus_per_node,
         "cpus_per_node": job.cpus_per_node, "memory": memory or f"{32 * nproc}Gi", "backend": job.config.backend,
         "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
-        "rendezvous_port": RENDEZVOUS_PORT,
+        "rendezvous_port": RENDEZVOUS_PORT, "rendezvous_timeout": rendezvous_timeout,
         "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,
         "run_dir": posixpath.normpath(job.config.run_dir), "tb_logdir": run_dir, "service_account": service_account, "gcsfuse": gcsfuse, "recipe_yaml": recipe.to_yaml(job.config), "launch_sh": templates.source("k8s/launch.sh"),
     }

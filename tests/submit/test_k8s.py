@@ -104,9 +104,9 @@ def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
     assert pod["securityContext"]["runAsNonRoot"] is True
     trainer = pod["containers"][0]
     assert trainer["command"] == ["bash", "/etc/pretrain/launch.sh"]
-    assert trainer["args"][:7] == ["torchrun", "--nnodes=4", "--node-rank=$(NODE_RANK)", "--nproc-per-node=8",
+    assert trainer["args"][:8] == ["torchrun", "--nnodes=4", "--node-rank=$(NODE_RANK)", "--nproc-per-node=8",
                                    "--master-addr=vit-b16-i21k-0.vit-b16-i21k.default.svc", "--master-port=29500",
-                                   "-m"]
+                                   "--rdzv-conf=timeout=3600", "-m"]  # the first pods wait an hour for the rest
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
     rules = spec["podFailurePolicy"]["rules"]
