@@ -102,6 +102,7 @@ def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
     assert pod["subdomain"] == "vit-b16-i21k" and pod["restartPolicy"] == "Never"
     assert pod["terminationGracePeriodSeconds"] == 180  # ViT-B/16: 2 minutes + 1 GB at 100 MB/s, whole minutes
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"  # no chown of every file per start
     trainer = pod["containers"][0]
     assert trainer["command"] == ["bash", "/etc/pretrain/launch.sh"]
     assert trainer["args"][:8] == ["torchrun", "--nnodes=4", "--node-rank=$(NODE_RANK)", "--nproc-per-node=8",
