@@ -10,8 +10,8 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
 
@@ -72,9 +72,11 @@ class ProcessPool(ProcessPoolExecutor):
     the workers are on finish and the rest are not started.
 
     Inside the ``with`` block, Ctrl-C and SIGTERM are held and raised (``KeyboardInterrupt``, ``Terminated``) by
-    :meth:`wait` and the iterators built on it, at most ``POLL`` seconds later, or when the block ends. Raised where
-    they arrive, they could strike inside ``concurrent.futures.wait``, between the locks it takes on each future: the
-    lock it held then was never released, and the executor's shutdown waited for it forever.
+    :meth:`wait` and the iterators built on it, at most ``POLL`` seconds later, or when the block ends (before any
+    other error, such as the workers' death that a SIGTERM to the whole process group causes). Raised where they
+    arrive, they could strike inside ``concurrent.futures.wait``, between the locks it takes on each future: the lock
+    it held then was never released, and the executor's shutdown waited for it forever. Once one is raised, the
+    running tasks are waited for; a second one ends the process at once.
     """
 
     POLL = 0.2
@@ -83,6 +85,7 @@ class ProcessPool(ProcessPoolExecutor):
         super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                          initargs=(os.getpid(), initializer, initargs))
         self._held: int | None = None
+        self._stopping = False
         self._handlers: dict[int, object] = {}
 
     def __enter__(self):
@@ -91,14 +94,16 @@ class ProcessPool(ProcessPoolExecutor):
         return self
 
     def _hold(self, signum, frame) -> None:
+        if self._stopping:
+            os.write(2, b"\nstopped at once, without waiting for the tasks being run\n")
+            os._exit(128 + signum)
         self._held = self._held or signum
 
     def _raise_held(self) -> None:
         held, self._held = self._held, None
-        if held == signal.SIGTERM:
-            raise Terminated
-        if held == signal.SIGINT:
-            raise KeyboardInterrupt
+        if held:
+            self._stopping = True
+            raise Terminated if held == signal.SIGTERM else KeyboardInterrupt
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         with signals_blocked(signal.SIGINT):
@@ -110,33 +115,47 @@ class ProcessPool(ProcessPoolExecutor):
         self._raise_held()
         return done, pending
 
-    def completed(self, futures: list[Future]) -> Iterator[Future]:
-        """``futures`` as they finish, as ``concurrent.futures.as_completed``."""
+    def completed(self, futures: list[Future], every: Callable[[], None] | None = None) -> Iterator[Future]:
+        """``futures`` as they finish, as ``concurrent.futures.as_completed``; ``every`` is called at least every
+        ``POLL`` seconds while none finishes (each wait takes every pending future's lock: not once per future)."""
         pending = set(futures)
         while pending:
-            done, pending = self.wait(pending)
-            yield from done
+            try:
+                for future in as_completed(pending, timeout=self.POLL):
+                    pending.discard(future)
+                    self._raise_held()
+                    yield future
+            except TimeoutError:
+                pass
+            self._raise_held()
+            if every is not None:
+                every()
 
     def results(self, futures: list[Future]) -> Iterator:
         """The results of ``futures`` in their order, as ``Executor.map``."""
         for future in futures:
             while not future.done():
                 self.wait({future})
+            self._raise_held()
             yield future.result()
 
     def __exit__(self, exc_type, exc, traceback):
         try:
-            if exc_type is not None:  # Ctrl-C, or a task's error: the tasks not begun are not started
+            if exc_type is not None or self._held:  # the tasks not begun are not started
+                self._stopping = True
                 self.shutdown(cancel_futures=True)
             super().__exit__(exc_type, exc, traceback)
         finally:
             for signum, handler in self._handlers.items():
                 signal.signal(signum, handler)
+        if self._held:  # not raised yet: it goes before what it may have caused
+            try:
+                self._raise_held()
+            except KeyboardInterrupt as interrupt:
+                raise interrupt from exc
         if isinstance(exc, BrokenProcessPool):
             raise UserError("a worker process died (killed for memory? dmesg says; or a crash in an image decoder), so "
                             "the command stopped; run it again, with fewer --workers if memory ran out") from None
-        if exc_type is None:
-            self._raise_held()  # one that came after the last wait
         return False
 
 

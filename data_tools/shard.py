@@ -254,16 +254,14 @@ def write_all(out: Location, todo: list[tuple[str, list[Item]]], options: Option
         try:
             with ProcessPool(workers, initializer=_init_worker, initargs=(progress,)) as pool:
                 futures = [pool.submit(_write_in_worker, out.url, name, items, options) for name, items in todo]
-                pending = set(futures)
                 try:
-                    while pending:
-                        done, pending = pool.wait(pending)
+                    for f in pool.completed(futures, every=lambda: _drain(progress, advance)):
                         _drain(progress, advance)
-                        for f in done:
-                            records.append(finish(f.result()))
-                            recorded.add(f)
+                        records.append(finish(f.result()))
+                        recorded.add(f)
                 except KeyboardInterrupt:
-                    bar.write("stopping: the shards being written are finished first", file=sys.stderr)
+                    bar.write("stopping: the shards being written are finished first (press Ctrl-C again to stop at "
+                              "once)", file=sys.stderr)
                     raise
                 _drain(progress, advance)
         finally:  # an interrupt, or a worker's death, waited for the others' shards: they count as finished
