@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"export writes to this machine's disk, not to {args.out}; write it here, then copy it there "
                         f"(gcloud storage cp --recursive, aws s3 cp --recursive)")
     args.out = Path(args.out)
-    if args.out.is_dir() and ((args.out / checkpoint.STATE).exists() or any(args.out.glob(f"*/{checkpoint.STATE}"))
-                              or (args.out / "checkpoints").is_dir()):
-        raise UserError(f"{args.out} holds a run's checkpoints, which export would overwrite; give a folder of its own")
+    folder = args.out if args.format == "hf" else args.out.parent
+    if folder.is_dir() and ((folder / checkpoint.STATE).exists() or any(folder.glob(f"*/{checkpoint.STATE}"))
+                            or (folder / "checkpoints").is_dir() and args.format == "hf"):
+        raise UserError(f"{folder} holds a run's checkpoints, which export would overwrite; give a "
+                        f"{'folder' if args.format == 'hf' else 'path'} of its own")
     if args.format == "hf" and args.out.exists() and not args.out.is_dir():
         raise UserError(f"{args.out} is a file; --format hf writes a folder, so give a folder's path")
     if args.format == "onnx" and args.out.is_dir():

@@ -53,7 +53,8 @@ def parser() -> OneLineParser:
                            help="the --pvc volume is a Cloud Storage bucket through GKE's GCS FUSE CSI driver: the "
                                 "pods get its sidecar")
             p.add_argument("--rendezvous-timeout", type=whole(1), default=3600,
-                           help="seconds the first pods wait for the others (Kubernetes starts them one by one as GPUs "
+                           help="GPU jobs (torchrun): seconds the first pods wait for the others (Kubernetes starts "
+                                "them one by one as GPUs "
                                 "free up): then torchrun gives up and the Job counts a failure (torchrun's own "
                                 "default, 600, failed an 8-node job in about 30 minutes of waiting for one node)")
             p.add_argument("--tpu-accelerator", default="tpu-v5p-slice",

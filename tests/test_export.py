@@ -240,6 +240,8 @@ def test_evaluating_labels_beyond_the_models_classes_is_one_sentence(runs, tmp_p
     (export, ["{run}", "--format", "hf", "{run}/checkpoints/step_000000100", "--overwrite"],
      "step_000000100 holds a run's checkpoints, which export would overwrite"),
     (export, ["{run}", "--format", "hf", "{run}", "--overwrite"], "holds a run's checkpoints, which export would"),
+    (export, ["{run}", "--format", "onnx", "{run}/checkpoints/step_000000100/model.safetensors", "--overwrite"],
+     "step_000000100 holds a run's checkpoints, which export would overwrite; give a path of its own"),
 ])
 def test_errors_are_one_line(cli, args, says, runs, small_shards, tmp_path, capsys):
     (tmp_path / "model.onnx").write_bytes(b"")

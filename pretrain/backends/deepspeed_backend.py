@@ -81,7 +81,7 @@ class DeepSpeedBackend(TorchBackend):
         self.stage = config.deepspeed.zero_stage
         local_ranks = int(os.environ.get("LOCAL_SIZE", "1"))  # DeepSpeed's launcher's; torchrun sets OMP_NUM_THREADS
         if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:  # else each rank takes every core
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))  # the cores Slurm bound
         accelerator = get_accelerator()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         accelerator.set_device(local)

@@ -40,8 +40,8 @@ RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before t
 TPU_ACCELERATORS = {"tpu-v4-podslice": 3, "tpu-v5p-slice": 3, "tpu-v5-lite-podslice": 2, "tpu-v6e-slice": 2}
 SINGLE_HOST_2D = (1, 4, 8)
 _PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"  # a component of an image's name, as the registries take it
-IMAGE = (rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/)?"
-         rf"{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?")
+IMAGE = re.compile(rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/)?"
+         rf"{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?", re.ASCII)
 QUANTITY = r"\d+(\.\d+)?([KMGTPE]i?|k)?"  # Kubernetes' memory quantities: 256Gi, 512G, 1.5Ti
 
 
@@ -188,11 +188,11 @@ def submit(job: Job, manifests: str) -> dict[str, Any]:
     if existing is not None and not _finished(existing):
         raise UserError(f"a Job named {job.name} is running in namespace {namespace} (another run's?); cancel it, or "
                         f"pass --name to name this one otherwise")
+    path = job_dir(job.config.run_dir) / "manifests.yaml"  # only now: cancel deletes what it names
+    write_local(path, manifests)
     if existing is not None:  # ended: a Job's pod template cannot be applied over, so it goes first
         tool(["kubectl", "delete", "job", job.name, "--namespace", namespace, "--cascade=foreground", "--wait=true",
               "--timeout=300s"], MISSING)
-    path = job_dir(job.config.run_dir) / "manifests.yaml"  # only now: cancel deletes what it names
-    write_local(path, manifests)
     tool(["kubectl", "apply", "--filename", str(path)], MISSING)
     return {"scheduler": "k8s", "name": job.name, "namespace": namespace, "nodes": job.nodes,
             "manifests": str(path), "run_dir": job.config.run_dir, "grace": job.grace_seconds}

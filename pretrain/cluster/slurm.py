@@ -128,8 +128,13 @@ def submit(job: Job, script: str) -> dict[str, Any]:
     folder = job_dir(job.config.run_dir)
     first = not folder.exists()
     path = folder / "train.sbatch"
-    write_local(path, script)
-    recipe.save(job.config, folder / "recipe.yaml")
+    try:
+        write_local(path, script)
+        write_local(folder / "recipe.yaml", recipe.to_yaml(job.config))
+    except UserError:
+        if first:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         job_id = tool(["sbatch", "--parsable", str(path)], MISSING).stdout.strip().split(";")[0]
     except UserError as e:

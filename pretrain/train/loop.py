@@ -120,7 +120,8 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
 def compile_in_place(model: VisionTransformer, config: Config) -> None:
     """config.compile: each encoder block's ``forward`` through ``torch.compile``, so parameter names (checkpoints)
     stay. Not the block's ``__call__`` (``nn.Module.compile``): the hooks others set on a block, ZeRO-3's gathering of
-    its weights, stay outside the graph, where dynamo broke the graph at them and recompiled them.
+    its weights, stay outside the graph, where dynamo broke the graph at them and recompiled them. The compiled
+    forward is bound to its block: copy a model (``copy.deepcopy``) before compiling it, never after.
 
     Under autocast the compiled block keeps bf16 matmuls and fuses the fp32 LayerNorm, GELU, bias, residual and
     casts around them; attention stays scaled_dot_product_attention (flash or cuDNN on a GPU). The blocks are
@@ -464,14 +465,12 @@ def train(config: Config) -> dict[str, float]:
         trainer = Trainer(config)
     except BaseException as e:
         preemption.restore()
-        if isinstance(e, Exception):
+        if isinstance(e, UserError):  # the recipe's error, not a peer's death: the launcher reports it
             preemption.withdraw()
         raise
     try:
         result = trainer.train(preemption)
-    except BaseException as e:
-        if isinstance(e, Exception):
-            preemption.withdraw()
+    except BaseException:
         trainer.backend.close(finished=False)
         raise
     trainer.backend.close()

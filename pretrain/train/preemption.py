@@ -22,8 +22,10 @@ class Preemption:
     (the file ``PRETRAIN_PREEMPTED_FILE`` names; slurm/train.sbatch and k8s/launch.sh set it) that the run is owed
     the rest, its final evaluation included, so that the launcher starts it again. Its exit status cannot say so:
     torchrun, signalled too under Slurm, exits 1 whatever its workers did, and kills one still busy 30 s later. A
-    run that completes after all (a signal during its final evaluation) takes the note back, and so does one that
-    fails (a recipe error found after the signal came): the launcher then reports its error, not a preemption.
+    run that completes after all (a signal during its final evaluation) takes the note back, and so does one whose
+    start-up finds a recipe error after the signal came: the launcher then reports the error, not a preemption. A
+    failure once training has begun keeps the note (a peer killed in the checkpoint breaks the others' collectives:
+    still a preemption, resumed from the checkpoint before).
     """
 
     def __init__(self, step: int):
