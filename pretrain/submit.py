@@ -57,11 +57,11 @@ def parser() -> OneLineParser:
                                 "them one by one as GPUs "
                                 "free up): then torchrun gives up and the Job counts a failure (torchrun's own "
                                 "default, 600, failed an 8-node job in about 30 minutes of waiting for one node)")
-            p.add_argument("--tpu-accelerator", default="tpu-v5p-slice",
+            p.add_argument("--tpu-accelerator", default=k8s.TPU_DEFAULT[0],
                            help="backend=xla: GKE TPU accelerator (tpu-v4-podslice, tpu-v5p-slice, "
                                 "tpu-v5-lite-podslice, tpu-v6e-slice)")
-            p.add_argument("--tpu-topology", default="2x2x2", help="backend=xla: TPU slice topology (2x2x4; v5e, v6e: 4x4)")
-            p.add_argument("--tpu-chips-per-host", type=int, default=0,
+            p.add_argument("--tpu-topology", default=k8s.TPU_DEFAULT[1], help="backend=xla: TPU slice topology (2x2x4; v5e, v6e: 4x4)")
+            p.add_argument("--tpu-chips-per-host", type=int, default=k8s.TPU_DEFAULT[2],
                            help="backend=xla: TPU chips per VM host; default: 4, or all of a v5e or v6e slice of 1, 4 "
                                 "or 8 chips (one host)")
     for name, text in [("status", "the job's state"), ("logs", "the job's output"), ("cancel", "stop the job")]:

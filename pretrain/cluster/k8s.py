@@ -39,6 +39,7 @@ RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before t
 # slice of 1, 4 or 8 v5e or v6e chips is one host of that many; larger ones are hosts of 4).
 TPU_ACCELERATORS = {"tpu-v4-podslice": 3, "tpu-v5p-slice": 3, "tpu-v5-lite-podslice": 2, "tpu-v6e-slice": 2}
 SINGLE_HOST_2D = (1, 4, 8)
+TPU_DEFAULT = ("tpu-v5p-slice", "2x2x2", 0)  # --tpu-accelerator, --tpu-topology, --tpu-chips-per-host
 _PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"  # a component of an image's name, as the registries take it
 IMAGE = re.compile(rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/)?"
          rf"{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?", re.ASCII)
@@ -62,7 +63,7 @@ def check_names(namespace: str, pvc: str, memory: str, image: str) -> None:
     if not re.fullmatch(r"[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?", pvc):
         raise UserError(f"--pvc '{pvc}' is not a PersistentVolumeClaim name (a-z, 0-9, '-', '.'): give the claim "
                         f"that holds the run directories (kubectl get pvc -n {namespace})")
-    if memory and not re.fullmatch(QUANTITY, memory):
+    if memory and (not re.fullmatch(QUANTITY, memory) or not float(re.match(r"[\d.]+", memory).group())):
         hint = f"; {memory[:-1]}i is {memory}'s binary unit" if re.fullmatch(r"\d+[KMGTPE]B", memory) else ""
         raise UserError(f"--memory '{memory}' is not a Kubernetes quantity like 256Gi{hint}")
     if not image:
@@ -110,7 +111,7 @@ def tpu_slice(accelerator: str, topology: str, chips_per_host: int = 0) -> tuple
 
 
 def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-runs", memory: str = "",
-           tpu_accelerator: str = "tpu-v5p-slice", tpu_topology: str = "2x2x2",
+           tpu_accelerator: str = TPU_DEFAULT[0], tpu_topology: str = TPU_DEFAULT[1],
            tpu_chips_per_host: int = 0, service_account: str = "", gcsfuse: bool = False,
            rendezvous_timeout: int = 3600) -> str:
     """The manifests for ``job``, one YAML stream: ConfigMap, training Service and Job, TensorBoard."""
@@ -119,6 +120,9 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
         raise UserError(f"--service-account '{service_account}' is not a Kubernetes service account name")
     run_dir = pod_run_dir(job.config.run_dir)
     tpu = job.config.backend == "xla"
+    if not tpu and (tpu_accelerator, tpu_topology, tpu_chips_per_host) != TPU_DEFAULT:
+        raise UserError(f"--tpu-accelerator, --tpu-topology and --tpu-chips-per-host describe the TPU slice of a "
+                        f"backend=xla job, and this one is backend={job.config.backend}; set backend=xla or drop them")
     hosts, tpu_chips_per_host = tpu_slice(tpu_accelerator, tpu_topology, tpu_chips_per_host) if tpu else (job.nodes, 0)
     if job.nodes != hosts:
         raise UserError(f"a {tpu_topology} slice has {hosts} TPU VM hosts ({tpu_chips_per_host} chips each) but "

@@ -166,6 +166,9 @@ def test_the_tpu_variant_runs_one_xla_trainer_per_host(capsys):
     (["--namespace", "Bad NS", "--image", IMAGE], "--namespace 'Bad NS' is not a Kubernetes namespace name"),
     (["--pvc", "", "--image", IMAGE], "--pvc '' is not a PersistentVolumeClaim name"),
     (["--memory", "256GB", "--image", IMAGE], "--memory '256GB' is not a Kubernetes quantity like 256Gi; 256Gi is"),
+    (["--memory", "0Gi", "--image", IMAGE], "--memory '0Gi' is not a Kubernetes quantity like 256Gi"),
+    (["--tpu-topology", "2x2x4", "--image", IMAGE], "--tpu-accelerator, --tpu-topology and --tpu-chips-per-host "
+                                                    "describe the TPU slice of a backend=xla job, and this one is"),
     (["--image", "bad image:1"], "--image 'bad image:1' is not an image reference"),
     (["--image", "ghcr.io/You/vit:1"], "--image 'ghcr.io/You/vit:1' is not an image reference"),
     (["--image", "*x"], "--image '*x' is not an image reference"),
