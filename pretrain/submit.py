@@ -54,9 +54,9 @@ def parser() -> OneLineParser:
                                 "pods get its sidecar")
             p.add_argument("--rendezvous-timeout", type=whole(1), default=3600,
                            help="GPU jobs (torchrun): seconds the first pods wait for the others (Kubernetes starts "
-                                "them one by one as GPUs "
-                                "free up): then torchrun gives up and the Job counts a failure (torchrun's own "
-                                "default, 600, failed an 8-node job in about 30 minutes of waiting for one node)")
+                                "them one by one as GPUs free up): then torchrun gives up and the Job counts a failure "
+                                "(torchrun's own default, 600, failed an 8-node job in about 30 minutes of waiting for "
+                                "one node)")
             p.add_argument("--tpu-accelerator", default=k8s.TPU_DEFAULT[0],
                            help="backend=xla: GKE TPU accelerator (tpu-v4-podslice, tpu-v5p-slice, "
                                 "tpu-v5-lite-podslice, tpu-v6e-slice)")

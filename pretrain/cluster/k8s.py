@@ -41,8 +41,9 @@ TPU_ACCELERATORS = {"tpu-v4-podslice": 3, "tpu-v5p-slice": 3, "tpu-v5-lite-podsl
 SINGLE_HOST_2D = (1, 4, 8)
 TPU_DEFAULT = ("tpu-v5p-slice", "2x2x2", 0)  # --tpu-accelerator, --tpu-topology, --tpu-chips-per-host
 _PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"  # a component of an image's name, as the registries take it
-IMAGE = re.compile(rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/)?"
-         rf"{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?", re.ASCII)
+_REGISTRY = r"(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*:\d+)/"
+_DIGEST = r"@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE = re.compile(rf"(?:{_REGISTRY})?{_PATH}(?:/{_PATH})*(?::\w[\w.-]{{0,127}})?(?:{_DIGEST})?", re.ASCII)
 QUANTITY = r"\d+(\.\d+)?([KMGTPE]i?|k)?"  # Kubernetes' memory quantities: 256Gi, 512G, 1.5Ti
 
 
