@@ -18,7 +18,7 @@ import fsspec
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from pretrain.cli import OneLineParser, command, plural, whole
+from pretrain.cli import OneLineParser, command, finish, plural, whole
 from pretrain.errors import UserError
 
 from .manifest import REPORT, Manifest, Shard, load
@@ -212,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

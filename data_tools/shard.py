@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.cli import OneLineParser, command, plural, whole
+from pretrain.cli import OneLineParser, command, finish, plural, whole
 from pretrain.errors import UserError
 
 from . import sources
@@ -432,4 +432,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -9,13 +9,12 @@ seed draws the same images, so the demo is reproducible; a small ViT learns them
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pretrain.cli import OneLineParser, command, whole
+from pretrain.cli import OneLineParser, command, finish, whole
 from pretrain.errors import UserError
 
 CLASSES = ["circle", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "diagonal", "checker", "dots"]
@@ -104,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

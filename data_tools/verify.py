@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.cli import OneLineParser, command, plural
+from pretrain.cli import OneLineParser, command, finish, plural
 
 from .manifest import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, SHARD_NAME, Manifest, Shard, label_ids, load
 from .pixels import to_rgb
@@ -249,4 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

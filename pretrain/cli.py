@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -66,3 +68,13 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *, int
             return 1
 
     return run
+
+
+def finish(code: int | None) -> NoReturn:
+    """Ends a command's process with ``code``. The garbage is collected first (finalizers run, files flush), then the
+    objects still alive are frozen out of the collector, so that the interpreter's exit leaves them to the operating
+    system instead of collecting them one by one: over a second with torch loaded, most of a short command's time
+    after its work."""
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .models.posemb import Interpolation
-from .models.vit import Head, Pool
+Head = Literal["prelogits", "linear"]
+Pool = Literal["cls", "gap"]
+Interpolation = Literal["bilinear", "bicubic"]
 
 
 def doc(default: Any, text: str, low: float | None = None, high: float | None = None, *, above: float | None = None,

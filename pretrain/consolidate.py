@@ -8,12 +8,11 @@ or export; lower stages write model.safetensors while training.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from . import checkpoint
-from .cli import OneLineParser, command
+from .cli import OneLineParser, command, finish
 from .errors import UserError
 from .weights_file import readable_as_its_folder
 
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -21,7 +21,7 @@ from .backends.base import Backend
 from .config import Config
 from .data import shards
 from .data.stream import EvalStream, loader
-from .cli import OneLineParser, command
+from .cli import OneLineParser, command, finish
 from .errors import UserError
 from .train.losses import check_labels, hits, loss_fn
 
@@ -189,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

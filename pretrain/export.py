@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from . import checkpoint
 from .config import Config
 from .data import shards
-from .cli import OneLineParser, command
+from .cli import OneLineParser, command, finish
 from .errors import UserError
 from .models.convert import to_hf
 from .models.convert_hf import preprocessor_config
@@ -140,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -10,25 +10,27 @@ import argparse
 import os
 import sys
 
-if __name__ == "__main__":  # before the imports below, which take seconds
+if __name__ == "__main__":  # from the first line: the trainer's imports take seconds
     from pretrain.train.preemption import hold_signals
 
     hold_signals()
-
-import torch
 
 from data_tools.pool import exit_when_gone
 
 from . import recipe
 from .config import Config
-from .cli import OneLineParser, command
+from .cli import OneLineParser, command, finish
+from .data.fork_server import worker_context
 from .errors import UserError
-from .models.zoo import build_model, count_params, forward_flops
 from .train.preemption import release_signals
 
 
 def summary(config: Config, slices: list[str] | None = None) -> str:
     """Parameters and FLOPs of the recipe's model, counted on the meta device (no memory)."""
+    import torch
+
+    from .models.zoo import build_model, count_params, forward_flops
+
     with torch.device("meta"):
         model = build_model(config.model)
     params = count_params(model)
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as e:
                 print(f"warning: {e}", file=sys.stderr)
         return 0
+    if config.data.workers:
+        worker_context()  # the server imports what the workers need while this process imports the trainer
     from .train.loop import train
 
     if "LOCAL_RANK" in os.environ:  # started by torchrun or deepspeed: killed (SIGKILL), it cannot stop its workers
@@ -112,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -15,7 +15,7 @@ import sys
 from . import recipe
 from .cluster import job as jobs
 from .cluster import k8s, slurm
-from .cli import OneLineParser, command, whole
+from .cli import OneLineParser, command, finish, whole
 from .errors import UserError
 
 SCHEDULERS = {"slurm": slurm, "k8s": k8s}
@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

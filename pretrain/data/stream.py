@@ -14,10 +14,7 @@ not worker 0, so worker w takes the place of reader (w + next_reader) % workers.
 from __future__ import annotations
 
 import functools
-import multiprocessing
-import multiprocessing.forkserver
 import os
-import signal
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -26,11 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_tools.pool import exit_when_gone, signals_blocked
-
 from ..cli import plural
 from ..errors import UserError
 from .device_decode import JpegBatch
+from .fork_server import start_worker, worker_context
 from .shards import ShardSet, StorageUnreachable, read_shard
 from .transforms import BadSample, HostBatch, eval_view, image_and_labels, labels_tensor
 
@@ -227,34 +223,6 @@ class EvalStream(IterableDataset):
         return {"image": torch.stack(images), "labels": labels_tensor(labels), **found}
 
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def _start_worker(trainer: int, worker_id: int) -> None:
-    """A DataLoader worker leaves SIGTERM / SIGUSR1 to the training process, which checkpoints and then stops it, and
-    exits when that process is gone (killed: its parent is the fork server, which PyTorch's own check watches)."""
-    for s in PREEMPTION_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    exit_when_gone(trainer)
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where DataLoader workers come from: a fork server, started once per process, never the training process.
-
-    Forking a process whose other threads (gloo, NCCL, DeepSpeed, the autograd engine) may hold Python's thread-state
-    lock leaves the child deadlocked before its first line (seen resuming DeepSpeed ZeRO-3: 2 of 11 resumes hung).
-    The server forks from a fresh interpreter that has already imported this module (torch, PIL, webdataset) and the
-    main module, so a worker starts in milliseconds. It starts with SIGTERM and SIGUSR1 blocked, a mask that fork and
-    exec keep, so that a signal sent to the whole process group (Slurm, a shell) leaves it and its workers alone
-    while the training process checkpoints; one that reaches the training process meanwhile waits for its handler.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__])
-    with signals_blocked(*PREEMPTION_SIGNALS):
-        multiprocessing.forkserver.ensure_running()
-    return ctx
-
-
 class Batches:
     """A DataLoader's batches; its workers are stopped on close() or at interpreter exit.
 
@@ -293,5 +261,5 @@ def loader(dataset: IterableDataset, workers: int, pin: bool) -> Batches:
     # resumed run (which starts one after restoring the RNG states) would draw other dropout masks.
     return Batches(DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin,
                               prefetch_factor=4 if workers else None, generator=torch.Generator(),
-                              worker_init_fn=functools.partial(_start_worker, os.getpid()) if workers else None,
+                              worker_init_fn=functools.partial(start_worker, os.getpid()) if workers else None,
                               multiprocessing_context=worker_context() if workers else None))

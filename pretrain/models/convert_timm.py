@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import Interpolation
 from ..errors import UserError
 from .hybrid import HybridEmbed
-from .posemb import Interpolation, resample_posemb
+from .posemb import resample_posemb
 from .vit import VisionTransformer
 from .zoo import BACKBONES, SIZES
 

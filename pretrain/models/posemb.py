@@ -16,12 +16,10 @@ conventions exist and both are in use:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-Interpolation = Literal["bilinear", "bicubic"]
+from ..config import Interpolation
 
 
 def resample_posemb(

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Head = Literal["prelogits", "linear"]
-Pool = Literal["cls", "gap"]
+from ..config import Head, Pool
 
 
 class Size(NamedTuple):

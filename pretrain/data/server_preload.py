@@ -1,0 +1,11 @@
+"""What the DataLoader workers' fork server imports before it forks the first one (its preload, and no other
+process's): the stream, so that a worker starts in milliseconds; then every object so far is frozen out of the
+garbage collector. A worker's collections then leave the pages it shares with the server unwritten (the fork
+advice of the gc module's documentation), and the server's exit leaves them to the operating system rather than
+collecting them one by one, a second with torch loaded that kept the trainer's stdout and stderr open."""
+
+import gc
+import importlib
+
+importlib.import_module("pretrain.data.stream")
+gc.freeze()
