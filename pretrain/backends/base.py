@@ -72,6 +72,12 @@ class Backend(ABC):
         """This rank's rows of a batch (a CPU tensor) on the device."""
         return t.to(self.device, non_blocking=True)
 
+    def counter(self, value: float) -> torch.Tensor:
+        """``value`` in a one-element tensor on the device, for a sum that the steps add to. Copied from the host:
+        under xla a tensor made on the device (``torch.zeros``), or a 0-d one of 0 or 1 copied there, is a constant
+        of the graph that reads it, so that a step adding to a fresh one would compile a graph of its own."""
+        return torch.tensor([value]).to(self.device, non_blocking=True)
+
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (images, labels) of a CPU batch from the data stream, on the device."""
         return self.put(batch["image"]), self.put(batch["labels"])

@@ -103,9 +103,9 @@ class XlaBackend(Backend):
         if self.world > 1 and not dist.is_initialized():
             # host-side agreement and checkpoint planning
             dist.init_process_group("gloo", init_method="xla://", timeout=collective_timeout(config))
-        # Steps that compile: the first (it creates the optimizer state), the second, and the first after a log
-        # step (the loop's loss sum starts again from a new tensor); the graphs are cached from then on.
-        self.warmup = max(3, config.log.every + 1)
+        # The first step compiles the step's graph, which every later one runs (setup compiled the optimizer's
+        # state, and the loop's sums are data on the device from their start)
+        self.warmup = 1
         self.steps = self.late_compiles = self.reported = 0
         self.stepped = False
         # Each label width (multi-label: 1, 2, 4, 8 ids) has graphs of its own, which its first steps compile as the
@@ -133,6 +133,7 @@ class XlaBackend(Backend):
             self.optimizer = syncfree.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         else:
             self.optimizer = syncfree.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        self._create_optimizer_state()
 
     @property
     def local_devices(self) -> int:
@@ -151,6 +152,12 @@ class XlaBackend(Backend):
         """This host's rows (a multiple of its devices) as its part of the global batch."""
         spec = xs.ShardingSpec(self.mesh, (self.mesh.axis_names[0],) + (None,) * (t.dim() - 1), minibatch=True)
         return xm.send_cpu_data_to_device(t, self.device, spec)[0]
+
+    def counter(self, value: float) -> torch.Tensor:
+        """Replicated over the mesh, as a step's results are: one without the annotation is another graph."""
+        t = super().counter(value)
+        xs.mark_sharding(t, self.mesh, (None,))
+        return t
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -212,7 +219,6 @@ class XlaBackend(Backend):
         save_weights(full["model"], folder / "model.safetensors")
 
     def load(self, folder: Path) -> None:
-        self._create_optimizer_state()
         state = self._state()
         try:
             with quiet_checkpointing():
@@ -227,8 +233,9 @@ class XlaBackend(Backend):
         torch_xla.sync()
 
     def _create_optimizer_state(self) -> None:
-        """Distributed checkpointing loads into existing tensors: create the optimizer state with one update
-        of a zero gradient, skipped (``found_inf``), so the sync-free optimizers' own state layout results."""
+        """The optimizer state, created by one update of a zero gradient, skipped (``found_inf``): the first
+        training step is then one like every other (a graph of its own otherwise), and distributed checkpointing
+        has the tensors it loads into, in the sync-free optimizers' own layout."""
         for p in self.module.parameters():
             p.grad = torch.zeros_like(p)
         self.optimizer.step(found_inf=torch.ones((), device=self.device))

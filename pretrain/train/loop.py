@@ -52,17 +52,21 @@ class Skips:
     the counts stay on the device and ``check`` runs at log and checkpoint steps, so the loop never waits.
     """
 
-    def __init__(self, total: int, limit: int, precision: str):
+    def __init__(self, total: int, limit: int, precision: str, counter: Callable[[float], torch.Tensor]):
+        """``counter``: ``Backend.counter``, which puts the counts on the device."""
         self.total, self.streak, self.longest, self.limit, self.precision = total, 0, 0, limit, precision
+        self.counter = counter
 
     def add(self, updated: bool | torch.Tensor, step: int) -> None:
         on_device = isinstance(updated, torch.Tensor)
+        if on_device and not isinstance(self.total, torch.Tensor):
+            self.total, self.streak, self.longest = map(self.counter, (self.total, self.streak, self.longest))
         skipped = ~updated if on_device else not updated
         self.total = self.total + skipped
         self.streak = (self.streak + 1) * skipped
         # the longest streak since the last check: one that ended between two checks counts too
         if on_device:
-            self.longest = torch.maximum(self.streak, torch.as_tensor(self.longest, device=self.streak.device))
+            self.longest = torch.maximum(self.streak, self.longest)
         else:
             self.longest = max(self.longest, self.streak)
         if not on_device:
@@ -74,7 +78,8 @@ class Skips:
             fp32 = "" if self.precision == "fp32" else " or use precision=fp32"
             raise UserError(f"{int(self.longest)} steps in a row had a non-finite loss or gradient (by step {step}); "
                             f"lower optim.lr{',' if fp32 else ' or'} raise schedule.warmup_steps{fp32}")
-        self.longest = self.streak
+        # a streak going on goes on in self.streak, which the next add compares
+        self.longest = self.counter(0) if isinstance(self.longest, torch.Tensor) else 0
         return int(self.total)
 
 
@@ -136,9 +141,9 @@ def compile_in_place(model: VisionTransformer, config: Config) -> None:
 DATA_WAIT_HINT = 0.1  # share of the time a step may wait for data before the run says how to feed it
 
 
-def new_window(device: torch.device) -> dict:
+def new_window(backend: Backend, loss: float = 0.0, steps: int = 0) -> dict:
     """What the steps between two log steps add up: loss (on the device), steps, images, seconds of data wait."""
-    return {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "wait": 0.0, "start": time.perf_counter()}
+    return {"loss": backend.counter(loss), "steps": steps, "images": 0, "wait": 0.0, "start": time.perf_counter()}
 
 
 def aside(window: dict, work: Callable[[], Any]) -> Any:
@@ -216,7 +221,7 @@ class Trainer:
                             f"epoch {stream_state.readers[0].epoch} on {self.backend.world} x {stream_state.workers}")
             if self.backend.is_main:
                 print(f"resumed from {found} at step {self.step}{changed}", flush=True)
-        self.skips = Skips(skipped_steps, config.max_nonfinite, config.precision)
+        self.skips = Skips(skipped_steps, config.max_nonfinite, config.precision, self.backend.counter)
         self.hinted = False
         self.tracker = StreamTracker(config.data.workers, self.backend.world, stream_state)
         stream = TrainStream(self.train_set.urls, config.model.image_size, self.micro, config.seed, self.backend.rank,
@@ -272,10 +277,8 @@ class Trainer:
             print(self._banner(), flush=True)
         preemption = self.preemption = preemption or Preemption(self.step)
         preemption.step = self.step
-        window = new_window(backend.device)
-        if self.resumed_window["steps"]:  # the log window the checkpoint cut through, on any number of ranks
-            window["loss"] += self.resumed_window["mean_loss"]  # each rank's share of the sum _log divides by world
-            window["steps"] = self.resumed_window["steps"]
+        # the log window a checkpoint cut through, on any number of ranks: each rank's share of the sum _log divides
+        window = new_window(backend, self.resumed_window["mean_loss"], self.resumed_window["steps"])
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
                 aside(window, self._evaluate)
@@ -393,7 +396,7 @@ class Trainer:
                    **backend.log_scalars()}
         self.metrics.log(self.step, scalars)
         self._hint_data_wait(scalars["data_wait"])
-        window.update(new_window(backend.device))
+        window.update(new_window(backend))
 
     def _banner(self) -> str:
         """What the run trains, on what, how long: the first line of its output."""

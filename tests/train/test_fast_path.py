@@ -77,7 +77,7 @@ def test_training_steps_never_wait_for_the_device(small_shards, tmp_path):
     config = recipe.load("recipes/demo.yaml", overrides(small_shards, tmp_path, **{"optim.grad_accum": 2})[1:])
     trainer = Trainer(config)
     try:
-        window = new_window(trainer.backend.device)
+        window = new_window(trainer.backend)
         trainer.train_step(window)  # the first builds the optimizer's state
         with HostReads() as reads:
             for _ in range(3):

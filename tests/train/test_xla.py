@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 XLA = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4", "OMP_NUM_THREADS": "1"}
 # 11 steps logged every 2: windows of 2 steps and a last one of 1; checkpoints at 6 and at the end.
 STEPS = {"schedule.total_steps": 11, "log.every": 2, "checkpoint.every": 6}
-WARMUP = 3  # steps 1, 2 and the first after a log step compile (xla_backend.XlaBackend.warmup)
+WARMUP = 1  # the first step compiles the graph every later one runs (xla_backend.XlaBackend.warmup)
 FINAL = "checkpoints/step_000000011/model.safetensors"
 
 SIGNAL_AFTER_LOG = """
@@ -268,24 +268,34 @@ def test_hosts_with_uneven_parts_of_the_evaluation_set_feed_as_many_batches_of_o
 
 
 def test_skips_reported_on_the_device_are_checked_when_asked():
-    skips = Skips(total=2, limit=3, precision="bf16")
+    def skips(total=0, limit=3, precision="bf16"):
+        return Skips(total, limit, precision, counter=lambda value: torch.tensor([value]))
+
+    counted = skips(total=2)
     for updated in (False, True, False, False, False):
-        skips.add(torch.tensor(updated), step=0)  # no check yet, though the streak reached the limit
+        counted.add(torch.tensor(updated), step=0)  # no check yet, though the streak reached the limit
     with pytest.raises(UserError, match="3 steps in a row .*; lower optim.lr, raise schedule.warmup_steps or use "
                                         "precision=fp32"):
-        skips.check(step=5)
-    assert int(skips.total) == 6
+        counted.check(step=5)
+    assert int(counted.total) == 6
     with pytest.raises(UserError, match="lower optim.lr or raise schedule.warmup_steps$"):  # fp32 already
-        Skips(total=0, limit=1, precision="fp32").add(False, step=1)
-    skips = Skips(total=0, limit=3, precision="bf16")
+        skips(limit=1, precision="fp32").add(False, step=1)
+    counted = skips()
     for updated in (True, False, False, False, False, True, True):  # a streak of 4 that ended before the check
-        skips.add(torch.tensor(updated), step=0)
+        counted.add(torch.tensor(updated), step=0)
     with pytest.raises(UserError, match=r"^4 steps in a row had a non-finite loss or gradient \(by step 7\)"):
-        skips.check(step=7)
-    skips = Skips(total=0, limit=3, precision="bf16")
+        counted.check(step=7)
+    counted = skips()
     for updated in (False, False, True, False, False, True):  # streaks of 2: under the limit, checked or not
-        skips.add(torch.tensor(updated), step=0)
-        assert skips.check(step=1) >= 0
+        counted.add(torch.tensor(updated), step=0)
+        assert counted.check(step=1) >= 0
+    counted = skips()
+    for updated in (False, False):
+        counted.add(torch.tensor(updated), step=0)
+    assert counted.check(step=2) == 2 and counted.check(step=2) == 2  # a log and a checkpoint at one step
+    counted.add(torch.tensor(False), step=3)
+    with pytest.raises(UserError, match=r"^3 steps in a row .* \(by step 3\)"):  # a streak going on over a check
+        counted.check(step=3)
 
 
 def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
