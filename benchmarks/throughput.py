@@ -114,7 +114,7 @@ def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    window = new_window(dev)
+    window = new_window(trainer.backend)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             norm = trainer.train_step(window)
@@ -135,12 +135,12 @@ def ours(config: Config, data: str, steps: int, warmup: int, peak: tuple[float, 
             if dev.type == "cuda" and not batch["image"].is_cuda:
                 batch["image"] = batch["image"].pin_memory()  # as the loader hands it over
             trainer.batches = Repeat(batch)
-        window = new_window(dev)
+        window = new_window(trainer.backend)
         for _ in range(warmup):
             norm = trainer.train_step(window)
         norm.item()
         sync(dev)
-        window = new_window(dev)
+        window = new_window(trainer.backend)
         start = time.perf_counter()
         for _ in range(steps):
             norm = trainer.train_step(window)
@@ -231,7 +231,7 @@ def loss_check(config: Config, steps: int) -> dict:
         try:
             losses = []
             for _ in range(steps):
-                window = new_window(trainer.backend.device)
+                window = new_window(trainer.backend)
                 trainer.train_step(window)
                 losses.append(window["loss"])
             finals[name] = torch.stack(losses[-10:]).mean().item()

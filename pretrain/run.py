@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as e:
                 print(f"warning: {e}", file=sys.stderr)
         return 0
-    if config.data.workers:
+    if config.data.workers:  # also for a run that turns out complete or refused: its imports end with this one's
         worker_context()  # the server imports what the workers need while this process imports the trainer
     from .train.loop import train
 

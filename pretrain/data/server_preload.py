@@ -6,6 +6,8 @@ collecting them one by one, a second with torch loaded that kept the trainer's s
 
 import gc
 import importlib
+import signal
 
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the server does once it has loaded: Ctrl-C is the trainer's
 importlib.import_module("pretrain.data.stream")
 gc.freeze()
