@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 PEAK_BF16 = {
@@ -130,7 +129,7 @@ class Metrics:
     def images(self, step: int, batch: torch.Tensor) -> None:
         """A grid of input images (uint8, as the model receives them before normalisation)."""
         if self.enabled:
-            self.tb.add_image("train/inputs", make_grid(batch[:64].cpu(), nrow=8), step)
+            self.tb.add_images("train/inputs", batch[:64].cpu(), step)  # TensorBoard tiles them in a square grid
 
     def close(self) -> None:
         if self.enabled:

@@ -18,8 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from PIL import Image
 from torch.nn.functional import interpolate
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import functional as F
 
 from data_tools.pixels import orientation
 
@@ -72,6 +70,9 @@ class JpegBatch:
 
 def _decode_each(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
     """One at a time, after the batch failed: the device, then PIL; why, where neither decodes."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import functional as F
+
     out: list[torch.Tensor | str] = []
     for data in jpegs:
         try:
@@ -96,6 +97,8 @@ def device_views(batch: dict, size: int, device: torch.device) -> tuple[torch.Te
     PIL is replaced by another view of the batch (the batch keeps its size, and so the compiled step its shapes)
     and counted as a bad sample.
     """
+    from torchvision.io import ImageReadMode, decode_jpeg  # imported here: see transforms
+
     jpegs = batch["jpeg"]
     try:
         decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else []

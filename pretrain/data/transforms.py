@@ -3,6 +3,10 @@
 Images leave the workers as uint8 (3, S, S) tensors: a quarter of the bytes of float32 to pin and
 copy; the step normalises them on the device (mean 0.5, std 0.5). Training randomness comes from a
 seed per sample (run seed, epoch, shard, index), so a resumed stream augments exactly as before.
+
+torchvision is imported by the functions that use it: the training process, which decodes nothing on the host,
+then starts without it and the torch._dynamo it imports (2 s of every start on a small CPU). The data workers'
+fork server imports it beforehand (``server_preload``).
 """
 
 from __future__ import annotations
@@ -13,9 +17,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from data_tools.manifest import IMAGE_EXTENSIONS, label_ids
 from data_tools.pixels import to_rgb
@@ -75,17 +76,22 @@ class Crop(NamedTuple):
 def crop_params(img: Image.Image, min_scale: float, seed: list[int]) -> Crop:
     """The Inception crop (scale [min_scale, 1], ratio [3/4, 4/3]) and flip of one sample; needs only the image's
     size, so an image opened but not decoded will do."""
+    from torchvision.transforms import RandomResizedCrop
+
     rng = np.random.default_rng(seed)
     with torch.random.fork_rng(devices=[]):  # torchvision samples from torch's global RNG
         # The CPU generator alone: torch.manual_seed also queues a seed for every CUDA and XPU device, formatting
         # a stack trace each time, which was half of this function's time (the same crops either way).
         torch.default_generator.manual_seed(int(rng.integers(2**63)))
-        top, left, h, w = T.RandomResizedCrop.get_params(img, [min_scale, 1.0], [3 / 4, 4 / 3])
+        top, left, h, w = RandomResizedCrop.get_params(img, [min_scale, 1.0], [3 / 4, 4 / 3])
     return Crop(top, left, h, w, bool(rng.random() < 0.5))
 
 
 def train_view(img: Image.Image, size: int, min_scale: float, seed: list[int]) -> torch.Tensor:
     """The sample's crop of ``img``, resized to size x size (bilinear, antialiased), maybe flipped."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
     c = crop_params(img, min_scale, seed)
     out = F.resized_crop(img, c.top, c.left, c.height, c.width, [size, size], InterpolationMode.BILINEAR, antialias=True)
     return F.pil_to_tensor(F.hflip(out) if c.flip else out)
@@ -99,6 +105,9 @@ def eval_resize(size: int) -> int:
 def eval_view(img: Image.Image, size: int) -> torch.Tensor:
     """The centre crop, its offsets rounded down as Hugging Face's image processors do (torchvision rounds half to
     even), so that an exported model's processor feeds it exactly these pixels."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
     img = F.resize(img, eval_resize(size), InterpolationMode.BILINEAR, antialias=True)
     return F.pil_to_tensor(F.crop(img, (img.height - size) // 2, (img.width - size) // 2, size, size))
 
