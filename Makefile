@@ -22,5 +22,6 @@ demo: $(VENV)/.installed
 	$(PY) -m pretrain.export runs/demo/finetune --format hf runs/demo/hf --overwrite
 	$(PY) -m pretrain.export runs/demo/finetune --format onnx runs/demo/model.onnx --overwrite
 
+# Whole test files side by side, one per core, the longest first (tests/conftest.py orders them).
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder

@@ -11,6 +11,24 @@ from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs test files side by side (pytest-xdist), so each, and what it starts, takes one core.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The files that take minutes, longest first (--durations on a 2-core machine). xdist hands whole files to its
+# workers in the order collected: these go first, so that the run does not end waiting on one of them alone.
+LONGEST = ["train/test_deepspeed.py", "train/test_xla.py", "train/test_training.py", "submit/test_slurm.py",
+           "test_benchmarks.py", "train/test_fast_path.py", "train/test_preemption.py", "train/test_finetune.py",
+           "submit/test_k8s.py", "train/test_float8.py", "train/test_checkpoint_damage.py", "test_export.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.relative_to(ROOT / "tests").as_posix()
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+    items.sort(key=rank)
+
 
 @pytest.fixture
 def root() -> Path:
