@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The files that take minutes, longest first (--durations on a 2-core machine). xdist hands whole files to its
 # workers in the order collected: these go first, so that the run does not end waiting on one of them alone.
-LONGEST = ["train/test_deepspeed.py", "train/test_xla.py", "train/test_training.py", "submit/test_slurm.py",
+LONGEST = ["train/test_deepspeed.py", "train/test_training.py", "submit/test_slurm.py", "train/test_xla.py",
            "test_benchmarks.py", "train/test_fast_path.py", "train/test_preemption.py", "train/test_finetune.py",
            "submit/test_k8s.py", "train/test_float8.py", "train/test_checkpoint_damage.py", "test_export.py"]
 
