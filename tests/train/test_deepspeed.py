@@ -103,8 +103,9 @@ backend.close()
 
 
 def args(shards: dict[str, str], run_dir: Path, **extra) -> list[str]:
-    """Global batch 16 = 2 ranks x 2 accumulated micro-batches of 4; one data worker per rank."""
-    values = {"data.workers": 1, "optim.grad_accum": 2, "schedule.total_steps": STEPS, "checkpoint.every": EVERY,
+    """Global batch 16 = 2 ranks x 2 accumulated micro-batches of 4, read by the ranks themselves (data workers:
+    tests/train/test_training.py; with DeepSpeed, tests/submit/test_slurm.py)."""
+    values = {"data.workers": 0, "optim.grad_accum": 2, "schedule.total_steps": STEPS, "checkpoint.every": EVERY,
               **extra}
     return overrides(shards, run_dir, **values)
 

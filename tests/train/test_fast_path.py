@@ -21,7 +21,7 @@ from pretrain.train.loop import Trainer, new_window
 
 
 def test_compiled_blocks_train_the_same_losses_and_weights_as_eager(small_shards, tmp_path):
-    steps = {"schedule.total_steps": 30, "checkpoint.every": 30, "precision": "fp32"}
+    steps = {"schedule.total_steps": 30, "checkpoint.every": 30, "precision": "fp32", "data.workers": 0}
     eager = run(overrides(small_shards, tmp_path / "eager", **steps))
     compiled = run(overrides(small_shards, tmp_path / "compiled", **steps, compile="true"))
     assert eager.returncode == 0, eager.stderr
@@ -91,7 +91,8 @@ def test_a_run_whose_loss_diverges_stops_with_one_sentence(small_shards, tmp_pat
     """The skips are counted on the device and checked at log steps: the run stops at the first log step after
     max_nonfinite skipped steps in a row."""
     result = run(overrides(small_shards, tmp_path, **{"optim.lr": 1e30, "max_nonfinite": 3, "log.every": 5,
-                                                    "schedule.warmup_steps": 1, "optim.clip_grad_norm": 0}))
+                                                    "schedule.warmup_steps": 1, "optim.clip_grad_norm": 0,
+                                                    "data.workers": 0}))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "steps in a row had a non-finite loss or gradient" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

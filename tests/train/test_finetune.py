@@ -38,7 +38,7 @@ def evals(run_dir: Path) -> list[dict]:
 def test_finetune_at_48px_starts_at_the_zero_head_and_learns(small_shards, pretrained, tmp_path):
     result = run("recipes/demo_finetune.yaml", f"init_from={pretrained}", f"run_dir={tmp_path}",
                  f"data.train={small_shards['train']}", f"data.val={small_shards['val']}", "schedule.total_steps=150",
-                 "data.batch_size=32", "model.name=vit_mu8")
+                 "data.batch_size=32", "model.name=vit_mu8", "data.workers=0")
     assert result.returncode == 0, result.stderr
     assert (f"fine-tuning from {pretrained}: its encoder, without its heads; a zero-initialised 10-class head; "
             f"position embeddings resampled from its 4x4 grid to 6x6 (bilinear, corners aligned)") in result.stdout

@@ -103,7 +103,8 @@ sys.exit(run.main(sys.argv[1:]))
 
 def test_a_run_killed_in_its_final_evaluation_evaluates_when_run_again(small_shards, tmp_path):
     """Its last checkpoint is written, its final evaluation is not: run again, it evaluates and trains nothing."""
-    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "data.val": small_shards["val"]})
+    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 4, "data.val": small_shards["val"],
+                                                 "data.workers": 0})
     assert run(args, launcher=(sys.executable, "-c", KILL_IN_FINAL_EVAL)).returncode == -signal.SIGKILL
     weights = (checkpoint.find(tmp_path) / "model.safetensors").read_bytes()
     again = run(args)
@@ -127,7 +128,7 @@ sys.exit(run.main(sys.argv[1:]))
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(small_shards, tmp_path):
-    args = overrides(small_shards, tmp_path, **{"checkpoint.every": 5, "schedule.total_steps": 12})
+    args = overrides(small_shards, tmp_path, **{"checkpoint.every": 5, "schedule.total_steps": 12, "data.workers": 0})
     died = run(args, launcher=(sys.executable, "-c", KILL_IN_CHECKPOINT))
     assert died.returncode == -signal.SIGKILL
     root = tmp_path / "checkpoints"
@@ -155,7 +156,8 @@ sys.exit(run.main(sys.argv[1:]))
 def test_a_checkpoint_inside_a_log_window_resumes_to_the_same_logged_means(small_shards, tmp_path):
     """Steps 5-8 are one log window; the run dies after the checkpoint at step 6 and logs step 8's mean as if not.
     With dropout, as the ImageNet-21k recipes: its random numbers continue as if the run had not stopped."""
-    steps = {"schedule.total_steps": 12, "log.every": 4, "checkpoint.every": 6, "model.dropout": 0.1}
+    steps = {"schedule.total_steps": 12, "log.every": 4, "checkpoint.every": 6, "model.dropout": 0.1,
+             "data.workers": 0}
     clean = run(overrides(small_shards, tmp_path / "clean", **steps))
     assert clean.returncode == 0, clean.stderr
     args = overrides(small_shards, tmp_path / "killed", **steps)
@@ -278,7 +280,8 @@ def test_a_run_started_in_another_directory_is_evaluated_from_here(small_shards,
 
 def test_tensorboard_events_hold_the_scalars(small_shards, tmp_path):
     result = run(overrides(small_shards, tmp_path, **{"schedule.total_steps": 6, "data.val": small_shards["val"],
-                                                   "data.fewshot_train": small_shards["train"], "log.fewshot_every": 3}))
+                                                   "data.fewshot_train": small_shards["train"], "log.fewshot_every": 3,
+                                                   "data.workers": 0}))
     assert result.returncode == 0, result.stderr
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -306,7 +309,8 @@ def test_the_few_shot_probe_has_sets_of_its_own(small_shards, tmp_path):
 
 @pytest.mark.parametrize("key", ["data.val", "data.fewshot_train"])
 def test_data_labelled_by_other_classes_is_one_sentence(small_shards, tmp_path, key):
-    extra = {"data.val": small_shards["val"], key: small_shards["val_reversed"], "log.fewshot_every": 2}
+    extra = {"data.val": small_shards["val"], key: small_shards["val_reversed"], "log.fewshot_every": 2,
+             "data.workers": 0}
     wrong = run(overrides(small_shards, tmp_path, **extra))
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr[-2000:]
     assert wrong.stderr.startswith(f"error: {small_shards['val_reversed']} labels its samples by other classes than ")
