@@ -385,7 +385,8 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
                             f"'{key}' (a key drops the extension and turns dots and spaces into _); rename one")
         seen[key] = files[file] = lineno, path
         items.append(Item(key, resolved, ids, -1))
-    return Corpus("list", classes, True, _with_sizes(items))
+    # One label on every line is a single-label set (key.cls), as a tree makes: an ImageNet split as a list
+    return Corpus("list", classes, any(len(item.labels) > 1 for item in items), _with_sizes(items))
 
 
 def check_protocol(url: str, source: str, lineno: int) -> None:

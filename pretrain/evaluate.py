@@ -123,7 +123,7 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
         for shard_set, named in ((test, f"data={spec}"), (draw, f"--fewshot-train {fewshot_train}")):
             if shard_set.multi_label:
                 raise UserError(few_shot_needs_single_label(named) + "; give single-label shards")
-        shards.check_same_classes(test, spec, draw, fewshot_train)
+        shards.check_same_classes(draw, fewshot_train, test, spec)
         if same_files(test.urls) & same_files(draw.urls):
             print(f"warning: --fewshot-train {fewshot_train} shares shards with data={spec}: the few-shot probe is then "
                   f"tested on samples it was fitted to, which scores memory, not transfer; give a training split",

@@ -201,6 +201,25 @@ def test_fewshot_on_data_of_other_classes_leaves_out_the_heads_top1(runs, small_
     assert "labels its samples by other classes than" in caplog.text and "only the few-shot accuracy" in caplog.text
 
 
+def test_fewshot_sets_of_other_classes_name_the_fix_that_works(runs, small_shards, tmp_path, capsys):
+    """A test split holding 3 of the training split's 10 classes, sharded on its own: the sentence's fix, run, works
+    (labelling the training split by the test split's classes would not: it has classes those lack)."""
+    from data_tools import shard
+
+    images, train = Path(small_shards["val"]).parent / "images" / "val", small_shards["train"]
+    for folder in sorted(images.iterdir())[:3]:
+        shutil.copytree(folder, tmp_path / "three" / folder.name)
+    assert shard.main([str(tmp_path / "three"), str(tmp_path / "alone"), "--workers", "1", "--name", "val"]) == 0
+    assert evaluate.main([str(runs["pretrain"]), f"data={tmp_path / 'alone'}", "--fewshot-train", train]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'alone'} labels its samples by other classes than {train} (3 classes against 10); shard it " \
+           f"again with python -m data_tools.shard ... --classes {train}" in err
+    assert shard.main([str(tmp_path / "three"), str(tmp_path / "fixed"), "--workers", "1", "--name", "val",
+                       "--classes", train]) == 0
+    assert evaluate.main([str(runs["pretrain"]), f"data={tmp_path / 'fixed'}", "--fewshot-train", train]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["fewshot_5shot_top1"] <= 1
+
+
 @pytest.mark.parametrize("spec", ["folder", "braces"])
 def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec):
     shutil.copytree(small_shards["val"], tmp_path / "val")

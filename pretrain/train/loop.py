@@ -267,7 +267,8 @@ class Trainer:
                     raise UserError(few_shot_needs_single_label(f"data.{key} {getattr(data, key)}") + "; set "
                                     "data.fewshot_train and data.fewshot_val to single-label shards (the paper probes "
                                     "ImageNet), or log.fewshot_every=0")
-            shards.check_same_classes(sets[test], getattr(data, test), sets[draw], getattr(data, draw))
+            # the split the probe is fitted on names the classes, as data.train does for data.val
+            shards.check_same_classes(sets[draw], getattr(data, draw), sets[test], getattr(data, test))
 
     def train(self, preemption: Preemption | None = None) -> dict[str, float]:
         """The run from where it stands; ``preemption``: handlers installed before the trainer was built (the

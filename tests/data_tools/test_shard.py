@@ -192,6 +192,19 @@ def test_multi_label_list(tmp_path, jsonl):
     assert manifest.class_counts == [sum(c in ids for ids in good.values()) for c in range(len(CLASSES))]
 
 
+def test_a_list_of_one_label_a_line_is_a_single_label_set(tmp_path):
+    """An ImageNet split written as 'path, class' lines: single-label shards, which the few-shot probe takes."""
+    image_list(tmp_path)
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(line.split()[0] + " " + line.split()[1] + "\n" for line in listing.read_text().splitlines()))
+    assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt"), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(tmp_path / "out"))
+    assert not manifest.multi_label and manifest.source_kind == "list"
+    assert all("cls" in s and "labels.json" not in s for s in samples.values())
+    firsts = {f"images/im{i}": CLASSES.index(line.split()[1]) for i, line in enumerate(listing.read_text().splitlines())}
+    assert {k: labels_of(s) for k, s in samples.items()} == {k: (c,) for k, c in firsts.items()}
+
+
 def test_a_class_listed_twice_is_one_label(tmp_path):
     image_list(tmp_path, n=2, jsonl=True)
     listing = tmp_path / "list.jsonl"
