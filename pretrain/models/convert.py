@@ -14,17 +14,14 @@ Typical fine-tuning start: ``load_into(zoo.build_model(cfg), load_weights(path),
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..errors import UserError
 from .convert_hf import from_hf, hf_to_ours, is_hf, read_hf, to_hf
 from .convert_jax import from_jax_npz
-from .convert_timm import from_timm, load_into, model_name, read_torch_file
+from .convert_timm import check_weights_there, from_timm, load_into, model_name, read_weights_file
 
 __all__ = ["from_hf", "from_jax_npz", "from_timm", "load_into", "load_weights", "model_name", "to_hf"]
 
@@ -49,11 +46,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
         raise UserError(f"{path}: unknown weights format '{path.suffix}'; give a transformers model folder or a "
                         f".npz, .safetensors or {', '.join(_TORCH_SUFFIXES)} file")
-    try:
-        if path.suffix == ".npz":
-            return from_jax_npz(path)
-        state = load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
-    except (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} cannot be read as a {path.suffix} weights file ({e}); is it complete and of "
-                        f"that format?") from None
+    if path.suffix == ".npz":
+        check_weights_there(path)
+        return from_jax_npz(path)
+    state = read_weights_file(path)
     return hf_to_ours(state) if is_hf(state) else from_timm(state)

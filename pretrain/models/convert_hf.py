@@ -20,12 +20,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..data.transforms import eval_resize
 from ..errors import UserError
 from ..weights_file import save_weights
-from .convert_timm import load_into, model_name, read_torch_file
+from .convert_timm import load_into, model_name, read_weights_file
 from .vit import PatchEmbed, Size, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -246,7 +245,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} has no config.json; is it a transformers model folder?")
-    config = {**_CONFIG_DEFAULTS, **json.loads(path.read_text())}
+    config = {**_CONFIG_DEFAULTS, **_read_json(path)}
     if config.get("model_type") != "vit":
         raise UserError(f"{path} is a '{config.get('model_type')}' model; only plain ViT ('vit') folders can be read")
     for key in ("image_size", "patch_size"):
@@ -269,16 +268,32 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); is it complete?") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; is it a transformers file?")
+    return data
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, its sharded form (model.safetensors.index.json), or pytorch_model.bin."""
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
+        return read_weights_file(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map naming the shards; save the model again with save_pretrained")
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(folder / shard))
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise UserError(f"{folder / shard}, a shard that {index.name} names, does not exist; copy the "
+                                f"whole folder")
+            state.update(read_weights_file(folder / shard))
         return state
     if (folder / "pytorch_model.bin").is_file():
-        return read_torch_file(folder / "pytorch_model.bin")
+        return read_weights_file(folder / "pytorch_model.bin")
     raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin; save the model with save_pretrained")

@@ -14,6 +14,7 @@ timm's 1e-5 and w / sqrt(var + 1e-8)).
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -61,8 +62,9 @@ def from_jax_npz(path_or_file: str | Path | BinaryIO) -> dict[str, torch.Tensor]
     try:
         with np.load(path_or_file, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path_or_file} is not a readable .npz archive of arrays") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path_or_file} is not a readable .npz archive of arrays ({e}); is it complete and of that "
+                        f"format?") from None
     prefix = "opt/target/" if "opt/target/embedding/kernel" in arrays else ""
     arrays = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
     if "embedding/kernel" not in arrays:

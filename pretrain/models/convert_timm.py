@@ -13,10 +13,13 @@ import math
 import pickle
 import re
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..config import Interpolation
 from ..errors import UserError
@@ -28,6 +31,7 @@ from .zoo import BACKBONES, SIZES
 log = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("pre_logits.", "head.")
+LFS_POINTER = b"version https://git-lfs"  # what a clone without git-lfs holds in place of a large file
 
 # timm ViT variants whose extra parameters have no counterpart in the paper's architecture.
 _TIMM_UNSUPPORTED = (
@@ -39,6 +43,29 @@ _TIMM_UNSUPPORTED = (
     (r"\.ls[12]\.", "LayerScale"),
     (r"\.attn\.(q_norm|k_norm|norm)\.|\.mlp\.norm\.", "normalisation inside attention or the MLP"),
 )
+
+
+def check_weights_there(path: Path) -> None:
+    """A weights file that is missing, or a Git LFS pointer in its place, in one sentence."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(LFS_POINTER))
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    if start == LFS_POINTER:
+        raise UserError(f"{path} is a Git LFS pointer, not the weights (a clone made without git-lfs); fetch them with "
+                        f"git lfs pull in that repository")
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or ``torch.save`` file; one that is missing, cut short, of another format or
+    a Git LFS pointer is one sentence."""
+    check_weights_there(path)
+    try:
+        return load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    except (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} cannot be read as a {path.suffix} weights file ({e}); is it complete and of "
+                        f"that format?") from None
 
 
 def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -123,6 +150,10 @@ def load_into(
         expected = {k: v for k, v in expected.items() if not k.startswith(HEAD_PREFIXES)}
     if "pos_embed" not in state and not any(k.startswith("blocks.") for k in state):
         first = ", ".join(list(state)[:3]) or "nothing"
+        nested = sorted(k.removesuffix("pos_embed") for k in state if k.endswith(".pos_embed"))
+        if nested:  # a ViT inside a module of the user's (Lightning's self.model, a distillation's student)
+            raise UserError(f"{source} holds a ViT under the prefix '{nested[0]}' ({nested[0]}pos_embed), not at the top; "
+                            f"save that module's own state_dict ({{k.removeprefix('{nested[0]}'): v ...}})")
         raise UserError(f"{source} holds no ViT weights (no pos_embed, no blocks.*; it holds {first}); give the "
                         f"weights of a ViT: a run of ours, an HF folder, a timm state dict or an official .npz")
     if ("cls_token" in state) != ("cls_token" in expected):

@@ -100,14 +100,14 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     weights = checkpoint.init_weights(config.init_from, config.model.name)
     hf_config = Path(config.init_from) / "config.json"
     hf = json.loads(hf_config.read_text()) if hf_config.is_file() else {}
+    tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
+    load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
+              drop_heads=True, source=f"init_from={config.init_from}")  # weights of another size name their model
     heads, ours = hf.get("num_attention_heads"), model.blocks[0].attn.heads if len(model.blocks) else None
     if heads is not None and heads != ours:  # the weights' shapes agree: nothing else would tell
         raise UserError(f"init_from={config.init_from} splits attention into {plural(heads, 'head')} and "
                         f"{config.model.name} into {ours}, so its features would not carry over; start from a "
                         f"checkpoint of {config.model.name}'s size")
-    tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
-    load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
-              drop_heads=True, source=f"init_from={config.init_from}")
     line = (f"fine-tuning from {config.init_from}: its encoder, without its heads; a zero-initialised "
             f"{config.model.num_classes}-class head")
     side = math.isqrt(tokens)

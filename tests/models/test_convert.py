@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -405,6 +406,37 @@ def test_load_weights_never_unpickles_objects(tmp_path):
     torch.save({"model": tiny().state_dict(), "rng": np.random.default_rng(0)}, tmp_path / "run.pth")
     with pytest.raises(UserError, match="Python objects"):
         load_weights(tmp_path / "run.pth")
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("cut", "model.safetensors cannot be read as a .safetensors weights file"),
+    ("lfs", "model.safetensors is a Git LFS pointer, not the weights (a clone made without git-lfs); fetch them"),
+    ("config", "config.json is not readable JSON"),
+    ("bin", "pytorch_model.bin cannot be read as a .bin weights file"),
+    ("shard", "a shard that model.safetensors.index.json names, does not exist; copy the whole folder"),
+    ("index", "model.safetensors.index.json is not readable JSON"),
+])
+def test_a_damaged_transformers_folder_is_one_sentence(tmp_path, damage, says):
+    """As a file copied or cloned in part arrives: cut short, a Git LFS pointer, a shard missing."""
+    hf = transformers.ViTModel(hf_config())
+    hf.save_pretrained(tmp_path, max_shard_size="100KB" if damage in ("shard", "index") else "5GB")
+    weights = tmp_path / "model.safetensors"
+    if damage == "cut":
+        weights.write_bytes(weights.read_bytes()[:20000])
+    elif damage == "lfs":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 81920\n")
+    elif damage == "config":
+        (tmp_path / "config.json").write_text('{"model_type": "vit", "hidden_size": 6')
+    elif damage == "bin":
+        weights.unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        (tmp_path / "pytorch_model.bin").write_bytes((tmp_path / "pytorch_model.bin").read_bytes()[:20000])
+    elif damage == "shard":
+        sorted(tmp_path.glob("model-*.safetensors"))[-1].unlink()
+    else:
+        (tmp_path / "model.safetensors.index.json").write_text("")
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_weights(tmp_path)
 
 
 @pytest.mark.parametrize("name", ["w.safetensors", "w.pth", "w.pth.tar", "w.npz"])

@@ -101,6 +101,10 @@ def test_a_start_from_hugging_face_with_another_layernorm_eps_says_so(pretrained
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**settings, "num_attention_heads": 1}))
     with pytest.raises(UserError, match=r"splits attention into 1 head and vit_mu8 into 4, so its features would"):
         start_from_pretrained(build_model(config.model), config)  # the weights' shapes do not show it
+    to_hf(build_model(ModelConfig(name="vit_ti16", image_size=32, num_classes=0, head="linear")), tmp_path / "ti")
+    config.init_from = str(tmp_path / "ti")  # 3 heads: the shapes tell, and what to set
+    with pytest.raises(UserError, match=r"its weights are those of vit_ti16: set model.name=vit_ti16$"):
+        start_from_pretrained(build_model(config.model), config)
 
 
 def test_resampled_posembs_keep_features_of_a_smooth_upscaled_image(pretrained):
@@ -206,6 +210,10 @@ def test_a_finetune_leaves_other_runs_alone_and_names_what_its_start_is(small_sh
     random = tmp_path / "random.pt"
     assert f"init_from={random} holds no ViT weights (no pos_embed, no blocks.*; it holds foo)" in refused(
         f"init_from={random}", f"run_dir={out}")
+    weights = checkpoint.load_model(pre)[0].state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}}, tmp_path / "lightning.ckpt.pth")
+    assert "holds a ViT under the prefix 'model.' (model.pos_embed), not at the top; save that module's own " \
+           "state_dict" in refused(f"init_from={tmp_path / 'lightning.ckpt.pth'}", f"run_dir={out}")
     newest = checkpoint.find(pre)
     (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:3000])
     older = sorted(p for p in (pre / "checkpoints").glob("step_*") if p != newest)
