@@ -163,40 +163,51 @@ def load_into(
                         f"reads the class token, 'gap' averages tokens without one)")
     for key, want in expected.items():
         if key not in state:
-            raise UserError(f"{source} lacks {key}, which {name} has{_hint(key, missing=True)}")
+            raise UserError(f"{source} lacks {key}, which {name} has{_hint(key, state, name, missing=True)}")
         if key == "pos_embed":
             state[key] = _fit_posemb(state[key], model, name, interp, align_corners)
         if state[key].shape != want.shape:
             raise UserError(
                 f"{source} has {key} of shape {tuple(state[key].shape)} but {name} expects "
-                f"{tuple(want.shape)}{_hint(key, named=_zoo_name(state))}"
+                f"{tuple(want.shape)}{_hint(key, state, name)}"
             )
     extra = next((k for k in state if k not in expected), None)
     if extra is not None:
-        raise UserError(f"{source} has {extra}, which {name} does not have{_hint(extra)}")
+        raise UserError(f"{source} has {extra}, which {name} does not have{_hint(extra, state, name)}")
     model.load_state_dict(state, strict=not drop_heads)
 
 
-def _hint(key: str, missing: bool = False, named: str = "") -> str:
-    if named and not key.startswith(HEAD_PREFIXES):
-        return f"; its weights are those of {named}: set model.name={named}"
+def _hint(key: str, state: Mapping[str, torch.Tensor], ours: str, missing: bool = False) -> str:
     if not key.startswith(HEAD_PREFIXES):
+        named, shown = _zoo_name(state), _width_depth_patch(state)
+        if named and named != ours:
+            return f"; its weights are those of {named}: set model.name={named}"
+        if shown and not named:
+            return (f"; no size in the zoo has its width {shown[0]} and depth {shown[1]}: add one to SIZES in "
+                    f"pretrain/models/zoo.py to load it")
         return "; is it a checkpoint of another model?"
     if missing and key.startswith("pre_logits."):
         return "; a fine-tuned checkpoint goes into a model with head 'linear', or pass drop_heads=True"
     return "; to fine-tune from it with a new head, pass drop_heads=True"
 
 
-def _zoo_name(state: Mapping[str, torch.Tensor]) -> str:
-    """The zoo's name for a plain ViT's weights (width, depth and patch size), or "" if the zoo has none."""
+def _width_depth_patch(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """What a plain ViT's weights show of its size, or None for other weights."""
     patch = state.get("patch_embed.proj.weight")
     if patch is None or patch.ndim != 4:
+        return None
+    return patch.shape[0], len({k.split(".")[1] for k in state if k.startswith("blocks.")}), patch.shape[-1]
+
+
+def _zoo_name(state: Mapping[str, torch.Tensor]) -> str:
+    """The zoo's name for a plain ViT's weights (width, depth and patch size), or "" if the zoo has none."""
+    if (shown := _width_depth_patch(state)) is None:
         return ""
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    size = next((n for n, s in SIZES.items() if (s.width, s.depth) == (patch.shape[0], depth)), None)
+    width, depth, patch = shown
+    size = next((n for n, s in SIZES.items() if (s.width, s.depth) == (width, depth)), None)
     if size and any(k.startswith("patch_embed.backbone.") for k in state):
         return f"vit_r50_{size}16"  # the zoo's one hybrid stem
-    return f"vit_{size}{patch.shape[-1]}" if size else ""
+    return f"vit_{size}{patch}" if size else ""
 
 
 def _fit_posemb(

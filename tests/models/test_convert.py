@@ -338,8 +338,16 @@ def test_checkpoint_of_another_size_names_key_and_shapes():
     assert "cls_token of shape (1, 1, 64) but vit_ti16 expects (1, 1, 192); its weights are those of vit_mu8: set " \
         "model.name=vit_mu8" in str(e.value)
     shallow = {k: v for k, v in tiny().state_dict().items() if not k.startswith("blocks.3.")}  # no size of the zoo
-    with pytest.raises(UserError, match="expects .1, 1, 192.; is it a checkpoint of another model"):
+    with pytest.raises(UserError, match=r"expects .1, 1, 192.; no size in the zoo has its width 64 and depth 3: add "
+                                        r"one to SIZES in pretrain/models/zoo.py to load it"):
         load_into(other, shallow)
+    with pytest.raises(UserError, match=r"lacks blocks.3.norm1.weight, which vit_mu8 has; no size in the zoo has its "
+                                        r"width 64 and depth 3"):
+        load_into(tiny(), shallow)
+    narrow_mlp = {**tiny().state_dict(), "blocks.0.mlp.fc1.weight": torch.zeros(128, 64)}  # vit_mu8's width and depth
+    with pytest.raises(UserError, match=r"has blocks.0.mlp.fc1.weight of shape \(128, 64\) but vit_mu8 expects "
+                                        r"\(256, 64\); is it a checkpoint of another model\?$"):
+        load_into(tiny(), narrow_mlp)
     with pytest.raises(UserError, match=r"expects \(1, 1, 64\); its weights are those of vit_ti16: set "
                                         r"model.name=vit_ti16"):
         load_into(tiny(), from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()))
