@@ -143,8 +143,14 @@ def hf_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for alias in _aliases(hf):
             lookup[alias] = (mine, part)
             lookup["vit." + alias] = (mine, part)
-    state, qkv = {}, {}
+    state, qkv, other_heads = {}, {}, set()
+    wrapped = any(k.startswith("vit.") for k in state_dict)
     for key, tensor in state_dict.items():
+        if key.removeprefix("vit.") == "embeddings.mask_token":
+            continue  # masked image modelling's token for masked patches: no input of a classifier is masked
+        if key not in lookup and wrapped and not key.startswith("vit."):
+            other_heads.add(key.split(".")[0])  # beside the encoder 'vit': SimMIM's decoder, ...
+            continue
         if key not in lookup:
             raise UserError(f"the transformers state dict has {key}, which a plain ViT does not have")
         mine, part = lookup[key]
@@ -156,6 +162,9 @@ def hf_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if any(p is None for p in parts):
             raise UserError(f"the transformers state dict has only some of query, key and value for {mine}")
         state[mine] = torch.cat(parts)
+    if other_heads:
+        log.warning("the transformers weights' %s (another task's head) are left out: the encoder 'vit' is read",
+                    ", ".join(sorted(other_heads)))
     return state
 
 

@@ -89,6 +89,19 @@ def test_from_hf_matches_transformers(tmp_path, weights_file):
         assert max_diff(ours(x), hf(pixel_values=x).logits) < TOL
 
 
+def test_a_masked_image_modelling_folder_gives_its_encoder(tmp_path, caplog):
+    """SimMIM pre-training (ViTForMaskedImageModeling): its encoder is a fine-tuning start; decoder and mask token
+    are not part of a classifier."""
+    hf = randomise(transformers.ViTForMaskedImageModeling(hf_config(encoder_stride=8))).eval()
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = from_hf(tmp_path).eval()
+    assert "the transformers weights' decoder (another task's head) are left out" in caplog.text
+    x = images()
+    with torch.no_grad():
+        assert max_diff(ours.forward_features(x), hf.vit(pixel_values=x).last_hidden_state) < TOL
+
+
 def test_to_hf_classifier_loads_in_transformers(tmp_path):
     ours = randomise(tiny(head="linear"))
     labels = {i: f"class {i}" for i in range(10)}
