@@ -112,7 +112,7 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     """Top-1 / top-5 / loss of the checkpoint at ``path`` on ``spec`` in this one process (a GPU if there
     is one), and few-shot accuracy with training samples from ``fewshot_train``. On data of other classes than
     the model's head (a downstream set, as in the paper's few-shot transfer) only the few-shot accuracy."""
-    model, config = checkpoint.load_model(path)
+    model, config, found = checkpoint.load_checkpoint(path)  # a run in progress may write a newer one meanwhile
     mismatch = head_mismatch(model.num_classes, config.data.train, path, spec)
     if mismatch and not fewshot_train:
         raise UserError(f"{mismatch}; or give --fewshot-train SPEC for the few-shot linear accuracy on its classes")
@@ -135,7 +135,7 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
     config.backend = "torch"
     backend = backends.create(config)
     backend.setup(model)
-    result = {"checkpoint": str(checkpoint.find(path)), "data": spec}
+    result = {"checkpoint": str(found), "data": spec}
     if mismatch:
         log.warning("%s: only the few-shot accuracy is reported", mismatch.split(";")[0])
     else:

@@ -220,6 +220,26 @@ def test_fewshot_sets_of_other_classes_name_the_fix_that_works(runs, small_shard
     assert 0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["fewshot_5shot_top1"] <= 1
 
 
+def test_evaluate_names_the_checkpoint_it_scored_while_the_run_writes_newer_ones(runs, small_shards, tmp_path,
+                                                                                 monkeypatch):
+    """evaluate RUN_DIR beside a run in progress: a checkpoint written after the weights were read is not the one
+    scored."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["pretrain"], run)
+    scored = checkpoint.find(run)
+    load = checkpoint.load_checkpoint
+
+    def then_the_run_writes_another(path):
+        loaded = load(path)
+        shutil.copytree(scored, scored.with_name("step_000000999"))
+        (scored.parent / checkpoint.LATEST).write_text("step_000000999")
+        return loaded
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", then_the_run_writes_another)
+    result = evaluate.evaluate_checkpoint(str(run), small_shards["val"])
+    assert checkpoint.find(run).name == "step_000000999" and result["checkpoint"] == str(scored)
+
+
 @pytest.mark.parametrize("spec", ["folder", "braces"])
 def test_evaluating_no_sample_is_one_sentence(runs, small_shards, tmp_path, spec):
     shutil.copytree(small_shards["val"], tmp_path / "val")
