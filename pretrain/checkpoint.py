@@ -10,6 +10,7 @@ model (safetensors) and optimizer. Nothing is unpickled on load beyond tensors (
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -79,15 +80,18 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
     final, tmp = root / folder_name(step), root / f".tmp-{folder_name(step)}"
     if backend.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with _writing(tmp):
+            tmp.mkdir(parents=True)
     backend.barrier()
-    backend.save(tmp)
+    with _writing(tmp):
+        backend.save(tmp)
     rngs = backend.gather(rng_state())
     backend.barrier()
     if backend.is_main:
-        (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rngs}))
-        for f in tmp.rglob("*"):  # a backend may write sub-folders (DeepSpeed: one file per rank)
-            _fsync(f)
+        with _writing(tmp):
+            (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rngs}))
+            for f in tmp.rglob("*"):  # a backend may write sub-folders (DeepSpeed: one file per rank)
+                _fsync(f)
         _set_aside_later(root, step if resumed_at is None else resumed_at)
         shutil.rmtree(final, ignore_errors=True)  # a leftover of a run killed after the rename, before `latest`
         os.replace(tmp, final)
@@ -100,6 +104,27 @@ def save(run_dir: Path, step: int, backend: Backend, state: dict[str, Any], keep
         _prune(root, step, keep_last, keep_every)
     backend.barrier()
     return final
+
+
+FULL_BYTES = 64 << 20  # free space below which a failed write is taken for a full disk
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path) -> Iterator[None]:
+    """A checkpoint write that fails for its storage (a full disk, a quota, a read-only or failing file system) in one
+    sentence, its partial folder removed. torch.save says a full disk only as 'unexpected pos', hence the free space."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < FULL_BYTES
+        if not full and not isinstance(e, OSError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = f"its disk is full ({free / 2**20:.1f} MiB free)" if full else (e.strerror or str(e))
+        raise UserError(f"writing checkpoint {tmp.name.removeprefix('.tmp-')} into {tmp.parent} failed: {why}; make "
+                        f"room (or move run_dir), then rerun the command: it resumes from the newest complete "
+                        f"checkpoint") from None
 
 
 ABANDONED = "abandoned"

@@ -87,6 +87,7 @@ class CheckpointConfig:
     every: int = doc(1000, "Write a checkpoint every this many steps (and always at the end and on SIGTERM / SIGUSR1).", low=1)
     keep_last: int = doc(3, "Keep the newest this many checkpoints.", low=1)
     keep_every: int = doc(0, "Also keep every checkpoint whose step is a multiple of this; 0: none.", low=0)
+    lock_wait_s: float = doc(180.0, "Seconds a trainer waits for another one that holds run_dir (RUN_DIR/.lock) to end before it stops: two trainers in one run_dir would prune and move each other's checkpoints. A node lost while it held the lock keeps it on NFS until its lease ends (about 90 s).", low=0)
     resume: str = doc("auto", "auto: continue from the newest complete checkpoint in run_dir; never: start fresh (refused if run_dir holds checkpoints); or a checkpoint path (a step_* folder or a run directory) to start from, once: when run_dir holds checkpoints that went on from it, the run goes on from its own newest.")
 
 

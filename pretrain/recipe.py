@@ -20,6 +20,7 @@ from .config import Config
 from .errors import RecipeError
 
 COMMAND_LINE = "command line"
+SPELLINGS = {"bfloat16": "bf16", "float32": "fp32", "fp8": "float8"}  # torch's names of the precisions, for a hint
 NULLS = ("null", "~")  # YAML's null: for a text setting that may be empty, empty (data.val=null: no validation set)
 
 
@@ -37,17 +38,17 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         value = text if field_type is str and text not in NULLS else _parse_yaml(text, COMMAND_LINE)
         _check({key.strip(): value}, Config, COMMAND_LINE)
         _set_dotted(values, key.strip(), value)
-    return _check_together(_build(Config, values), f"{path}{' with the overrides' if overrides else ''}")
+    return check_together(_build(Config, values), f"{path}{' with the overrides' if overrides else ''}")
 
 
 def from_dict(values: dict[str, Any], source: str) -> Config:
     """A Config from plain data (e.g. a checkpoint's saved recipe), checked like a recipe file."""
     values = _expand(values)
     _check(values, Config, source)
-    return _build(Config, values)  # not _check_together: a saved run's recipe is read as it was, to evaluate it
+    return _build(Config, values)  # not check_together: a saved run's recipe is read as it was, to evaluate it
 
 
-def _check_together(config: Config, source: str) -> Config:
+def check_together(config: Config, source: str) -> Config:
     """Settings that each are in range but contradict each other, in a recipe about to run."""
     if config.data.batch_size % config.optim.grad_accum:
         raise RecipeError(f"{source}: data.batch_size {config.data.batch_size} does not divide into "
@@ -56,6 +57,16 @@ def _check_together(config: Config, source: str) -> Config:
     if config.schedule.final_lr > config.optim.lr:
         raise RecipeError(f"{source}: schedule.final_lr {config.schedule.final_lr} is above optim.lr {config.optim.lr}, "
                           f"the peak the schedule decays from; lower schedule.final_lr")
+    if "://" in config.run_dir:
+        raise RecipeError(f"{source}: run_dir {config.run_dir} is a URL, and checkpoints are made atomic by renames in "
+                          f"a file system; give a folder: a local one, or the bucket mounted (gcsfuse, Filestore)")
+    if config.init_from and config.stage != "finetune":
+        raise RecipeError(f"{source}: init_from={config.init_from} is read by stage: finetune only (its encoder, new "
+                          f"heads); set stage=finetune, or to continue a pre-training run set "
+                          f"checkpoint.resume={config.init_from}")
+    if config.log.fewshot_every and not (config.data.fewshot_val or config.data.val):
+        raise RecipeError(f"{source}: log.fewshot_every needs a few-shot test set; set data.fewshot_val (or data.val) "
+                          f"to shards, or log.fewshot_every=0")
     return config
 
 
@@ -140,9 +151,10 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise RecipeError(f"{seen[-1]}: the base: chain loops ({chain}); remove one of the base: lines")
     if not path.is_file():
         if seen:
+            what = "is a folder" if path.is_dir() else "does not exist"
             raise RecipeError(
-                f"{seen[-1]}: base recipe '{path}' does not exist; fix the base: line "
-                f"(it is a path relative to the recipe that names it)"
+                f"{seen[-1]}: base recipe '{path}' {what}; fix the base: line "
+                f"(it is the path of a YAML file, relative to the recipe that names it)"
             )
         if path.is_dir():
             yamls = sorted(p.name for p in path.glob("*.yaml"))
@@ -152,13 +164,20 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
             raise RecipeError(f"'{path}' is an override where the recipe goes; the recipe comes first: python -m "
                               f"pretrain.run RECIPE key=value ...")
         raise RecipeError(f"recipe '{path}' does not exist; pass the path of a YAML file such as recipes/demo.yaml")
-    values = _parse_yaml(path.read_text(), str(path)) or {}
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe '{path}' is not a text file (not UTF-8); pass the path of a YAML file such as "
+                          f"recipes/demo.yaml") from None
+    values = _parse_yaml(text, str(path)) or {}
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys to values, not a {type(values).__name__}")
     twice = _given_twice(values)
     if twice:
         raise RecipeError(f"{path}: {twice} is given twice (nested and as a dotted key); keep one")
     values = _expand(values)
+    if "base" in values and values["base"] is None:
+        raise RecipeError(f"{path}: base: names no recipe; give the path of one (base: demo.yaml) or remove the line")
     base = values.pop("base", None)
     _check(values, Config, str(path))
     if base is None:
@@ -335,7 +354,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if str(value) in said:  # '2' for 2: a quoted number
                 hint = f" (write it without quotes: {key}={value})"
             else:
-                near = difflib.get_close_matches(str(value).lower(), [c.lower() for c in said], n=1)
+                spelled = SPELLINGS.get(str(value).lower(), str(value).lower())
+                near = difflib.get_close_matches(spelled, [c.lower() for c in said], n=1)
                 hint = f" (did you mean '{said[[c.lower() for c in said].index(near[0])]}'?)" if near else ""
             raise RecipeError(f"{source}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
         return value
@@ -371,7 +391,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise bad("a string (quote it)")
+            raise bad("a string" if value is None else "a string (quote it)")  # 123, true: YAML's other types
         return value
     raise TypeError(f"config field {key} has an unsupported type {tp}")
 

@@ -101,6 +101,12 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("model:\n  name: vit_b16\nmodel:\n  name: vit_l16\n", [],
          "r.yaml: not valid YAML at line 3 ('model' is given twice in one mapping)"),
         ("seed: 1e100x\n", [], "r.yaml: 'seed' must be an integer, got '1e100x'"),
+        ("", ["precision=bfloat16"], "'precision' must be one of fp32, bf16, float8; got 'bfloat16' (did you mean 'bf16'?)"),
+        ("base:\n", [], "r.yaml: base: names no recipe; give the path of one (base: demo.yaml) or remove the line"),
+        ("base: .\n", [], "' is a folder; fix the base: line (it is the path of a YAML file, relative to the recipe"),
+        ("", ["init_from=runs/b16"], "r.yaml with the overrides: init_from=runs/b16 is read by stage: finetune only"),
+        ("", ["run_dir=gs://bucket/runs/x"], "run_dir gs://bucket/runs/x is a URL, and checkpoints are made atomic"),
+        ("", ["log.fewshot_every=10", "data.val=null"], "log.fewshot_every needs a few-shot test set; set data.fewshot_val"),
     ],
 )
 def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):
@@ -111,13 +117,19 @@ def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_file_that_is_no_text_is_one_sentence(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\xc5\x00\xff" * 100)  # a run's weights given as the recipe
+    with pytest.raises(RecipeError, match=r"model.safetensors' is not a text file \(not UTF-8\); pass the path of a YAML"):
+        recipe.load(tmp_path / "model.safetensors")
+
+
 def test_null_leaves_a_text_setting_empty(tmp_path):
     """data.val=null means no validation set, as YAML's null says, not a folder named 'null'."""
     assert recipe.load(write(tmp_path / "r.yaml", "data:\n  val: null\n  train: ~\n")).data.val == ""
-    assert recipe.load("recipes/demo.yaml", ["data.val=null", "init_from=~"]).data.val == ""
+    assert recipe.load("recipes/demo.yaml", ["data.val=null", "init_from=~", "log.fewshot_every=0"]).data.val == ""
     assert recipe.load("recipes/demo.yaml", ["optim.lr=0.1", "optim.lr=0.2"]).optim.lr == 0.2  # the last one
     for key in ("run_dir", "checkpoint.resume"):  # no empty setting: the current folder is no default
-        with pytest.raises(RecipeError, match=f"'{key}' must be a string .quote it., got an empty value"):
+        with pytest.raises(RecipeError, match=f"'{key}' must be a string, got an empty value"):
             recipe.load("recipes/demo.yaml", [f"{key}=null"])
 
 

@@ -32,6 +32,7 @@ from ..metrics import Metrics
 from ..models.convert import load_into
 from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, count_params, forward_flops
+from . import run_lock
 from .attention import choose_attention
 from .float8 import use_float8
 from .losses import SIGMOID_HEAD_BIAS, check_labels, loss_fn
@@ -176,6 +177,28 @@ class Trainer:
         model = build_model(config.model, head_bias=head_bias)
         self.train_flops = 3 * forward_flops(model)  # forward + backward
         self.params = count_params(model)  # before the backend may shard it (ZeRO-3)
+        # Held before the run's checkpoints are read: a second trainer would resume from them and prune them.
+        self.lock, refusal = None, ""
+        if self.backend.is_main:
+            try:
+                self.lock = run_lock.RunDirLock(self.run_dir, config.checkpoint.lock_wait_s)
+            except UserError as e:
+                refusal = str(e)
+        if self.backend.host_gather(refusal)[0]:  # the other ranks wait here for the main process's lock
+            if self.backend.is_main:
+                raise UserError(refusal)
+            raise SystemExit(2)  # the main process says why, once
+        try:
+            self._start(model)
+        except UserError:
+            if self.lock is not None:
+                self.lock.abandon()
+            raise
+
+    def _start(self, model: VisionTransformer) -> None:
+        """From the run's newest checkpoint, or ``init_from``, or new: the model on the backend, the data stream
+        positioned, config.yaml written."""
+        config = self.config
         found = resume_point(config)
         changed = continue_checkpoint(config, found) if found is not None else ""
         if origin(config) and found is not None and found != checkpoint.find(config.checkpoint.resume):
@@ -231,25 +254,14 @@ class Trainer:
         if config.data.decode == "device":
             self.batches = DeviceDecoded(self.batches, config.model.image_size, self.backend.device)
         if self.backend.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             recipe.save(config, self.run_dir / "config.yaml")
         self.metrics = Metrics(self.run_dir, self.backend.is_main, self.step, config.schedule.total_steps,
                                self.train_flops, self.backend.device)
 
     def _check_settings(self) -> None:
-        cfg = self.config
-        if "://" in cfg.run_dir:
-            raise UserError(f"run_dir {cfg.run_dir} is a URL, and checkpoints are made atomic by renames in a file "
-                            f"system; give a folder: a local one, or the bucket mounted (gcsfuse, Filestore)")
-        if cfg.init_from and cfg.stage != "finetune":
-            raise UserError(f"init_from={cfg.init_from} is read by stage: finetune only (its encoder, new heads); set "
-                            f"stage=finetune, or to continue a pre-training run set checkpoint.resume={cfg.init_from}")
-        for warning in recipe.warnings(cfg) if self.backend.is_main else []:
+        recipe.check_together(self.config, "the recipe")  # as recipe.load did, for a Config built otherwise
+        for warning in recipe.warnings(self.config) if self.backend.is_main else []:
             print(f"warning: {warning}", flush=True)
-        data, log = cfg.data, cfg.log
-        if log.fewshot_every and not (data.fewshot_val or data.val):
-            raise UserError("log.fewshot_every needs a few-shot test set; set data.fewshot_val (or data.val) to shards, "
-                            "or log.fewshot_every=0")
 
     def _check_classes(self) -> None:
         data, classes = self.config.data, self.train_set.classes

@@ -53,9 +53,14 @@ def continue_checkpoint(config: Config, found: Path) -> str:
         return ""
     if "init_from" in changed:
         config.init_from = saved.init_from
-    listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changed.items())
+    listed = ", ".join(f"{key} {_shown(before)} -> {_shown(after)}" for key, (before, after) in changed.items())
     unused = " (init_from is not used: the weights come from the checkpoint)" if "init_from" in changed else ""
     return f"; settings changed since it was written: {listed}{unused}"
+
+
+def _shown(value) -> str:
+    """As a recipe writes it: true, null; 'text'."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def finished(config: Config) -> str:

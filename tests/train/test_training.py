@@ -263,6 +263,75 @@ def test_the_ranks_end_with_a_launcher_that_is_killed(small_shards, tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_second_trainer_in_a_run_dir_in_use_is_refused_or_waits_for_the_first(small_shards, tmp_path):
+    """Two trainers in one run_dir would resume from and prune each other's checkpoints. A second one is refused
+    (on every rank: none is left waiting for the others), or waits for the first to end and resumes from its last
+    checkpoint."""
+    args = overrides(small_shards, tmp_path, **{"schedule.total_steps": 2000, "data.workers": 0, "checkpoint.every": 5})
+    first = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    second = None
+    try:
+        wait_for_step(tmp_path, 6, first)
+        torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                    "pretrain.run")
+        refused = run([*args, "checkpoint.lock_wait_s=0"], launcher=torchrun, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert refused.returncode != 0 and first.poll() is None
+        said = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+        assert said == [f"error: run_dir {tmp_path} is in use by another trainer (pid {first.pid} on {os.uname().nodename}"
+                        f" since {said[0].split(' since ')[-1]}"] and "[rank1]" not in refused.stderr, refused.stderr
+        assert said[0].endswith("); wait for it to end, or stop it, or give this run another run_dir")
+        with open(tmp_path / "second.out", "w") as out, open(tmp_path / "second.err", "w") as err:
+            second = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args, "checkpoint.lock_wait_s=120"],
+                                      cwd=ROOT, stdout=out, stderr=err)
+        deadline = time.time() + 120
+        while "waiting up to 120 s for it to end" not in (tmp_path / "second.err").read_text():
+            assert time.time() < deadline and second.poll() is None, (tmp_path / "second.err").read_text()
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
+        last = checkpoint.find(tmp_path)
+        step = int(last.name.removeprefix("step_"))
+        wait_for_step(tmp_path, step + 2, second)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=120) == 0
+        assert f"resumed from {last} at step {step}" in (tmp_path / "second.out").read_text()
+        assert not (tmp_path / "checkpoints" / "abandoned").exists()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_sentence(small_shards, tmp_path):
+    (tmp_path / "file").write_text("")
+    for run_dir in (tmp_path / "file", tmp_path / "file" / "run"):
+        refused = run(overrides(small_shards, run_dir, **{"data.workers": 0}))
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: run_dir {run_dir} cannot be made or "
+                                                                       f"written ("), refused.stderr
+        assert refused.stderr.endswith("); give a folder this process can write\n")
+
+
+def test_a_checkpoint_that_fills_the_disk_is_one_sentence(small_shards, tmp_path):
+    """On a 1.2 MB file system the run's logs fit and its first checkpoint (2.6 MB) does not: torch.save says only
+    'unexpected pos'. The partial checkpoint is removed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        full = run(overrides(small_shards, disk / "run", **{"data.workers": 0, "log.every": 5}))
+        assert full.returncode == 2 and full.stderr.startswith(
+            f"error: writing checkpoint step_000000020 into {disk / 'run' / 'checkpoints'} failed: its disk is full ("
+        ) and len(full.stderr.splitlines()) == 1, full.stderr[-3000:]
+        assert full.stderr.endswith("then rerun the command: it resumes from the newest complete checkpoint\n")
+        assert not list((disk / "run" / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_a_run_started_in_another_directory_is_evaluated_from_here(small_shards, tmp_path):
     """Relative data paths are stored absolute, so evaluate reads the training manifest (and checks its class
     names) from any directory."""
