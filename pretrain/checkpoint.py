@@ -29,9 +29,10 @@ from . import recipe
 from .backends.base import Backend
 from .config import Config
 from .errors import UserError
-from .models.convert import load_weights
+from .models.convert import check_weights_path, load_weights
 from .models.vit import VisionTransformer
 from .models.zoo import build_model
+from .train.run_lock import LOCK
 
 T = TypeVar("T")
 STATE = "state.json"
@@ -314,6 +315,8 @@ def check_init_from(config: Config) -> None:
     path = Path(config.init_from)
     if is_ours(path):
         read_newest(path, lambda: init_checkpoint(path), lambda found: init_config(path, found, config.model.name))
+    else:
+        check_weights_path(path)
 
 
 def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
@@ -334,7 +337,8 @@ def init_weights(path: str | Path, model_name: str) -> dict[str, torch.Tensor]:
 def is_ours(path: Path) -> bool:
     """Whether ``path`` is a run directory or checkpoint of ours (rather than weights of another format)."""
     return is_pointer(path) or path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
-                                                  or path.name.startswith("step_") or (path / STATE).is_file())
+                                                  or path.name.startswith("step_") or (path / STATE).is_file()
+                                                  or (path / LOCK).is_file() or (path / "job").is_dir())  # started
 
 
 def init_checkpoint(path: Path) -> Path:

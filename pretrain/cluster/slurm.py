@@ -24,6 +24,7 @@ from . import templates
 from .job import Job, job_dir, tool, write_local
 
 TEMPLATE = "slurm/train.sbatch"
+SIGNAL_EARLY_S = 60  # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
 FOLLOW_POLL_S = 5  # logs --follow asks Slurm this often whether the job is still queued or running
 MISSING = "install the Slurm client tools (Debian: apt-get install slurm-client) or submit from a login node"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
@@ -104,10 +105,10 @@ def render(job: Job, partition: str = "", time: str = "") -> str:
     if partition and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", partition):  # #SBATCH takes one bare word
         raise UserError(f"--partition '{partition}' is not a partition name, or a list of them joined by commas; "
                         f"sinfo --summarize lists the partitions you may use")
-    if time and time_limit_seconds(time) and time_limit_seconds(time) <= job.grace_seconds:
+    if time and time_limit_seconds(time) and time_limit_seconds(time) <= job.grace_seconds + SIGNAL_EARLY_S:
         raise UserError(f"--time {time} is no longer than the {job.grace_seconds} s warning before it "
-                        f"(--grace-seconds), so the job would be told to stop before it trained; give a longer "
-                        f"--time or a shorter --grace-seconds")
+                        f"(--grace-seconds) and the {SIGNAL_EARLY_S} s Slurm may send it early, so the job would be "
+                        f"told to stop before it trained; give a longer --time or a shorter --grace-seconds")
     run_dir = Path(job.config.run_dir)
     values = {
         "job_name": job.name, "nodes": job.nodes, "nproc_per_node": job.nproc_per_node,
@@ -177,21 +178,24 @@ def is_active(record: dict[str, Any]) -> bool:
 
 
 def status(record: dict[str, Any]) -> str:
-    job = fields(record)
-    if not job:
-        return f"Slurm job {record['job_id']}: no longer known to Slurm; its output is {record['output']}"
-    lines = [f"Slurm job {record['job_id']}: {job['JobState']}"
-             + (f" ({job['Reason']})" if job.get("Reason", "None") != "None" else "")
-             + f", run time {job.get('RunTime', '?')}, nodes {job.get('NodeList', '?')}"
-             + (f", restarts {job['Restarts']}" if job.get("Restarts", "0") != "0" else "")
-             + (f", exit code {job['ExitCode']}" if job["JobState"] not in ACTIVE else ""),
-             f"output: {record['output']}"]
-    if job["JobState"] not in ACTIVE | {"COMPLETED"}:  # the trainers' one sentence, above torchrun's traceback
-        output = Path(record["output"])
-        said = [line for line in output.read_text(errors="replace").splitlines() if line.startswith("error: ")] \
-            if output.is_file() else []
-        if said:
-            lines.append(f"its last error: {said[-1].removeprefix('error: ')}")
+    job, output = fields(record), Path(record["output"])
+    text = output.read_text(errors="replace").splitlines() if output.is_file() else []
+    said = [line.removeprefix("error: ") for line in text if line.startswith("error: ")]  # the trainers' one sentence
+    ended = [line for line in text if line.startswith("trainers finished with exit status ")]
+    if not job:  # forgotten after MinJobAge, on a cluster without accounting: its output still tells
+        lines = [f"Slurm job {record['job_id']}: no longer known to Slurm"
+                 + (f"; its output ends: {ended[-1]}" if ended else ""), f"output: {output}"]
+        failed = not ended or not ended[-1].startswith("trainers finished with exit status 0 ")
+    else:
+        lines = [f"Slurm job {record['job_id']}: {job['JobState']}"
+                 + (f" ({job['Reason']})" if job.get("Reason", "None") != "None" else "")
+                 + f", run time {job.get('RunTime', '?')}, nodes {job.get('NodeList', '?')}"
+                 + (f", restarts {job['Restarts']}" if job.get("Restarts", "0") != "0" else "")
+                 + (f", exit code {job['ExitCode']}" if job["JobState"] not in ACTIVE else ""),
+                 f"output: {output}"]
+        failed = job["JobState"] not in ACTIVE | {"COMPLETED"}
+    if failed and said:
+        lines.append(f"its last error: {said[-1]}")
     latest = checkpoint.find(record["run_dir"])
     if latest is not None:
         lines.append(f"latest checkpoint: {latest}")

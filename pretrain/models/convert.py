@@ -23,9 +23,23 @@ from .convert_hf import from_hf, hf_to_ours, is_hf, read_hf, to_hf
 from .convert_jax import from_jax_npz
 from .convert_timm import check_weights_there, from_timm, load_into, model_name, read_weights_file
 
-__all__ = ["from_hf", "from_jax_npz", "from_timm", "load_into", "load_weights", "model_name", "to_hf"]
+__all__ = ["check_weights_path", "from_hf", "from_jax_npz", "from_timm", "load_into", "load_weights", "model_name",
+           "to_hf"]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar")  # .pth.tar: what timm's train.py saves
+
+
+def check_weights_path(path: Path) -> None:
+    """That ``path`` is there and of a form ``load_weights`` reads, without reading it."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is a folder without config.json; give a transformers model folder or a "
+                            f"weights file (.npz, .safetensors, {', '.join(_TORCH_SUFFIXES)})")
+    elif not path.is_file():
+        raise UserError(f"{path} does not exist")
+    elif not path.name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
+        raise UserError(f"{path}: unknown weights format '{path.suffix}'; give a transformers model folder or a "
+                        f".npz, .safetensors or {', '.join(_TORCH_SUFFIXES)} file")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -36,16 +50,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     told apart by their key names. Pickled files are read with ``weights_only=True``.
     """
     path = Path(path)
+    check_weights_path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path} is a folder without config.json; give a transformers model folder or a "
-                            f"weights file (.npz, .safetensors, {', '.join(_TORCH_SUFFIXES)})")
         return read_hf(path)[1]
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    if not path.name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
-        raise UserError(f"{path}: unknown weights format '{path.suffix}'; give a transformers model folder or a "
-                        f".npz, .safetensors or {', '.join(_TORCH_SUFFIXES)} file")
     if path.suffix == ".npz":
         check_weights_there(path)
         return from_jax_npz(path)

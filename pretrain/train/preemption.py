@@ -64,6 +64,9 @@ class Preemption:
 
 
 PREEMPTED_FILE = "PRETRAIN_PREEMPTED_FILE"
+# A file that stands for a SIGUSR1 sent before this process could take it: slurm/train.sbatch writes it when the
+# signal reaches the job while torchrun starts, before the trainers exist.
+STOP_FILE = "PRETRAIN_STOP_FILE"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _held: list[int] = []  # signals that came while held, for the Preemption
 _before: dict = {}  # the handlers hold_signals replaced, which the Preemption restores
@@ -83,6 +86,8 @@ def release_signals() -> None:
 def hold_signals() -> None:
     """From a trainer process's first line until its Preemption is set (importing torch, reading the recipe: seconds),
     SIGTERM / SIGUSR1 are kept for the Preemption rather than ending the process (TERM) or being lost (USR1, which
-    slurm/train.sbatch has the trainers ignore until they handle it)."""
+    slurm/train.sbatch has the trainers ignore until they handle it); so is the USR1 that ``STOP_FILE`` stands for."""
     for s in SIGNALS:
         _before[s] = signal.signal(s, lambda signum, frame: _held.append(signum))
+    if (path := os.environ.get(STOP_FILE)) and Path(path).exists():
+        _held.append(signal.SIGUSR1)

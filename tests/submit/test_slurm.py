@@ -95,12 +95,15 @@ def test_a_two_node_job_writes_checkpoints_and_tensorboard_events(finished_run):
 
 
 def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: str = "torch",
-                       to: str = "--batch", signal: str = "USR1") -> int:
-    """A job that gets ``signal`` mid-run and is requeued; the step it stopped at. ``to`` "--batch": the batch script
-    alone, as --signal=B:USR1@GRACE does at the time limit; "": the job's steps (scancel --signal=TERM JOBID, as a
-    site's preemption does)."""
+                       to: str = "--batch", signal: str = "USR1", at_step: int = 8) -> int:
+    """A job that gets ``signal`` at step ``at_step`` (0: as soon as its step runs, while torchrun starts) and is
+    requeued; the step it stopped at. ``to`` "--batch": the batch script alone, as --signal=B:USR1@GRACE does at the
+    time limit; "": the job's steps (scancel --signal=TERM JOBID, as a site's preemption does)."""
     job_id = submit(slurm, shards, run_dir, backend=backend)
-    wait_for("step 8", lambda: max(logged_steps(run_dir), default=0) >= 8, timeout=300)
+    if at_step:
+        wait_for(f"step {at_step}", lambda: max(logged_steps(run_dir), default=0) >= at_step, timeout=300)
+    else:
+        wait_for("the job's step", lambda: f"{job_id}.0" in slurm.run(["squeue", "-h", "-s", "-o", "%i"]).stdout)
     assert slurm.run(["scancel", *filter(None, [to]), f"--signal={signal}", job_id]).returncode == 0
     requeued = wait_for_state(slurm, job_id, "PENDING")
     assert requeued["Restarts"] == "1"
@@ -113,7 +116,7 @@ def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: st
 
     log = (run_dir / f"job/slurm-{job_id}.out").read_text()
     stopped = int(log.split("preempted: checkpoint written at step ")[1].split(";")[0])
-    assert 8 <= stopped < STEPS
+    assert at_step <= stopped < STEPS
     assert "requeueing job" in log and "start 2, on n[1-2]" in log
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:09d} at step {stopped}" in log
     return stopped
@@ -122,6 +125,14 @@ def preempt_and_resume(slurm, shards: dict[str, str], run_dir: Path, backend: st
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_exactly(slurm, small_shards, finished_run,
                                                                             tmp_path):
     preempt_and_resume(slurm, small_shards, tmp_path)
+    assert (tmp_path / FINAL).read_bytes() == (finished_run / FINAL).read_bytes(), "final weights differ"
+
+
+def test_usr1_to_the_steps_while_torchrun_starts_checkpoints_requeues_and_resumes(slurm, small_shards, finished_run,
+                                                                                 tmp_path):
+    """The signal comes before the trainers exist to take it (torch's import alone takes seconds, a minute from
+    shared storage): the shell around torchrun keeps it for them."""
+    assert preempt_and_resume(slurm, small_shards, tmp_path, to="", at_step=0) <= 1
     assert (tmp_path / FINAL).read_bytes() == (finished_run / FINAL).read_bytes(), "final weights differ"
 
 
@@ -175,6 +186,13 @@ def test_status_logs_and_cancel_find_the_job_from_its_run_directory(slurm, small
     wait_for_state(slurm, failed, "FAILED")
     assert f"its last error: {small_shards['val_reversed']} labels its samples by other classes" in \
         cli(["status", str(failing)])
+    gone = json.loads((failing / "job/job.json").read_text()) | {"job_id": "999998"}  # once Slurm forgot it
+    (tmp_path / "gone/job").mkdir(parents=True)
+    (tmp_path / "gone/job/job.json").write_text(json.dumps(gone))
+    said = cli(["status", str(tmp_path / "gone")])
+    assert said.startswith("Slurm job 999998: no longer known to Slurm; its output ends: trainers finished with exit "
+                           "status 1 at ") and f"\noutput: {gone['output']}\n" in said  # torchrun's status
+    assert f"its last error: {small_shards['val_reversed']} labels its samples by other classes" in said
 
 
 def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeypatch, capsys):
@@ -232,6 +250,12 @@ def test_errors_are_one_sentence(small_shards, pretrained_run, tmp_path, monkeyp
     ft = ["slurm", "recipes/demo_finetune.yaml", *data, f"run_dir={tmp_path}/ft", "--gpus-per-node", "0"]
     assert error([*ft, f"init_from={pretrained_run}"]).startswith(  # init_from: ours, of the recipe's model
         f"error: init_from={pretrained_run} holds a vit_mu8 and the recipe builds vit_mu4; set model.name=vit_mu8")
+    (tmp_path / "queued" / "job").mkdir(parents=True)  # a pre-training run submitted, still in the queue
+    (tmp_path / "empty").mkdir()
+    assert error([*ft, f"init_from={tmp_path}/queued"]).startswith(
+        f"error: init_from={tmp_path}/queued is a run of ours with no complete checkpoint yet; wait for its first")
+    assert error([*ft, f"init_from={tmp_path}/empty"]).startswith(
+        f"error: {tmp_path}/empty is a folder without config.json; give a transformers model folder or a weights file")
     (tmp_path / "starting/checkpoints").mkdir(parents=True)
     assert error([*ft, f"init_from={tmp_path}/starting"]).startswith(
         f"error: init_from={tmp_path}/starting is a run of ours with no complete checkpoint yet")
