@@ -333,9 +333,12 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Stop the data workers and close the TensorBoard and metrics files (not the backend's processes)."""
+        """Stop the data workers, close the TensorBoard and metrics files and let run_dir go (not the backend's
+        processes)."""
         self.batches.close()
         self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def train_step(self, window: dict) -> torch.Tensor:
         """One optimizer step: its micro-batches, forward, backward and update; the loss, image count and data wait

@@ -70,11 +70,15 @@ class RunDirLock:
         self.file.seek(0)
         return self.file.read().decode(errors="replace").strip() or "a process that has not said which yet"
 
+    def release(self) -> None:
+        """For another trainer, of this process too (one trainer after another, as benchmarks/throughput.py runs)."""
+        self.file.close()
+
     def abandon(self) -> None:
         """A start refused before it wrote anything: the lock file goes if this made it, and run_dir with it."""
         if self.made_file:
             (self.run_dir / LOCK).unlink(missing_ok=True)
-        self.file.close()
+        self.release()
         if self.made:
             try:
                 self.run_dir.rmdir()
