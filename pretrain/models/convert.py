@@ -40,6 +40,8 @@ def check_weights_path(path: Path) -> None:
     elif not path.name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
         raise UserError(f"{path}: unknown weights format '{path.suffix}'; give a transformers model folder or a "
                         f".npz, .safetensors or {', '.join(_TORCH_SUFFIXES)} file")
+    else:
+        check_weights_there(path)
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -54,7 +56,6 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return read_hf(path)[1]
     if path.suffix == ".npz":
-        check_weights_there(path)
         return from_jax_npz(path)
     state = read_weights_file(path)
     return hf_to_ours(state) if is_hf(state) else from_timm(state)
