@@ -44,6 +44,7 @@ class Job:
     cpus_per_node: int = 0
     grace_seconds: int = 0
     name: str = ""
+    cpus_estimated: bool = False  # cpus_per_node came from data.workers, not from --cpus-per-node
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 0 or self.cpus_per_node < 0 or self.grace_seconds < 0:
@@ -56,6 +57,7 @@ class Job:
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", self.name):
             raise UserError(f"job name '{self.name}' is not a DNS label of at most 40 characters (a-z, 0-9, '-'; "
                             f"starting with a letter); pass another --name")
+        self.cpus_estimated = not self.cpus_per_node
         self.cpus_per_node = self.cpus_per_node or self.nproc_per_node * (1 + self.config.data.workers)
         self.grace_seconds = self.grace_seconds or grace_seconds(self.config)
 

@@ -32,6 +32,7 @@ WORKDIR = PurePosixPath("/workspace")
 RUNS_MOUNT = WORKDIR / "runs"
 RENDEZVOUS_PORT = 29500
 MISSING = "install kubectl and point it at the cluster (kubectl config use-context ...)"
+SCHEDULABLE_CPUS_PER_TRAINER = 10  # 8-GPU nodes of 96 vCPUs (A100 a2/p4d/ND96) allocate about 93
 RESTARTS_PER_NODE = 2  # backoffLimit: real failures tolerated per node before the Job fails
 
 
@@ -130,10 +131,13 @@ def render(job: Job, image: str, namespace: str = "default", pvc: str = "vit-run
                         f"--nodes is {job.nodes}; pass --nodes {hosts}")
     job.check_batch_split()
     nproc = job.nproc_per_node
+    # The pod has no CPU limit, so its request only places it: an estimate beyond what 8-GPU nodes of 96 vCPUs
+    # allocate (12 workers a GPU ask for 104) would leave it pending for ever; idle cores serve the workers anyway.
+    cpus = min(job.cpus_per_node, SCHEDULABLE_CPUS_PER_TRAINER * nproc) if job.cpus_estimated else job.cpus_per_node
     values = {
         "name": job.name, "namespace": namespace, "image": image, "pvc": pvc, "runs_mount": RUNS_MOUNT,
         "nodes": job.nodes, "nproc_per_node": nproc, "gpus_per_node": job.gpus_per_node,
-        "cpus_per_node": job.cpus_per_node, "memory": memory or f"{32 * nproc}Gi", "backend": job.config.backend,
+        "cpus_per_node": cpus, "memory": memory or f"{32 * nproc}Gi", "backend": job.config.backend,
         "grace_seconds": job.grace_seconds, "backoff_limit": RESTARTS_PER_NODE * job.nodes,
         "rendezvous_port": RENDEZVOUS_PORT, "rendezvous_timeout": rendezvous_timeout,
         "tpu_accelerator": tpu_accelerator, "tpu_topology": tpu_topology, "tpu_chips_per_host": tpu_chips_per_host,

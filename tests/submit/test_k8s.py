@@ -109,6 +109,8 @@ def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
                                    "--master-addr=vit-b16-i21k-0.vit-b16-i21k.default.svc", "--master-port=29500",
                                    "--rdzv-conf=timeout=3600", "-m"]  # the first pods wait an hour for the rest
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # 8 x (1 + 12 data workers) = 104 would never be placed on the 96-vCPU nodes of 8 A100s; no CPU limit is set
+    assert trainer["resources"]["requests"]["cpu"] == "80" and "cpu" not in trainer["resources"]["limits"]
     assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[1]["onExitCodes"]["values"] == [75] and rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
@@ -119,6 +121,11 @@ def test_the_gpu_job_is_an_indexed_job_with_rendezvous_on_pod_zero(capsys):
     tensorboard = objects["Deployment/vit-b16-i21k-tensorboard"]["spec"]["template"]["spec"]["containers"][0]
     assert "--logdir=/workspace/runs/vit_b16_i21k" in tensorboard["command"]
     assert objects["Service/vit-b16-i21k-tensorboard"]["spec"]["ports"][0]["port"] == 6006
+
+
+def test_cpus_per_node_asks_for_what_it_is_given(capsys):
+    pod = by_kind(dry_run(capsys, [*VARIANTS["gpu"], "--cpus-per-node", "200"]))["Job/vit-b16-i21k"]
+    assert pod["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "200"
 
 
 def test_data_the_pods_cannot_see_is_named(capsys):
