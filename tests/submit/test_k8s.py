@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
+from ports import free_port
 
 from pretrain import recipe, submit
 from pretrain.cluster import k8s
@@ -209,6 +210,51 @@ def test_launch_sh_started_again_after_a_sigterm_in_the_trainers_start_up(tmp_pa
     pod.send_signal(signal.SIGTERM)
     out = pod.communicate(timeout=30)[0]
     assert pod.returncode == 75 and "exiting 75 to be started again" in out, out
+
+
+def test_launch_sh_started_again_after_a_sigterm_in_a_torchrun_workers_start_up(tmp_path):
+    """torchrun reports a worker that the SIGTERM ended before its first line as failed (1): no failure either."""
+    (tmp_path / "starting.py").write_text("import time; print('importing', flush=True); time.sleep(60)")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    pod = subprocess.Popen(["bash", "k8s/launch.sh", torchrun, "--standalone", "--nproc-per-node=1",
+                            str(tmp_path / "starting.py")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    while (line := pod.stdout.readline()) != "importing\n":
+        assert line, pod.communicate()[0]
+    pod.send_signal(signal.SIGTERM)
+    out = pod.communicate(timeout=60)[0]
+    assert pod.returncode == 75 and "(exit status 1); exiting 75 to be started again" in out, out
+
+
+def test_launch_sh_joins_the_rendezvous_again_when_the_first_pod_is_stopped_in_it(tmp_path):
+    """Three pods: the first two wait for the third in torchrun's rendezvous, held by the first, which is preempted.
+    The second joins again (it failed before: a failure counted against the Job); the run starts when all three are up."""
+    (tmp_path / "worker.py").write_text("import os; print('worker', os.environ['RANK'], 'started', flush=True)")
+    port = free_port()
+    env = {**os.environ, "LOGLEVEL": "INFO"}
+
+    def pod(index: int) -> subprocess.Popen:
+        torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=3", f"--node-rank={index}",
+                    "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                    "--rdzv-conf=timeout=120", str(tmp_path / "worker.py")]
+        return subprocess.Popen(["bash", "k8s/launch.sh", *torchrun], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def read_until(p: subprocess.Popen, text: str) -> None:
+        while text not in (line := p.stdout.readline()):
+            assert line, f"no '{text}' from the pod"
+
+    first, second = pod(0), pod(1)
+    for p in (first, second):
+        read_until(p, "Rendezvous'ing worker group")
+    time.sleep(2)
+    first.send_signal(signal.SIGTERM)
+    assert "exiting 75" in first.communicate(timeout=60)[0] and first.returncode == 75
+    read_until(second, "the rendezvous was lost, as when the first pod is stopped; joining it again")
+    first, third = pod(0), pod(2)
+    outs = [p.communicate(timeout=120)[0] for p in (first, second, third)]
+    assert [p.returncode for p in (first, second, third)] == [0, 0, 0], outs
+    assert "worker 1 started" in outs[1]
 
 
 SIGNAL_IN_START_UP = """
