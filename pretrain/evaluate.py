@@ -34,9 +34,10 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(backend: Backend, config: Config, spec: str) -> dict[str, float]:
-    """One pass over ``spec`` (every sample once across ranks); metrics summed over ranks."""
-    shard_set = shards.resolve(spec, "data.val")
+def evaluate(backend: Backend, config: Config, spec: str, shard_set: shards.ShardSet | None = None) -> dict[str, float]:
+    """One pass over ``spec`` (every sample once across ranks), or ``shard_set``, resolved from it already; metrics
+    summed over ranks."""
+    shard_set = shard_set or shards.resolve(spec, "data.val")
     micro = config.data.eval_batch_size or max(config.data.batch_size // backend.world // config.optim.grad_accum, 1)
     if backend.spmd:
         micro = -(-micro // backend.local_devices) * backend.local_devices
@@ -144,7 +145,8 @@ def evaluate_checkpoint(path: str, spec: str, fewshot_train: str | None = None, 
         from .fewshot import fewshot_eval  # fewshot imports this module
 
         result |= fewshot_eval(backend.module, fewshot_train, spec, config.model.image_size, backend.device,
-                               batch=batch or 64, workers=config.data.workers)
+                               batch=batch or 64, workers=config.data.workers,
+                               patience_s=config.data.storage_patience_s)
     return result
 
 

@@ -45,7 +45,8 @@ def few_shot_needs_single_label(what: str) -> str:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, device: torch.device | str,
-                     workers: int = 0, enough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     workers: int = 0, enough: int = 0, shard_set: shards.ShardSet | None = None,
+                     patience_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 on the CPU, labels (N,)) of the samples of single-label ``spec`` (a brace pattern,
     which has no manifest to say so, is refused at its first multi-label sample), samples without a label left out.
     ``model`` is moved to ``device``.
@@ -53,9 +54,9 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
     With ``enough`` and a manifest, only a prefix of the shards is read: 1, 2, 4, ... shards at a time, until every
     class has ``enough`` samples or all it has (data_tools.shard shuffles samples across shards, so a prefix is a
     random draw). The samples come in shard order, so the result depends on the shard set alone, not on ``batch``
-    or ``workers``."""
+    or ``workers``. ``shard_set``: ``spec`` resolved already; ``patience_s``: how long storage may not answer."""
     device = torch.device(device)
-    shard_set = shards.resolve(spec, "few-shot data")
+    shard_set = shard_set or shards.resolve(spec, "few-shot data")
     if shard_set.multi_label:
         raise UserError(few_shot_needs_single_label(spec) + "; give single-label shards (the paper probes ImageNet)")
     need = None
@@ -68,7 +69,7 @@ def extract_features(model: nn.Module, spec: str, image_size: int, batch: int, d
     while start < len(shard_set.urls):
         part = dataclasses.replace(shard_set, urls=shard_set.urls[start:start + size],
                                    counts=shard_set.counts and shard_set.counts[start:start + size])
-        stream = EvalStream(part, image_size, batch, 0, 1)
+        stream = EvalStream(part, image_size, batch, 0, 1, patience_s)
         for b in loader(stream, min(workers, len(part.urls)), device.type == "cuda"):
             for why in b["damaged_shards"]:
                 log.warning("%s; the few-shot probe goes on without its missing samples", why)
@@ -171,11 +172,16 @@ def choose_lambda(x: torch.Tensor, y: torch.Tensor, shots: int) -> float:
 
 def fewshot_eval(model: nn.Module, train_spec: str, val_spec: str, image_size: int, device: torch.device | str,
                  shots: Sequence[int] = (1, 5, 10, 25), seed: int = 0, batch: int = 64,
-                 workers: int = 0) -> dict[str, float]:
+                 workers: int = 0, sets: tuple[shards.ShardSet, shards.ShardSet] | None = None,
+                 patience_s: float | None = None) -> dict[str, float]:
     """``fewshot_{n}shot_top1`` and the chosen ``fewshot_{n}shot_lambda`` for every shot count ``train_spec``
-    has enough samples of each class for; the others are skipped with a warning."""
-    train_feats, train_labels = extract_features(model, train_spec, image_size, batch, device, workers, max(shots))
-    test_feats, test_labels = extract_features(model, val_spec, image_size, batch, device, workers)
+    has enough samples of each class for; the others are skipped with a warning. ``sets``: the two specs resolved
+    already."""
+    train_set, val_set = sets or (None, None)
+    train_feats, train_labels = extract_features(model, train_spec, image_size, batch, device, workers, max(shots),
+                                                 train_set, patience_s)
+    test_feats, test_labels = extract_features(model, val_spec, image_size, batch, device, workers,
+                                               shard_set=val_set, patience_s=patience_s)
     usable = [n for n in shots if fits(train_labels, n)]
     if not usable:
         raise UserError(f"{train_spec} has too few samples of a class for any of the shot counts {tuple(shots)}: "

@@ -147,6 +147,11 @@ def new_window(backend: Backend, loss: float = 0.0, steps: int = 0) -> dict:
     return {"loss": backend.counter(loss), "steps": steps, "images": 0, "wait": 0.0, "start": time.perf_counter()}
 
 
+def fewshot_keys(data) -> tuple[str, str]:
+    """The data keys the few-shot probe draws from and is tested on: fewshot_train (or train), fewshot_val (or val)."""
+    return "fewshot_train" if data.fewshot_train else "train", "fewshot_val" if data.fewshot_val else "val"
+
+
 def aside(window: dict, work: Callable[[], Any]) -> Any:
     """``work()`` (an evaluation, a few-shot probe, a checkpoint) off the log window's clock, so that its img/s,
     MFU and data-wait share are the training steps' own. The steps a GPU still has queued are finished first: they
@@ -268,12 +273,17 @@ class Trainer:
         if classes is not None and len(classes) != self.config.model.num_classes:
             raise UserError(f"model.num_classes is {self.config.model.num_classes} but {data.train} has "
                             f"{len(classes)} classes; set model.num_classes={len(classes)}")
+        # Resolved once: reading a manifest again at every evaluation would stop the run on any outage of its storage.
+        self.eval_sets = {"train": self.train_set}
         if data.val:  # top-1 with the model's head
-            shards.check_same_classes(self.train_set, data.train, shards.resolve(data.val, "data.val"), data.val)
-        if self.config.log.fewshot_every:  # its sets: fewshot_train (or train) and fewshot_val (or val)
-            draw, test = ("fewshot_train" if data.fewshot_train else "train"), ("fewshot_val" if data.fewshot_val else "val")
-            sets = {key: self.train_set if key == "train" else shards.resolve(getattr(data, key), f"data.{key}")
-                    for key in (draw, test)}
+            self.eval_sets["val"] = shards.resolve(data.val, "data.val")
+            shards.check_same_classes(self.train_set, data.train, self.eval_sets["val"], data.val)
+        if self.config.log.fewshot_every:
+            draw, test = fewshot_keys(data)
+            for key in (draw, test):
+                if key not in self.eval_sets:
+                    self.eval_sets[key] = shards.resolve(getattr(data, key), f"data.{key}")
+            sets = {key: self.eval_sets[key] for key in (draw, test)}
             for key, shard_set in sets.items():
                 if shards.looks_multi_label(shard_set):
                     raise UserError(few_shot_needs_single_label(f"data.{key} {getattr(data, key)}") + "; set "
@@ -294,7 +304,7 @@ class Trainer:
         window = new_window(backend, self.resumed_window["mean_loss"], self.resumed_window["steps"])
         try:
             if cfg.log.eval_at_start and self.step == 0 and cfg.data.val:
-                aside(window, self._evaluate)
+                self._aside_or_stop(window, self._evaluate)
             while self.step < cfg.schedule.total_steps:
                 try:
                     norm = self.train_step(window)
@@ -312,9 +322,9 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or self.step == cfg.schedule.total_steps:
                     self._log(window, norm)
                 if cfg.log.eval_every and self.step % cfg.log.eval_every == 0 and cfg.data.val:
-                    self.last_eval = aside(window, self._evaluate)
+                    self.last_eval = self._aside_or_stop(window, self._evaluate)
                 if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
-                    aside(window, self._fewshot)
+                    self._aside_or_stop(window, self._fewshot)
                 stop = backend.any(preemption.requested)
                 if stop:
                     preemption.mark()  # also where the signal reached another rank
@@ -325,7 +335,7 @@ class Trainer:
                         print(f"preempted: checkpoint written at step {self.step}; rerun the same command to resume", flush=True)
                     return {"step": self.step, "preempted": 1.0}
             if cfg.data.val and self.last_eval.get("step") != self.step:
-                self.last_eval = self._evaluate()
+                self.last_eval = self._aside_or_stop(window, self._evaluate)
             preemption.withdraw()
             return self.last_eval if cfg.data.val else {"step": self.step}
         finally:
@@ -439,7 +449,7 @@ class Trainer:
               flush=True)
 
     def _evaluate(self) -> dict[str, float]:
-        result = evaluate(self.backend, self.config, self.config.data.val)
+        result = evaluate(self.backend, self.config, self.config.data.val, self.eval_sets["val"])
         self.metrics.log(self.step, result, prefix="eval")
         return {"step": self.step, **result}
 
@@ -447,10 +457,25 @@ class Trainer:
         """On rank 0 (a probe on a few thousand images); the other ranks wait."""
         if self.backend.is_main:
             data = self.config.data
-            result = fewshot_eval(self.backend.module, data.fewshot_train or data.train, data.fewshot_val or data.val,
-                                  self.config.model.image_size, self.backend.device, seed=self.config.seed)
+            draw, test = fewshot_keys(data)
+            result = fewshot_eval(self.backend.module, getattr(data, draw), getattr(data, test),
+                                  self.config.model.image_size, self.backend.device, seed=self.config.seed,
+                                  sets=(self.eval_sets[draw], self.eval_sets[test]),
+                                  patience_s=data.storage_patience_s)
             self.metrics.log(self.step, result, prefix="fewshot")
         self.backend.barrier()
+
+    def _aside_or_stop(self, window: dict, work: Callable[[], Any]) -> Any:
+        """An evaluation or a few-shot probe (``aside``). One that stops a one-process run (its storage did not
+        answer for data.storage_patience_s, no sample could be read) stops it as the training data does: with the last
+        step checkpointed. Several processes stop as the failing one's torchrun ends the others."""
+        try:
+            return aside(window, work)
+        except UserError as e:
+            if self.backend.world > 1 or not self.step:
+                raise
+            self._checkpoint_at_stop(window)
+            raise UserError(f"{e} (at step {self.step}, checkpointed)") from None
 
     def _checkpoint_at_stop(self, window: dict) -> None:
         """The last finished step's checkpoint, unless it has one (just resumed or written): rewriting it would only

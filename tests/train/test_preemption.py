@@ -177,3 +177,52 @@ def test_sigterm_while_storage_does_not_answer_checkpoints_the_last_step_then_re
         server.wait()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(tmp_path / "run") == losses(tmp_path / "clean"), "losses differ after resuming"
+
+
+def test_evaluation_storage_that_stops_answering_stops_the_run_with_its_last_step_checkpointed(small_shards, tmp_path):
+    """data.val over HTTP from a server that goes down after the first evaluation: the next one asks again for
+    data.storage_patience_s (the manifest read at the start, not again), then the run stops in one sentence with its
+    last step checkpointed, as the training data's outage does; it stopped with none, its steps since lost."""
+    import http.server
+    import threading
+
+    down = threading.Event()
+
+    class Val(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=small_shards["val"], **kwargs)
+
+        def send_head(self):
+            if down.is_set():
+                self.send_error(503)
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Val)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    shards = {"train": small_shards["train"]}
+    args = overrides(shards, tmp_path, **{"data.val": f"http://127.0.0.1:{server.server_port}/", "log.eval_every": 3,
+                                          "schedule.total_steps": 60, "checkpoint.every": 1000, "data.workers": 0,
+                                          "data.storage_patience_s": 1})
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.run", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+        while not (metrics.exists() and '"split": "eval"' in metrics.read_text()):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        down.set()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "could not be read for 1 s" in err, err[-3000:]
+        step = int(err.strip().splitlines()[-1].split("(at step ")[1].split(",")[0])
+        assert err.strip().endswith(f"(at step {step}, checkpointed)") and step % 3 == 0 and 3 < step < 60
+        assert checkpoint.find(tmp_path).name == f"step_{step:09d}"
+        down.clear()
+        resumed = run(args)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
