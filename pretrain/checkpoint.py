@@ -229,7 +229,7 @@ def check_resumable(folder: Path, backend: Backend, model_name: str) -> dict[str
     if saved != model_name:
         raise UserError(f"checkpoint {folder} is of model {saved}, the recipe builds {model_name}; set "
                         f"model.name={saved} to resume it, or {elsewhere(backend.config)}")
-    check_fits(folder, state, backend.config)
+    check_fits(folder, state, backend.config, backend.world)
     backend.check_resumable(folder, state)
     return state
 
@@ -240,9 +240,10 @@ def elsewhere(config: Config) -> str:
             "give checkpoint.resume another checkpoint")
 
 
-def check_fits(folder: Path, state: dict[str, Any], config: Config) -> None:
+def check_fits(folder: Path, state: dict[str, Any], config: Config, world: int) -> None:
     """What the recipe must agree on with a checkpoint to resume it, besides the model: its step within the
-    schedule, its optimizer and its backend (also checked when a job is submitted)."""
+    schedule, its optimizer, its backend and DeepSpeed's ZeRO stage and (ZeRO 1-3) number of processes ``world`` (also
+    checked when a job is submitted)."""
     total = config.schedule.total_steps
     if state["step"] > total:
         raise UserError(f"checkpoint {folder} is at step {state['step']}, past schedule.total_steps={total}; raise "
@@ -256,6 +257,15 @@ def check_fits(folder: Path, state: dict[str, Any], config: Config) -> None:
     if written_by != config.backend:
         raise UserError(f"checkpoint {folder} was written by the {written_by} backend, which alone can resume it; "
                         f"set backend={written_by}, or {elsewhere(config)}")
+    if written_by == "deepspeed":
+        stage, written = state["config"]["deepspeed"]["zero_stage"], len(state["rng"])  # one RNG state a rank
+        if stage != config.deepspeed.zero_stage:
+            raise UserError(f"checkpoint {folder} was written with deepspeed.zero_stage={stage}; resume it with "
+                            f"deepspeed.zero_stage={stage}, or {elsewhere(config)}")
+        if stage and written != world:
+            raise UserError(f"checkpoint {folder} was written by {written} processes and ZeRO-{stage} cannot re-shard "
+                            f"its optimizer state for {world}; resume it with {written} processes, or "
+                            f"{elsewhere(config)}")
 
 
 def load(folder: Path, backend: Backend, state: dict[str, Any]) -> None:
@@ -313,8 +323,9 @@ def check_init_from(config: Config) -> None:
         raise UserError(f"init_from={config.init_from} does not exist; give a run directory, a checkpoint, an HF "
                         f"folder or a weights file")
     path = Path(config.init_from)
-    if is_ours(path):
-        read_newest(path, lambda: init_checkpoint(path), lambda found: init_config(path, found, config.model.name))
+    if is_ours(path):  # and a ZeRO-3 run's weights consolidated
+        read_newest(path, lambda: init_checkpoint(path),
+                    lambda found: weights_file(found, init_config(path, found, config.model.name)))
     else:
         check_weights_path(path)
 

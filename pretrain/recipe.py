@@ -64,6 +64,10 @@ def check_together(config: Config, source: str) -> Config:
         raise RecipeError(f"{source}: init_from={config.init_from} is read by stage: finetune only (its encoder, new "
                           f"heads); set stage=finetune, or to continue a pre-training run set "
                           f"checkpoint.resume={config.init_from}")
+    if config.log.fewshot_every and config.backend == "deepspeed" and config.deepspeed.zero_stage == 3:
+        raise RecipeError(f"{source}: log.fewshot_every probes the model on rank 0 alone, which ZeRO-3 shards over all "
+                          f"ranks; set log.fewshot_every=0 and probe a consolidated checkpoint with python -m "
+                          f"pretrain.evaluate --fewshot-train")
     if config.log.fewshot_every and not (config.data.fewshot_val or config.data.val):
         raise RecipeError(f"{source}: log.fewshot_every needs a few-shot test set; set data.fewshot_val (or data.val) "
                           f"to shards, or log.fewshot_every=0")

@@ -107,6 +107,8 @@ def test_resolved_recipe_round_trips(root, tmp_path):
         ("", ["init_from=runs/b16"], "r.yaml with the overrides: init_from=runs/b16 is read by stage: finetune only"),
         ("", ["run_dir=gs://bucket/runs/x"], "run_dir gs://bucket/runs/x is a URL, and checkpoints are made atomic"),
         ("", ["log.fewshot_every=10", "data.val=null"], "log.fewshot_every needs a few-shot test set; set data.fewshot_val"),
+        ("", ["backend=deepspeed", "deepspeed.zero_stage=3", "log.fewshot_every=10", "data.val=v"],
+         "log.fewshot_every probes the model on rank 0 alone"),
     ],
 )
 def test_mistakes_give_one_clear_sentence(tmp_path, text, overrides, message):

@@ -100,10 +100,6 @@ class DeepSpeedBackend(TorchBackend):
         return self.stage == 3 and self.world > 1
 
     def setup(self, model: nn.Module) -> None:
-        if self.stage == 3 and self.config.log.fewshot_every:
-            raise UserError("log.fewshot_every probes the model on rank 0 alone, which ZeRO-3 shards over all ranks; "
-                            "set log.fewshot_every=0 and probe a consolidated checkpoint with python -m "
-                            "pretrain.evaluate --fewshot-train")
         model.to(self.device)
         self.optimizer = build_optimizer(model, self.config.optim)
         config = self.ds_config = ds_config(self.config, self.world, self.autocast_dtype() is not None)
@@ -157,14 +153,6 @@ class DeepSpeedBackend(TorchBackend):
             (Path(self.config.run_dir) / CONFIG_FILE).write_text(json.dumps(self.ds_config, indent=2) + "\n")
 
     def check_resumable(self, folder: Path, state: dict) -> None:
-        stage, world = state["config"]["deepspeed"]["zero_stage"], len(state["rng"])  # one RNG state per rank
-        if stage != self.stage:
-            raise UserError(f"checkpoint {folder} was written with deepspeed.zero_stage={stage}; resume it with "
-                            f"deepspeed.zero_stage={stage}, or give a new run_dir to start fresh")
-        if stage and world != self.world:
-            raise UserError(f"checkpoint {folder} was written by {world} processes and ZeRO-{stage} cannot re-shard "
-                            f"its optimizer state for {self.world}; resume it with {world} processes, or "
-                            f"give a new run_dir to start fresh")
         if not (folder / TAG).is_dir():
             raise UserError(f"checkpoint {folder} lacks the engine's files ({TAG}/); resume from another checkpoint, "
                             f"or give a new run_dir to start fresh")

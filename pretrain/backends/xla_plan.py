@@ -72,7 +72,10 @@ def plan(config: Config, model: VisionTransformer, params: int, slices: list[str
         states = [weights, weights, moments * weights, activation_bytes(model, micro // n) / GIB]
         fix = "a larger slice or a smaller batch" if sharded else "xla.sharding=fsdpv2 or a smaller batch"
         fits = "" if sum(states) < chip.hbm_gib else f"  does not fit: {fix}"
-        lines.append(f"{name:9} {f'({n},)':7} {max(n // chip.chips_per_host, 1):5} {micro // n:9} "
+        hosts = max(n // chip.chips_per_host, 1)
+        if hosts > 1 and config.log.fewshot_every:  # the probe runs on one host: the trainer refuses it
+            fits += "  refuses log.fewshot_every (several hosts): set it to 0"
+        lines.append(f"{name:9} {f'({n},)':7} {hosts:5} {micro // n:9} "
                      + " ".join(f"{v:{w}.2f}" for v, w in zip(states, (7, 6, 6, 6)))
                      + f" {sum(states):6.1f} {chip.hbm_gib:4.0f}{fits}")
     return lines

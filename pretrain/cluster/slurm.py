@@ -73,7 +73,7 @@ def check_reachable(job: Job) -> None:
     if why := finished(config):
         raise UserError(why)
     state = checkpoint.read_state(latest)
-    checkpoint.check_fits(latest, state, config)
+    checkpoint.check_fits(latest, state, config, job.nodes * job.nproc_per_node)
     if latest.name == job.final_checkpoint:
         return
     ranks = state["data"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from ports import free_port
 from safetensors.torch import load_file
 from test_training import losses, overrides, run
 
-from pretrain import checkpoint, export
+from pretrain import checkpoint, export, recipe
 from pretrain.errors import UserError
 
 pytest.importorskip("deepspeed")
@@ -217,6 +218,9 @@ def test_zero3_checkpoint_consolidated_finetuned_with_torch_and_exported(zero, r
 
     with pytest.raises(UserError, match="python -m pretrain.consolidate"):
         checkpoint.init_weights(zero[3], "vit_mu8")
+    finetune_recipe = recipe.load("recipes/demo_finetune.yaml", [f"init_from={zero[3]}", "model.name=vit_mu8"])
+    with pytest.raises(UserError, match="python -m pretrain.consolidate"):  # as --dry-run and pretrain.submit check it
+        checkpoint.check_init_from(finetune_recipe)
     damaged = tmp_path / "damaged"
     shutil.copytree(zero[3], damaged)
     newest = checkpoint.find(damaged)
@@ -301,12 +305,30 @@ def test_the_engine_keeps_the_loops_autocast_and_reduces_gradients_in_fp32(tmp_p
 def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero, small_shards, tmp_path):
     folder = checkpoint.find(zero[3])
     cases = [({}, "was written by the deepspeed backend, which alone can resume it; set backend=deepspeed"),
-             ({"backend": "deepspeed", "deepspeed.zero_stage": 2}, "resume it with deepspeed.zero_stage=3"),
+             ({"backend": "deepspeed", "deepspeed.zero_stage": 2},
+              "resume it with deepspeed.zero_stage=3, or give checkpoint.resume another checkpoint"),
              ({"backend": "deepspeed", "deepspeed.zero_stage": 3}, "resume it with 2 processes")]
     for extra, says in cases:
         result = run(args(small_shards, tmp_path, **{"checkpoint.resume": folder}, **extra), env=ENV)
         assert says in one_error_line(result)
     assert not (tmp_path / "deepspeed_config.json").exists()  # a refused resume writes nothing
+
+
+def test_a_job_that_would_resume_on_another_zero_layout_is_refused_at_submission(zero, small_shards):
+    """Before the wait in the queue: the trainer would refuse it only once started."""
+    from pretrain.cluster import slurm
+    from pretrain.cluster.job import Job
+
+    more = {"schedule.total_steps": STEPS + 8}
+    for stage, gpus, says in [(2, 2, f"checkpoint {checkpoint.find(zero[1])} was written with deepspeed.zero_stage=1; "
+                                     f"resume it with deepspeed.zero_stage=1, or give this recipe a run_dir of its own"),
+                              (1, 4, "ZeRO-1 cannot re-shard its optimizer state for 4; resume it with 2 processes")]:
+        recipe_file, *settings = ds_args(small_shards, zero[1], stage, **more)
+        config = recipe.load(recipe_file, settings)
+        with pytest.raises(UserError, match=re.escape(says)):
+            slurm.check_reachable(Job(config, "recipes/demo.yaml", gpus_per_node=gpus))
+    recipe_file, *settings = ds_args(small_shards, zero[1], 1, **more)
+    slurm.check_reachable(Job(recipe.load(recipe_file, settings), recipe_file, gpus_per_node=2))  # as it was written
 
 
 def test_ranks_that_deepspeeds_launcher_starts_share_the_cores():

@@ -315,6 +315,11 @@ def test_vit_h14_jft_with_xla_plans_a_v4_and_a_v5p_slice(root, capsys):
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("# v")}
     assert rows["v6e-256"].split()[2:5] == ["(256,)", "64", "16"] and "fit" not in rows["v6e-256"]
     assert rows["v4-32"].endswith("does not fit: a larger slice or a smaller batch")  # 256 images a chip
+    assert main([str(root / "recipes/vit_h14_jft.yaml"), "backend=xla", "--dry-run", "--slice", "v4-32", "--slice",
+                 "v5p-8", "log.fewshot_every=100", "data.val=v"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("# v")}
+    assert rows["v4-32"].endswith("refuses log.fewshot_every (several hosts): set it to 0")  # 4 hosts
+    assert "fewshot" not in rows["v5p-8"]  # one host
     assert main([str(root / "recipes/vit_h14_jft.yaml"), "backend=xla", "--dry-run", "--slice", "v5e-64"]) == 2
     assert "error: --slice v5e-64 is not a TPU slice name (v4-N, v5p-N, v5litepod-N, v6e-N" in capsys.readouterr().err
 
