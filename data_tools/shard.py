@@ -305,7 +305,9 @@ def shard(args: argparse.Namespace) -> Manifest:
         print(f"ignored {plural(corpus.hidden.total(), 'hidden file or folder', 'hidden files and folders')} (a name "
               f"starting with '.': {names}{', ...' if len(corpus.hidden) > 5 else ''})")
     if not corpus.items:
-        raise UserError(f"{args.source} holds no images to shard")
+        tars = "; it holds .tar files in a folder: give the folder that holds the synset tars (an ImageNet-21k " \
+               "release unpacks them into one)" if corpus.kind == "imagefolder" and ".tar" in corpus.ignored else ""
+        raise UserError(f"{args.source} holds no images to shard{tars}")
     options = Options(corpus.multi_label, args.check, args.resize_short, args.quality)
     shards = plan(corpus.items, args.seed, args.shard_samples, args.shard_size)
     names = [shard_name(args.name, i) for i in range(len(shards))]

@@ -70,9 +70,9 @@ def image_endings() -> frozenset[str]:
 def detect_kind(source: str) -> str:
     fs, path = url_to_fs(source)
     if fs.isfile(path):
-        if is_tar(path) or tarfile_magic(fs, path):
-            raise UserError(f"SOURCE {source} is a tar; unpack it first (tar xf {source} -C DIR: the ImageNet-21k "
-                            f"release is a tar of per-synset tars) and give DIR")
+        if archive(fs, path):
+            raise UserError(f"SOURCE {source} is an archive; unpack it first (tar xf {source} -C DIR: the ImageNet-21k "
+                            f"release is a tar of per-synset tars) and give the folder that holds the synset tars")
         return "list"
     if not fs.isdir(path):
         raise UserError(f"SOURCE {source} does not exist; give an ImageFolder tree, a folder of per-class tars or an image list")
@@ -97,10 +97,14 @@ def is_tar(name: str) -> bool:
     return name.lower().endswith(".tar")
 
 
-def tarfile_magic(fs: AbstractFileSystem, path: str) -> bool:
-    """A POSIX tar, whatever its name: 'ustar' at byte 257 of its first header."""
+def archive(fs: AbstractFileSystem, path: str) -> bool:
+    """A tar, compressed or not (winter21_whole.tar.gz), whatever its name: 'ustar' at byte 257 of its first header,
+    or gzip's, bzip2's, xz's or zstd's magic number."""
+    if path.lower().endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+        return True
     with fs.open(path, "rb") as f:
-        return f.read(263)[257:262] == b"ustar"
+        head = f.read(263)
+    return head[257:262] == b"ustar" or head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
 
 
 def hidden(name: str) -> bool:

@@ -192,6 +192,11 @@ def sources_that_cannot_be_read(root):
     i21k_tars(root / "i21k", per_class=2)
     with tarfile.open(root / "release.tar", "w") as tar:  # the ImageNet-21k release: a tar of the synset tars
         tar.add(root / "i21k", arcname="i21k")
+    with tarfile.open(root / "winter21_whole.tar.gz", "w:gz") as tar:  # as the release is, compressed
+        tar.add(root / "i21k", arcname="winter21_whole")
+    (root / "release.bin").write_bytes((root / "winter21_whole.tar.gz").read_bytes())
+    with tarfile.open(root / "winter21_whole.tar.gz") as tar:  # unpacked as told: the tars in a folder of their own
+        tar.extractall(root / "unpacked", filter="data")
     image_folder(root / "tree", per_class=2)
     assert main([str(root / "tree"), str(root / "set"), "--workers", "1"]) == 0
     i21k_tars(root / "twins", per_class=2)
@@ -201,7 +206,11 @@ def sources_that_cannot_be_read(root):
     return [
         (root / "latin1.csv", classes, "latin1.csv is not UTF-8 text (byte 0xe9 at 14); save it as UTF-8"),
         (root / "jft" / "list.csv", ["--classes", str(root / "latin1_classes.txt")], "is not UTF-8 text (byte 0xe9"),
-        (root / "release.tar", [], "release.tar is a tar; unpack it first (tar xf"),
+        (root / "release.tar", [], "release.tar is an archive; unpack it first (tar xf"),
+        (root / "winter21_whole.tar.gz", [], "winter21_whole.tar.gz is an archive; unpack it first (tar xf"),
+        (root / "release.bin", [], "release.bin is an archive; unpack it first"),  # gzip's magic number
+        (root / "unpacked", [], "unpacked holds no images to shard; it holds .tar files in a folder: give the folder "
+                                "that holds the synset tars"),
         (root / "tree", ["--kind", "list", *classes], "tree is a folder, not an image list"),
         (root / "nothing.csv", ["--kind", "list", *classes], "nothing.csv is not there"),
         (root / "s3.csv", classes, "s3.csv line 2: 'foo://bucket/im1.jpg' cannot be read here (Protocol not known"),
