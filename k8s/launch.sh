@@ -32,10 +32,12 @@ trap 'forward_term' TERM
 
 # torchrun's rendezvous is held by the first pod's agent: stopped (preempted, evicted) while the others wait for the
 # rest, it fails them too, before they start a trainer. Those join the rendezvous again, until its timeout, rather
-# than fail (a failure each, counted against the Job's backoffLimit).
+# than fail (a failure each, counted against the Job's backoffLimit). The first pod's own failures are failures.
 rendezvous_s=0
+first_pod=0
 for arg in "$@"; do
     [[ $arg == --rdzv-conf=timeout=* ]] && rendezvous_s=${arg#--rdzv-conf=timeout=}
+    [[ $arg == --node-rank=0 ]] && first_pod=1
 done
 while :; do
     "$@" &
@@ -50,7 +52,7 @@ while :; do
     done
     wait "$child"
     status=$?
-    ((torchrun && status != 0 && !spawned && !termed && SECONDS < rendezvous_s)) || break
+    ((torchrun && !first_pod && status != 0 && !spawned && !termed && SECONDS < rendezvous_s)) || break
     echo "torchrun failed (exit status $status) before it started the trainers: the rendezvous was lost, as when" \
         "the first pod is stopped; joining it again" >&2
     sleep 5 &

@@ -256,6 +256,13 @@ def test_launch_sh_joins_the_rendezvous_again_when_the_first_pod_is_stopped_in_i
     assert [p.returncode for p in (first, second, third)] == [0, 0, 0], outs
     assert "worker 1 started" in outs[1]
 
+    (tmp_path / "worker.py").write_text("raise SystemExit(3)")  # fails before launch.sh sees it started
+    alone = subprocess.run(["bash", "k8s/launch.sh", str(Path(sys.executable).parent / "torchrun"), "--nnodes=1",
+                            "--node-rank=0", "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                            "--rdzv-conf=timeout=120", str(tmp_path / "worker.py")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert alone.returncode == 1 and "joining it again" not in alone.stderr, alone.stderr  # the first pod's own failure
+
 
 SIGNAL_IN_START_UP = """
 import os, signal, sys
