@@ -19,7 +19,7 @@ from test_training import losses, overrides, run
 from pretrain import checkpoint
 from pretrain.errors import UserError
 from pretrain.run import main
-from pretrain.train.loop import Skips
+from pretrain.train.skips import Skips
 
 pytest.importorskip("torch_xla")
 
