@@ -122,7 +122,7 @@ def from_hf(folder: str | Path) -> VisionTransformer:
 def read_hf(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A transformers ViT folder's checked config (defaults filled in) and its weights in our names."""
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_config(folder)
     state = hf_to_ours(_read_weights(folder))
     if "head.weight" in state:  # ViTForImageClassification reads the [CLS] token, never a pooler
         state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
@@ -250,12 +250,16 @@ def preprocessor_config(model: VisionTransformer) -> dict:
     }
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A transformers ViT folder's config.json, defaults filled in; what this ViT cannot represent is refused."""
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} has no config.json; is it a transformers model folder?")
-    config = {**_CONFIG_DEFAULTS, **_read_json(path)}
+    config = {**_CONFIG_DEFAULTS, **read_json(path)}
     if config.get("model_type") != "vit":
+        if "architecture" in config:
+            raise UserError(f"{path} is that of a timm model folder ({config['architecture']}), not a transformers "
+                            f"one (init_from reads it as timm's)")
         raise UserError(f"{path} is a '{config.get('model_type')}' model; only plain ViT ('vit') folders can be read")
     for key in ("image_size", "patch_size"):
         value = config[key]
@@ -264,7 +268,7 @@ def _read_config(folder: Path) -> dict:
                 raise UserError(f"{path} sets {key} {value}; only square images and patches can be read")
             config[key] = value[0]
     unsupported = {
-        "hidden_act": config["hidden_act"] != "gelu",
+        "hidden_act": config["hidden_act"] not in ("gelu", "gelu_python"),  # both exact (erf) GELU
         "qkv_bias": not config["qkv_bias"],
         "num_channels": config["num_channels"] != 3,
         "pooler_act": config["pooler_act"] != "tanh",
@@ -277,7 +281,7 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes())
     except (ValueError, OSError) as e:
@@ -293,7 +297,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         return read_weights_file(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index} has no weight_map naming the shards; save the model again with save_pretrained")
         state = {}

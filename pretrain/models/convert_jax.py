@@ -49,6 +49,7 @@ _MODULES: list[tuple[str, Callable[[re.Match], str]]] = [
     (_UNIT + r"gn_proj", lambda m: _STAGE_UNIT.format(int(m[1]) - 1, int(m[2]) - 1) + "downsample.norm"),
 ]
 _QKV = re.compile(_BLOCK + r"MultiHeadDotProductAttention_1/(query|key|value)")
+_FIRST_QUERY = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query"
 _QKV_ORDER = ("query", "key", "value")
 _PARAMS = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
@@ -87,6 +88,18 @@ def from_jax_npz(path_or_file: str | Path | BinaryIO) -> dict[str, torch.Tensor]
             [_qkv_part(parts[name], param) for name in _QKV_ORDER]
         )
     return state
+
+
+def npz_heads(path: str | Path) -> int | None:
+    """The attention heads of an official ``.npz`` checkpoint (its query kernels are (D, heads, head_dim)), which a
+    state dict in our names no longer shows; None if it has no encoder block. Reads that one array."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            key = next((k for k in npz.files if k.endswith(f"{_FIRST_QUERY}/kernel")), None)
+            kernel = npz[key] if key else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # from_jax_npz has said why
+    return int(kernel.shape[1]) if kernel is not None and kernel.ndim == 3 else None
 
 
 def _our_module(module: str, key: str) -> str:

@@ -62,10 +62,12 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     a Git LFS pointer is one sentence."""
     check_weights_there(path)
     try:
-        return load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+        state = load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
     except (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} cannot be read as a {path.suffix} weights file ({e}); is it complete and of "
                         f"that format?") from None
+    # Saved from a DistributedDataParallel ('module.') or torch.compile ('_orig_mod.') wrapper.
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
 def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -73,8 +75,7 @@ def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     A dict that wraps the state dict under 'model' or 'state_dict' is unwrapped (a timm train.py checkpoint,
     whose training arguments are let through; its EMA weights, 'state_dict_ema' or 'model_ema', are taken first, as
-    timm's ``load_checkpoint`` takes them), and the 'module.' (DistributedDataParallel) and '_orig_mod.'
-    (torch.compile) prefixes are removed.
+    timm's ``load_checkpoint`` takes them).
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # the args in timm's train.py checkpoints
@@ -97,7 +98,7 @@ def read_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state dict (a dict of tensors, maybe under 'model' or 'state_dict')")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
+    return obj
 
 
 def from_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -112,6 +113,41 @@ def from_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 raise UserError(f"the timm state dict has {key}, i.e. {what}, which this ViT does not have; "
                                 "export a plain timm ViT (class token, final norm before pooling) instead")
     return dict(state_dict)
+
+
+# timm's size words in its architecture names ("vit_base_patch16_224") -> the zoo's sizes.
+_TIMM_SIZE_WORDS = {"tiny": "ti", "small": "s", "base": "b", "large": "l", "huge": "h", "giant": "g"}
+
+
+def is_timm_folder_config(config: dict) -> bool:
+    """Whether a config.json is that of a timm model folder (timm/vit_* on the Hugging Face Hub, or timm's
+    ``save_for_hf``): it names timm's ``architecture`` where transformers' names a ``model_type``."""
+    return isinstance(config.get("architecture"), str) and "model_type" not in config
+
+
+def read_timm_folder(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The weights of a timm model folder, in our names; one whose pooling this ViT cannot represent is refused."""
+    arch = config["architecture"]
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
+        raise UserError(f"{folder} is a timm model folder ({arch}) without model.safetensors or pytorch_model.bin; "
+                        f"copy the whole folder")
+    state = from_timm(read_weights_file(weights))
+    pool = (config.get("model_args") or {}).get("global_pool", config.get("global_pool", "token"))
+    if pool == "avg" and "cls_token" in state:  # with fc_norm, from_timm has refused it already
+        raise UserError(f"{folder}: timm's {arch} here averages the tokens beside its class token (global_pool='avg'), "
+                        f"which this ViT cannot represent: pool 'cls' reads the class token and 'gap' has none")
+    return state
+
+
+def timm_heads(config: dict) -> int | None:
+    """The attention heads a timm model folder's config.json declares, by its model_args or its architecture name."""
+    args = config.get("model_args") or {}
+    if isinstance(args.get("num_heads"), int):
+        return args["num_heads"]
+    m = re.match(r"(?:vit|deit)_([a-z]+)_patch", config["architecture"])
+    size = _TIMM_SIZE_WORDS.get(m[1]) if m else None
+    return SIZES[size].heads if size else None
 
 
 def model_name(model: VisionTransformer) -> str:
@@ -185,6 +221,11 @@ def _hint(key: str, state: Mapping[str, torch.Tensor], ours: str, missing: bool 
         if shown and not named:
             return (f"; no size in the zoo has its width {shown[0]} and depth {shown[1]}: add one to SIZES in "
                     f"pretrain/models/zoo.py to load it")
+        if missing and key.endswith(".bias") and key.removesuffix("bias") + "weight" in state:
+            return (f"; its {key.removesuffix('.bias')} has no bias (timm's qkv_bias=False or proj_bias=False), "
+                    f"which this ViT cannot represent")
+        if missing and key.startswith("norm."):
+            return "; it has no LayerNorm after the encoder (timm's final_norm=False), which this ViT cannot represent"
         return "; is it a checkpoint of another model?"
     if missing and key.startswith("pre_logits."):
         return "; a fine-tuned checkpoint goes into a model with head 'linear', or pass drop_heads=True"

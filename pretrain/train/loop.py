@@ -7,7 +7,6 @@ SIGUSR1 finish the current step, write a checkpoint and return.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -29,7 +28,7 @@ from ..errors import UserError
 from ..evaluate import evaluate, normalise
 from ..fewshot import few_shot_needs_single_label, fewshot_eval
 from ..metrics import Metrics
-from ..models.convert import load_into
+from ..models.convert import Declared, declared, load_into
 from ..models.vit import VisionTransformer
 from ..models.zoo import build_model, count_params, forward_flops
 from . import run_lock
@@ -62,12 +61,11 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
     if config.model.head != "linear":
         raise UserError("stage: finetune trains a zero-initialised linear head on the pre-logits-free encoder; set model.head=linear")
     weights = checkpoint.init_weights(config.init_from, config.model.name)
-    hf_config = Path(config.init_from) / "config.json"
-    hf = json.loads(hf_config.read_text()) if hf_config.is_file() else {}
+    said = Declared() if checkpoint.is_ours(Path(config.init_from)) else declared(config.init_from)
     tokens = weights["pos_embed"].shape[1] - model.num_prefix_tokens if "pos_embed" in weights else 0
     load_into(model, weights, interp=config.model.posemb_interp, align_corners=config.model.posemb_align_corners,
               drop_heads=True, source=f"init_from={config.init_from}")  # weights of another size name their model
-    heads, ours = hf.get("num_attention_heads"), model.blocks[0].attn.heads if len(model.blocks) else None
+    heads, ours = said.heads, model.blocks[0].attn.heads if len(model.blocks) else None
     if heads is not None and heads != ours:  # the weights' shapes agree: nothing else would tell
         raise UserError(f"init_from={config.init_from} splits attention into {plural(heads, 'head')} and "
                         f"{config.model.name} into {ours}, so its features would not carry over; start from a "
@@ -79,7 +77,7 @@ def start_from_pretrained(model: VisionTransformer, config: Config) -> str:
         line += (f"; position embeddings resampled from its {side}x{side} grid to {model.grid[0]}x{model.grid[1]} "
                  f"({config.model.posemb_interp}, {'corners' if config.model.posemb_align_corners else 'cell centres'} "
                  f"aligned)")
-    eps = hf.get("layer_norm_eps", 1e-12) if hf else None
+    eps = said.norm_eps
     if eps is not None and eps != config.model.norm_eps:
         line += (f"; its LayerNorms were trained with eps {eps:g}, this model's is model.norm_eps={config.model.norm_eps:g}"
                  f" (set model.norm_eps={eps:g} to keep its features exactly)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import re
 
@@ -21,6 +22,7 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 from pretrain.data.transforms import eval_view
 from pretrain.errors import UserError
 from pretrain.models.convert import (
+    declared,
     from_hf,
     from_jax_npz,
     from_timm,
@@ -69,8 +71,8 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_config(**kw) -> transformers.ViTConfig:
-    return transformers.ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-                                  image_size=32, patch_size=8, **kw)
+    return transformers.ViTConfig(**dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                         intermediate_size=256, image_size=32, patch_size=8) | kw)
 
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
@@ -162,6 +164,26 @@ def test_from_hf_names_config_fields_it_cannot_represent(tmp_path):
     transformers.ViTModel(hf_config(hidden_act="relu", qkv_bias=False)).save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"hidden_act='relu', qkv_bias=False"):
         from_hf(tmp_path)
+    with pytest.raises(UserError, match=r"hidden_act='relu', qkv_bias=False"):  # its weights file, given alone
+        load_weights(tmp_path / "model.safetensors")
+
+
+def test_a_transformers_folder_says_its_heads_and_eps_which_its_weights_cannot(tmp_path):
+    transformers.ViTModel(hf_config(num_attention_heads=2, layer_norm_eps=1e-6)).save_pretrained(tmp_path / "hf")
+    for path in ("hf", "hf/model.safetensors"):
+        assert declared(tmp_path / path) == (2, 1e-6), path
+    (tmp_path / "w").mkdir()
+    (tmp_path / "hf/model.safetensors").rename(tmp_path / "w/model.safetensors")
+    assert declared(tmp_path / "w/model.safetensors") == (None, None)  # no config beside it
+
+
+def test_exact_gelu_by_its_other_transformers_name_is_read(tmp_path):
+    """transformers' 'gelu_python' is the erf GELU too (not 'gelu_new', the tanh approximation)."""
+    theirs = randomise(transformers.ViTModel(hf_config(hidden_act="gelu_python"), add_pooling_layer=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(ours.forward_features(images()), theirs(pixel_values=images()).last_hidden_state) < TOL
 
 
 # timm as referee -------------------------------------------------------------------------------------------------
@@ -189,6 +211,48 @@ def test_timm_hybrid_matches():
     x = images(64)
     with torch.no_grad():
         assert max_diff(ours(x), theirs(x)) < TOL
+
+
+def timm_mu8(**kw) -> torch.nn.Module:
+    """vit_mu8's shapes under a timm architecture name (vit_tiny's: 3 heads, unless told)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_classes=10) | kw
+    return randomise(timm.create_model("vit_tiny_patch16_224", pretrained=False, **{"num_heads": 4} | args)).eval()
+
+
+def test_a_timm_hub_folder_is_read_as_timm(tmp_path):
+    """timm/vit_* on the Hugging Face Hub: config.json naming timm's architecture, beside pytorch_model.bin or
+    model.safetensors (timm's save_for_hf writes the same)."""
+    from timm.models._hub import save_for_hf
+
+    theirs = timm_mu8()
+    save_for_hf(theirs, tmp_path / "given")  # timm records create_model's arguments, num_heads=4 among them
+    save_for_hf(theirs, tmp_path / "named", safe_serialization="both")
+    config = json.loads((tmp_path / "named/config.json").read_text())
+    del config["model_args"]  # as the Hub's timm/vit_* folders are: the architecture's name says the rest
+    (tmp_path / "named/config.json").write_text(json.dumps(config))
+    ours = tiny()
+    load_into(ours, load_weights(tmp_path / "given"))
+    with torch.no_grad():
+        assert max_diff(ours(images()), theirs(images())) < TOL
+    assert declared(tmp_path / "given").heads == 4
+    assert declared(tmp_path / "named").heads == 3  # what vit_tiny has; the recipe's 4 would be refused
+    assert declared(tmp_path / "named" / "model.safetensors").heads == 3
+    assert load_weights(tmp_path / "named").keys() == ours.state_dict().keys()
+    with pytest.raises(UserError, match=r"is that of a timm model folder \(vit_tiny_patch16_224\), not a transformers"):
+        from_hf(tmp_path / "named")
+
+
+def test_timm_weights_it_cannot_represent_say_what_they_lack(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(timm_mu8(global_pool="avg", fc_norm=False), tmp_path / "avg")
+    with pytest.raises(UserError, match=r"averages the tokens beside its class token \(global_pool='avg'\)"):
+        load_weights(tmp_path / "avg")  # the state dict alone cannot tell: it has the class token's weights
+    with pytest.raises(UserError, match=r"lacks blocks.0.attn.qkv.bias, which vit_mu8 has; its blocks.0.attn.qkv has "
+                                        r"no bias \(timm's qkv_bias=False"):
+        load_into(tiny(), from_timm(timm_mu8(qkv_bias=False).state_dict()))
+    with pytest.raises(UserError, match=r"lacks norm.weight, which vit_mu8 has; it has no LayerNorm after the encoder"):
+        load_into(tiny(), from_timm(timm_mu8(final_norm=False, fc_norm=False).state_dict()))
 
 
 def test_r50_b16_has_timms_parameters():
@@ -285,6 +349,7 @@ def test_jax_npz_matches_numpy_forward(tmp_path, prefix):
     with torch.no_grad():
         logits = ours(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
     assert np.abs(logits.numpy() - numpy_vit(arrays, x)).max() < TOL
+    assert declared(path).heads == TINY.heads  # the query kernels' (D, heads, head_dim), which fusing q, k, v loses
 
 
 def hybrid_npz(rng) -> dict[str, np.ndarray]:
@@ -404,10 +469,12 @@ def test_load_weights_detects_the_format(tmp_path):
     save_file(expected, tmp_path / "ours.safetensors")
     torch.save({"model": expected, "step": 7}, tmp_path / "ours.pth")
     torch.save({"state_dict": {"module." + k: v for k, v in expected.items()}}, tmp_path / "ddp.pt")
+    save_file({"module." + k: v for k, v in expected.items()}, tmp_path / "ddp.safetensors")
     timm_train = {"arch": "vit", "state_dict": expected, "version": 2, "args": argparse.Namespace(lr=0.1)}
     torch.save(timm_train, tmp_path / "model_best.pth.tar")  # as timm's train.py writes it
 
-    for path in ("hf", "hf/model.safetensors", "ours.safetensors", "ours.pth", "ddp.pt", "model_best.pth.tar"):
+    for path in ("hf", "hf/model.safetensors", "ours.safetensors", "ours.pth", "ddp.pt", "ddp.safetensors",
+                 "model_best.pth.tar"):
         state = load_weights(tmp_path / path)
         assert state.keys() == expected.keys(), path
         assert all(torch.equal(state[k], v) for k, v in expected.items()), path
