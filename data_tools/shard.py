@@ -135,10 +135,19 @@ def differences(options: dict, source: str, run: dict) -> str:
     return "; ".join(parts) or "the same options, but the source's files changed since"
 
 
-def check_output(out: Location, run: dict, names: list[str]) -> Manifest | None:
-    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else. A set this
-    tool finished (its skipped.jsonl is there) whose manifest.json is damaged or gone is written again, if the folder
-    holds nothing but this run's shards."""
+def renamed(there: list[str], here: list[str]) -> str:
+    """The first difference of two class lists, e.g. "class 0 'cat' there, 'kitty' here"."""
+    i = next((i for i, (a, b) in enumerate(zip(there, here)) if a != b), None)
+    if i is None:
+        return f"{plural(len(there), 'class', 'classes')} there, {len(here)} here"
+    return f"class {i} '{there[i]}' there, '{here[i]}' here"
+
+
+def check_output(out: Location, run: dict, names: list[str], classes: list[str]) -> Manifest | None:
+    """The finished manifest of this same run, None to go on; refuses a folder that holds anything else, or this
+    run's set labelled by other class names (a --classes file edited since). A set this tool finished (its
+    skipped.jsonl is there) whose manifest.json is damaged or gone is written again, if the folder holds nothing but
+    this run's shards."""
     entries = [n for n in out.names() if not n.startswith(".")]
     ours = REPORT in entries and set(entries) <= {*names, MANIFEST, REPORT, PARTS}
     damaged = False
@@ -152,6 +161,12 @@ def check_output(out: Location, run: dict, names: list[str]) -> Manifest | None:
             damaged = True
         else:
             if done.source == run["source"] and comparable(done.options) == run["options"]:
+                if done.classes != classes:
+                    spec = run["options"]["classes"]
+                    raise UserError(f"{out.url} holds the shards of this command, but its {MANIFEST} names other "
+                                    f"classes than {f'--classes {spec}' if spec else 'the source'} now does "
+                                    f"({renamed(done.classes, classes)}); delete {out.url_of(MANIFEST)} to have the set "
+                                    f"written again with these names, or pick an empty OUTPUT")
                 return done
             how = differences(done.options, done.source, run)
             raise UserError(f"{out.url} already holds the shards of another command ({how}); pick an empty OUTPUT")
@@ -335,7 +350,7 @@ def written_to(out: Location) -> Iterator[None]:
 def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards: list[list[Item]], options: Options,
               args: argparse.Namespace) -> Manifest:
     """Write the planned shards into ``out`` (those an earlier run left intact are kept), then the manifest."""
-    done = check_output(out, run, names)
+    done = check_output(out, run, names, corpus.classes)
     if done is not None:
         damaged = damaged_shards(out, done)
         if damaged:
@@ -383,7 +398,8 @@ def write_set(out: Location, run: dict, corpus: Corpus, names: list[str], shards
     empty = [c for c, n in zip(corpus.classes, manifest.class_counts) if not n]
     if empty:
         shown = ", ".join(f"'{c}'" for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        hint = " (a comment or header line in a --classes file would be one)" if args.classes else ""
+        header = corpus.classes[0] if args.classes and empty[0] == corpus.classes[0] else None
+        hint = f" ('{header}', the first, may be a header line of --classes {args.classes}: remove it)" if header else ""
         print(f"warning: {len(empty)} of {len(corpus.classes)} classes have no sample: {shown}{hint}")
     size = sum(s.bytes for s in manifest.shards)
     tars = len(skipped) - manifest.skipped

@@ -348,7 +348,7 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         raise UserError(f"SOURCE {source} is {what}; --kind list reads a CSV or JSON-lines file naming the images")
     lines = read_lines(fs, list_path, f"SOURCE {source}")
     classes = read_classes(classes_file)
-    index = {c: i for i, c in enumerate(classes)}
+    index = {nfc(c): i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)
     folder = Location(source).parent()
     items, seen, files, protocols = [], {}, {}, set()
@@ -359,8 +359,10 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
             raise UserError(f"{source} line {lineno}: '{line.strip()}' looks like a comment; the list holds one image "
                             f"per line and nothing else: remove it (an image whose path starts with # is ./#...)")
         if spaced and not line.lstrip().startswith("{"):
-            raise UserError(f"{source} line {lineno}: a CSV line separates its labels by spaces, so it cannot name "
-                            f"the class '{spaced}' of {classes_file}; write the list as JSON lines, "
+            raise UserError(f"--classes {classes_file} names the class '{spaced}', with spaces, which a CSV line of "
+                            f"{source} cannot name (line {lineno}: it separates labels by spaces); if that file gives "
+                            f"each class a description after its name (ImageNet's LOC_synset_mapping.txt), keep only "
+                            f"the first word of each line, else write the list as JSON lines, "
                             f'{{"path": "...", "labels": ["{spaced}"]}}')
         path, labels = _parse_line(line, source, lineno)
         if not labels:
@@ -381,13 +383,17 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         local = resolved.removeprefix("file://")
         file = resolved if "://" in local else os.path.abspath(local)
         if key in seen or file in files:
-            first, before = seen[key] if key in seen else files[file]
+            first, before, earlier = seen[key] if key in seen else files[file]
             if before == path or file in files:
                 named = f"'{path}'" if before == path else f"('{before}' and '{path}')"
-                raise UserError(f"{source} lines {first} and {lineno} name the same image {named}; remove one")
+                if earlier == ids:
+                    raise UserError(f"{source} lines {first} and {lineno} name the same image {named}; remove one")
+                both = " ".join(classes[i] for i in dict.fromkeys(earlier + ids))
+                raise UserError(f"{source} lines {first} and {lineno} name the same image {named} with other labels; "
+                                f"give each image one line with all its labels: '{before}, {both}'")
             raise UserError(f"{source} lines {first} and {lineno}: '{before}' and '{path}' make the same sample key "
                             f"'{key}' (a key drops the extension and turns dots and spaces into _); rename one")
-        seen[key] = files[file] = lineno, path
+        seen[key] = files[file] = lineno, path, ids
         items.append(Item(key, resolved, ids, -1))
     # One label on every line is a single-label set (key.cls), as a tree makes: an ImageNet split as a list
     return Corpus("list", classes, any(len(item.labels) > 1 for item in items), _with_sizes(items))
@@ -424,11 +430,16 @@ def _parse_line(line: str, source: str, lineno: int) -> tuple[str, list]:
 
 def _label_id(label, index: dict[str, int], classes: list[str], source: str, lineno: int, classes_file: str) -> int:
     if isinstance(label, int) and not isinstance(label, bool):
-        if 0 <= label < len(classes):
-            return label
-        raise UserError(f"{source} line {lineno}: class id {label} is outside the {len(classes)} classes of {classes_file}")
-    if str(label) in index:
-        return index[str(label)]
+        if not 0 <= label < len(classes):
+            raise UserError(f"{source} line {lineno}: class id {label} is outside the {len(classes)} classes of "
+                            f"{classes_file}")
+        if index.get(str(label), label) != label:
+            raise UserError(f"{source} line {lineno}: label {label}, a number, is a class id in JSON lines, here the "
+                            f"class '{classes[label]}', but {classes_file} has a class named '{label}' too (id "
+                            f"{index[str(label)]}); write the name as a string, \"{label}\", or the classes by name")
+        return label
+    if nfc(str(label)) in index:
+        return index[nfc(str(label))]
     near = difflib.get_close_matches(str(label), classes, n=1)
     header = lineno == 1 and not str(source).endswith(".jsonl")
     if near:

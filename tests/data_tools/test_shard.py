@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -232,8 +233,10 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert "pass --classes FILE" in capsys.readouterr().err
     (tmp_path / "spaced.txt").write_text("hot dog\nn01443537\n")
     assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "spaced.txt")]) == 2
-    assert "line 1: a CSV line separates its labels by spaces, so it cannot name the class 'hot dog'" in \
-        capsys.readouterr().err
+    assert "spaced.txt names the class 'hot dog', with spaces, which a CSV line of" in (err := capsys.readouterr().err)
+    assert "(line 1: it separates labels by spaces); if that file gives each class a description after its name " \
+        "(ImageNet's LOC_synset_mapping.txt), keep only the first word of each line, else write the list as JSON " \
+        "lines" in err
     jsonl = tmp_path / "list.jsonl"
     jsonl.write_text('{"path": "images/im1.jpg", "labels": [true]}\n')
     assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
@@ -257,7 +260,8 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert "names no class" in capsys.readouterr().err
     (tmp_path / "odd.txt").write_text("#v2\n" + "\n".join(CLASSES))  # or a hashtag: a class it may be
     assert main([str(listing), str(tmp_path / "odd"), "--classes", str(tmp_path / "odd.txt"), "--workers", "1"]) == 0
-    assert f"warning: 1 of {len(CLASSES) + 1} classes have no sample: '#v2' (a comment" in capsys.readouterr().out
+    assert f"warning: 1 of {len(CLASSES) + 1} classes have no sample: '#v2' ('#v2', the first, may be a header line " \
+        f"of --classes {tmp_path / 'odd.txt'}: remove it)" in capsys.readouterr().out
     assert main([str(listing), str(tmp_path / "out"), "--classes", str(tmp_path / "images")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --classes {tmp_path / 'images'}: ")
     assert not (tmp_path / "out").exists()
@@ -280,8 +284,12 @@ def test_lists_from_spreadsheets_and_their_mistakes(tmp_path, capsys):
     classes.write_text("\n".join(CLASSES) + "\n")
     (tmp_path / "images" / "a.b.jpg").write_bytes((tmp_path / "images" / "im0.jpg").read_bytes())
     (tmp_path / "images" / "a_b.jpg").write_bytes((tmp_path / "images" / "im1.jpg").read_bytes())
-    for lines, said in [(["images/im0.jpg, " + CLASSES[0], "./images/im0.jpg, " + CLASSES[1]],
+    for lines, said in [(["images/im0.jpg, " + CLASSES[0], "./images/im0.jpg, " + CLASSES[0]],
                          "lines 1 and 2 name the same image 'images/im0.jpg'; remove one"),
+                        (["images/im0.jpg, " + CLASSES[0], "images/im1.jpg, " + CLASSES[2],
+                          "images/im0.jpg, " + CLASSES[1]],  # a list of (image, label) pairs
+                         f"lines 1 and 3 name the same image 'images/im0.jpg' with other labels; give each image one "
+                         f"line with all its labels: 'images/im0.jpg, {CLASSES[0]} {CLASSES[1]}'"),
                         (["images/im0.jpg, " + CLASSES[0], f"{tmp_path}/images/im0.jpg, " + CLASSES[1]],
                          f"lines 1 and 2 name the same image ('images/im0.jpg' and '{tmp_path}/images/im0.jpg')"),
                         (["images/im0.jpg, " + CLASSES[0], f"file://{tmp_path}/images/im0.jpg, " + CLASSES[1]],
@@ -291,6 +299,40 @@ def test_lists_from_spreadsheets_and_their_mistakes(tmp_path, capsys):
         listing.write_text("\n".join(lines) + "\n")
         assert main([str(listing), str(tmp_path / "o3"), "--classes", str(classes)]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_a_list_labels_each_image_by_the_class_it_names(tmp_path, capsys):
+    """Class names that are numbers beside JSON lines' numeric class ids, a name in another Unicode spelling, and a
+    --classes file edited after the set was written: none labels an image by another class than the one meant."""
+    image_list(tmp_path, n=2)
+    listing, classes = tmp_path / "list.jsonl", tmp_path / "numbers.txt"
+    classes.write_text("1\n2\n3\n")
+    listing.write_text('{"path": "images/im0.jpg", "labels": [1]}\n')
+    assert main([str(listing), str(tmp_path / "o1"), "--classes", str(classes)]) == 2
+    assert ("list.jsonl line 1: label 1, a number, is a class id in JSON lines, here the class '2', but "
+            f"{classes} has a class named '1' too (id 0); write the name as a string") in capsys.readouterr().err
+    listing.write_text('{"path": "images/im0.jpg", "labels": ["1"]}\n{"path": "images/im1.jpg", "labels": ["3"]}\n')
+    assert main([str(listing), str(tmp_path / "o1"), "--classes", str(classes), "--workers", "1"]) == 0
+    assert sorted(labels_of(s) for s in read_back(str(tmp_path / "o1"))[1].values()) == [(0,), (2,)]
+
+    composed = "caf\u00e9"
+    (tmp_path / "names.txt").write_text(f"{composed}\ntea\n")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"images/im0.jpg, {unicodedata.normalize('NFD', composed)}\nimages/im1.jpg, tea\n")
+    out = tmp_path / "o2"
+    assert main([str(listing), str(out), "--classes", str(tmp_path / "names.txt"), "--workers", "1"]) == 0
+    manifest, samples = read_back(str(out))
+    assert manifest.classes == [composed, "tea"] and sorted(map(labels_of, samples.values())) == [(0,), (1,)]
+
+    (tmp_path / "names.txt").write_text("coffee\ntea\n")  # a class renamed, and the list with it
+    listing.write_text("images/im0.jpg, coffee\nimages/im1.jpg, tea\n")
+    assert main([str(listing), str(out), "--classes", str(tmp_path / "names.txt")]) == 2
+    assert (f"{out} holds the shards of this command, but its manifest.json names other classes than --classes "
+            f"{tmp_path / 'names.txt'} now does (class 0 '{composed}' there, 'coffee' here); delete "
+            f"{out / 'manifest.json'} to have the set written again") in capsys.readouterr().err
+    (out / "manifest.json").unlink()
+    assert main([str(listing), str(out), "--classes", str(tmp_path / "names.txt"), "--workers", "1"]) == 0
+    assert read_back(str(out))[0].classes == ["coffee", "tea"]
 
 
 def test_phone_pictures_are_kept(tmp_path):
