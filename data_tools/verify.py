@@ -1,7 +1,8 @@
 """python -m data_tools.verify OUTPUT [--decode] [--workers N]
 
 Checks a shard set against its manifest: every shard is there, unchanged (size and sha256), a readable tar with the
-listed number of samples, each sample with one image and one label in range; --decode also decodes every image.
+listed number of samples, each sample with one image and one label of the manifest's kind and classes; --decode also
+decodes every image.
 Prints one line per problem and a summary; exit status 0 if clean, 1 if damaged, 2 if OUTPUT is not a shard set.
 """
 
@@ -72,7 +73,8 @@ def image_extensions(sample: dict) -> list[str]:
 
 
 def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str], list[int]]:
-    """Problems of one sample (without the shard and key) and its class ids, if readable."""
+    """Problems of one sample (without the shard and key) and its class ids, if readable (those out of range
+    included: the set's labels and classes are compared as a whole, in ``label_problems``)."""
     images = image_extensions(sample)
     labels = [ext for ext in LABEL_EXTENSIONS if ext in sample]
     problems = []
@@ -92,10 +94,7 @@ def check_sample(sample: dict, num_classes: int, decode: bool) -> tuple[list[str
         ids = label_ids(sample)
     except ValueError as e:
         return problems + [f"label does not parse ({e})"], []
-    out_of_range = [i for i in ids if not 0 <= i < num_classes]
-    if out_of_range:
-        problems.append(f"class ids {out_of_range} out of range for {num_classes} classes")
-    return problems, [i for i in ids if 0 <= i < num_classes]
+    return problems, ids
 
 
 @dataclass
@@ -118,6 +117,9 @@ class ShardReport:
     lines: list[str] = field(default_factory=list)
     problems: int = 0
     class_counts: Counter = field(default_factory=Counter)
+    label_kinds: Counter = field(default_factory=Counter)  # samples labelled .cls, .labels.json
+    beyond: int = 0  # samples with a class id outside the manifest's classes
+    first: dict[str, str] = field(default_factory=dict)  # "beyond", "cls", "labels.json": the first such sample
     readable: bool = True
     changed: bool = False  # not the bytes the manifest describes (size or sha256)
 
@@ -139,7 +141,15 @@ def check_shard(job: Job) -> ShardReport:
                 for sample in read_samples(stream):
                     report.samples += 1
                     problems, ids = check_sample(sample, job.num_classes, job.decode)
-                    report.class_counts.update(ids)
+                    report.class_counts.update(i for i in ids if 0 <= i < job.num_classes)
+                    where = f"{shard.name} key {sample['__key__']}"
+                    kind = next((ext for ext in LABEL_EXTENSIONS if ext in sample), None)
+                    if kind:
+                        report.label_kinds[kind] += 1
+                        report.first.setdefault(kind, where)
+                    if any(not 0 <= i < job.num_classes for i in ids):
+                        report.beyond += 1
+                        report.first.setdefault("beyond", where)
                     for problem in problems:
                         report.add(f"{shard.name} key {sample['__key__']}: {problem}")
             except UNREADABLE as e:
@@ -173,8 +183,10 @@ def run_jobs(jobs: list[Job], workers: int) -> Iterator[ShardReport]:
             yield future.result()
 
 
-def check_all(where: Location, manifest: Manifest, present: set[str], decode: bool, workers: int) -> list[ShardReport]:
-    """A report per shard in manifest order, missing shards included, with a progress bar on stderr."""
+def check_all(where: Location, manifest: Manifest, present: set[str], decode: bool, workers: int,
+              moved: dict[str, str]) -> list[ShardReport]:
+    """A report per shard in manifest order, missing shards included (``moved``: those found under another name),
+    with a progress bar on stderr."""
     jobs = [Job(where.url_of(s.name), s, len(manifest.classes), decode) for s in manifest.shards if s.name in present]
     if "memory" in as_tuple(where.fs.protocol):
         workers = 1  # memory:// lives in this process only
@@ -187,19 +199,71 @@ def check_all(where: Location, manifest: Manifest, present: set[str], decode: bo
     for shard in manifest.shards:
         if shard.name not in present:
             reports[shard.name] = ShardReport(shard.name, readable=False)
+            if shard.name in moved:
+                reports[shard.name].add(f"{shard.name}: missing from {where.url}, but {moved[shard.name]} holds it (the "
+                                        f"same sha256): rename that file back to {shard.name}")
+                continue
             reports[shard.name].add(f"{shard.name}: missing from {where.url}; re-run the data_tools.shard command that "
                                     f"wrote the set, which writes missing shards again, or restore the file")
     return [reports[s.name] for s in manifest.shards]
 
 
-def stray_shards(names: list[str], manifest: Manifest) -> list[str]:
-    """Files named like shards that the manifest does not list (left over from an earlier run, or copied in)."""
-    listed = {s.name for s in manifest.shards}
+def stray_shards(names: list[str], manifest: Manifest, moved: dict[str, str]) -> list[str]:
+    """Files named like shards that the manifest does not list (left over from an earlier run, or copied in), but
+    for those that are a listed shard renamed (named with it)."""
+    listed = {s.name for s in manifest.shards} | set(moved.values())
     return [
         f"{name}: looks like a shard but is not in the manifest (left over from an earlier run?); delete it"
         for name in names
         if SHARD_NAME.fullmatch(name) and name not in listed
     ]
+
+
+def moved_shards(where: Location, manifest: Manifest, names: list[str]) -> dict[str, str]:
+    """Missing shards that a file named like a shard but not listed holds, by size and sha256: {listed: file}."""
+    listed = {s.name for s in manifest.shards}
+    missing = [s for s in manifest.shards if s.name not in names]
+    strays = [n for n in names if SHARD_NAME.fullmatch(n) and n not in listed]
+    if not missing or not strays:
+        return {}
+    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in where.fs.ls(where.root, detail=True)}
+    moved = {}
+    for name in strays:
+        if same_size := [s for s in missing if s.name not in moved and s.bytes == sizes.get(name)]:
+            digest = sha256_of(where, name)
+            if twin := next((s for s in same_size if s.sha256 == digest), None):
+                moved[twin.name] = name
+    return moved
+
+
+def sha256_of(where: Location, name: str) -> str:
+    h = hashlib.sha256()
+    with where.fs.open(where.path(name), "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def label_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
+    """Labels that do not fit the manifest as a whole: class ids beyond its classes, or labels of the other kind
+    than its multi_label says (a manifest edited, or not the one written with these shards)."""
+    lines = []
+    fix = "restore the manifest.json written with these shards, or " + RESHARD
+    beyond = sum(r.beyond for r in reports)
+    if beyond:
+        first = next(r.first["beyond"] for r in reports if r.beyond)
+        shards = plural(sum(r.beyond > 0 for r in reports), "shard")
+        lines.append(f"{plural(beyond, 'sample')} in {shards} {'carries' if beyond == 1 else 'carry'} class ids beyond "
+                     f"the manifest's {plural(len(manifest.classes), 'class', 'classes')} (the first: {first}); {fix}")
+    wrong = "cls" if manifest.multi_label else "labels.json"
+    count = sum(r.label_kinds[wrong] for r in reports)
+    if count:
+        first = next(r.first[wrong] for r in reports if r.label_kinds[wrong])
+        carry = "carries" if count == 1 else "carry"
+        lines.append(f"manifest.json says multi_label {str(manifest.multi_label).lower()}, but {plural(count, 'sample')} "
+                     f"{carry} .{wrong} labels (the first: {first}), as a {'single' if wrong == 'cls' else 'multi'}-label "
+                     f"set's do; {fix}")
+    return lines
 
 
 def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
@@ -223,9 +287,10 @@ def count_problems(manifest: Manifest, reports: list[ShardReport]) -> list[str]:
 def verify(where: Location, manifest: Manifest, decode: bool, workers: int) -> tuple[list[str], int, int]:
     """The problem lines to print, the number of problems (lines beyond the per-shard limit included) and of samples."""
     names = where.names()
-    reports = check_all(where, manifest, set(names), decode, workers)
+    moved = moved_shards(where, manifest, names)
+    reports = check_all(where, manifest, set(names), decode, workers, moved)
     lines = [line for r in reports for line in r.lines]
-    lines += stray_shards(names, manifest) + count_problems(manifest, reports)
+    lines += stray_shards(names, manifest, moved) + label_problems(manifest, reports) + count_problems(manifest, reports)
     problems = len(lines) + sum(r.problems - len(r.lines) for r in reports)
     if problems > len(lines):
         lines.append(f"(and {problems - len(lines)} more problems: at most {MAX_LINES_PER_SHARD} lines per shard)")

@@ -70,12 +70,21 @@ def test_a_shard_cut_at_a_member_boundary_is_reported_by_size_and_count(shard_se
 
 
 def test_a_missing_shard_and_a_stray_one_are_reported(shard_set, capsys):
+    (shard_set / "train-000001.tar").unlink()
+    (shard_set / "train-000007.tar").write_bytes((shard_set / "train-000002.tar").read_bytes())
+    code, out = run(capsys, shard_set)
+    assert code == 1
+    assert out[0].startswith(f"train-000001.tar: missing from {shard_set}; re-run the data_tools.shard command")
+    assert out[1].startswith("train-000007.tar: looks like a shard but is not in the manifest")
+    assert out[-1] == "verified 3 shards, 11 samples: 2 problems"
+
+
+def test_a_renamed_shard_is_told_to_be_renamed_back(shard_set, capsys):
     (shard_set / "train-000001.tar").rename(shard_set / "train-000007.tar")
     code, out = run(capsys, shard_set)
     assert code == 1
-    assert out[0].startswith(f"train-000001.tar: missing from {shard_set}")
-    assert out[1].startswith("train-000007.tar: looks like a shard but is not in the manifest")
-    assert out[-1] == "verified 3 shards, 11 samples: 2 problems"
+    assert out == [f"train-000001.tar: missing from {shard_set}, but train-000007.tar holds it (the same sha256): "
+                   f"rename that file back to train-000001.tar", "verified 3 shards, 11 samples: 1 problem"]
 
 
 def test_decode_names_the_shard_and_key_of_a_corrupt_image(tmp_path, shards, capsys):
@@ -97,11 +106,31 @@ def test_labels_out_of_range_missing_or_unparsable_are_reported(tmp_path, shards
     code, out = run(capsys, tmp_path)
     assert code == 1
     assert out[:3] == [
-        f"train-000000.tar key {shards[0][1]['__key__']}: class ids [7] out of range for 3 classes",
         f"train-000000.tar key {shards[0][3]['__key__']}: 0 label members (none); expected one .cls or .labels.json",
         f"train-000002.tar key {shards[2][0]['__key__']}: label does not parse "
         "(invalid literal for int() with base 10: 'seven')",
+        f"1 sample in 1 shard carries class ids beyond the manifest's 3 classes (the first: train-000000.tar key "
+        f"{shards[0][1]['__key__']}); restore the manifest.json written with these shards, or shard the source again "
+        f"into an empty folder",
     ]
+
+
+@pytest.mark.parametrize("edit", ["class", "multi_label"])
+def test_a_manifest_edited_by_hand_is_one_line_not_one_per_sample(shard_set, capsys, edit):
+    manifest = json.loads((shard_set / "manifest.json").read_text())
+    if edit == "class":  # the last class taken out: its samples' ids point past the list
+        manifest["classes"].pop()
+        manifest["class_counts"].pop()
+    else:
+        manifest["multi_label"] = True
+    (shard_set / "manifest.json").write_text(json.dumps(manifest))
+    code, out = run(capsys, shard_set)
+    assert code == 1
+    said = ("carry class ids beyond the manifest's 2 classes" if edit == "class" else
+            "manifest.json says multi_label true, but 18 samples carry .cls labels (the first: train-000000.tar key")
+    assert said in out[0] and out[0].endswith("restore the manifest.json written with these shards, or shard the "
+                                              "source again into an empty folder"), out
+    assert len(out) <= 3, out  # that line, maybe the class counts' and the summary
 
 
 def test_a_sample_with_two_images_is_reported(tmp_path, shards, capsys):
