@@ -341,6 +341,11 @@ def written_to(out: Location) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        if isinstance(e, FileNotFoundError) and out.is_local and ".tmp" in f"{e.filename} {e}":
+            # Our own temporary file gone before its rename: another process writes the same names here.
+            raise UserError(f"{out.url} is being written by another data_tools.shard command as well (a file of this "
+                            f"one was taken from under it); let one finish, then run the same command again to check "
+                            f"the set") from None
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{out.url} cannot be written ({type(e).__name__}: {reason}); check that it exists (a "
                         f"bucket must be created first), the address, the network and the credentials, then run the "

@@ -492,3 +492,19 @@ def test_google_cloud_storage(tmp_path, gcs_emulator, capsys):
     assert main([str(tmp_path / "src"), missing, "--shard-samples", "4", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # the line after the progress bar's
     assert err.startswith(f"error: {missing} cannot be written (") and "a bucket must be created first" in err
+
+
+def test_a_second_command_writing_the_same_output_is_named(tmp_path):
+    """Two identical commands at once into one folder: one's temporary shard file is renamed by the other before
+    its own rename (seen with two commands started together, not reproducible on cue)."""
+    from data_tools.shard import written_to
+    from data_tools.storage import Location
+    from pretrain.errors import UserError
+
+    tmp = str(tmp_path / ".train-000004.tar.tmp")
+    with pytest.raises(UserError, match=r"is being written by another data_tools.shard command as well"):
+        with written_to(Location(str(tmp_path))):
+            raise FileNotFoundError(2, "No such file or directory", tmp, str(tmp_path / "train-000004.tar"))
+    with pytest.raises(UserError, match=r"cannot be written \(FileNotFoundError"):  # the output's folder itself gone
+        with written_to(Location(str(tmp_path))):
+            raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "gone"))
