@@ -54,14 +54,16 @@ def summary(where: Location, manifest: Manifest) -> list[str]:
 
 
 def class_lines(classes: list[str], counts: list[int]) -> list[str]:
-    """Classes ranked by count: all of them if few, else the top and bottom few; and how many are empty."""
-    ranked = sorted(range(len(classes)), key=lambda c: (-counts[c], c))
+    """Classes with samples ranked by count: all of them if few, else the top and bottom few; then the empty ones,
+    counted and the first few named."""
+    ranked = sorted((c for c in range(len(classes)) if counts[c]), key=lambda c: (-counts[c], c))
     shown = ranked if len(ranked) <= 2 * EXTREMES else ranked[:EXTREMES] + [None] + ranked[-EXTREMES:]
     lines = ["samples per class (count, id, name):"]
     lines += ["  ..." if c is None else f"  {counts[c]:>9}  {c:>6}  {classes[c]}" for c in shown]
-    empty = counts.count(0)
+    empty = [c for c in range(len(classes)) if not counts[c]]
     if empty:
-        lines.append(f"  {empty} of {len(classes)} classes have no samples")
+        named = ", ".join(f"{c} {classes[c]}" for c in empty[:EXTREMES]) + (", ..." if len(empty) > EXTREMES else "")
+        lines.append(f"  {len(empty)} of {len(classes)} classes have no samples ({named})")
     return lines
 
 

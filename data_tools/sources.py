@@ -347,6 +347,9 @@ def list_images_file(source: str, classes_file: str | None) -> Corpus:
         what = "a folder, not an image list" if fs.isdir(list_path) else "not there"
         raise UserError(f"SOURCE {source} is {what}; --kind list reads a CSV or JSON-lines file naming the images")
     lines = read_lines(fs, list_path, f"SOURCE {source}")
+    if next((line.lstrip() for line in lines if line.strip()), "").startswith("["):
+        raise UserError(f"SOURCE {source} holds a JSON array; the list takes JSON lines, one object per line: "
+                        f"jq -c '.[]' {source} > {posixpath.splitext(source)[0]}.jsonl")
     classes = read_classes(classes_file)
     index = {nfc(c): i for i, c in enumerate(classes)}
     spaced = next((c for c in classes if len(c.split()) > 1), None)

@@ -237,6 +237,10 @@ def test_list_errors_name_the_line(tmp_path, capsys):
     assert "(line 1: it separates labels by spaces); if that file gives each class a description after its name " \
         "(ImageNet's LOC_synset_mapping.txt), keep only the first word of each line, else write the list as JSON " \
         "lines" in err
+    (tmp_path / "list.json").write_text('[\n  {"path": "images/im1.jpg", "labels": ["n01443537"]}\n]\n')
+    assert main([str(tmp_path / "list.json"), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert f"list.json holds a JSON array; the list takes JSON lines, one object per line: jq -c '.[]' " \
+        f"{tmp_path / 'list.json'} > {tmp_path / 'list.jsonl'}" in capsys.readouterr().err
     jsonl = tmp_path / "list.jsonl"
     jsonl.write_text('{"path": "images/im1.jpg", "labels": [true]}\n')
     assert main([str(jsonl), str(tmp_path / "out"), "--classes", str(tmp_path / "classes.txt")]) == 2
