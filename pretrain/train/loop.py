@@ -286,7 +286,8 @@ class Trainer:
                     self.last_eval = self._aside_or_stop(window, self._evaluate)
                 if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
                     self._aside_or_stop(window, self._fewshot)
-                stop = backend.any(preemption.requested)
+                # A signal in the last step's evaluation or probe: the run is complete all the same, owed nothing.
+                stop = backend.any(preemption.requested) and self.step < cfg.schedule.total_steps
                 if stop:
                     preemption.mark()  # also where the signal reached another rank
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:

@@ -56,6 +56,32 @@ def test_sigterm_in_the_start_up_stops_the_run_at_its_first_step_and_tells_the_l
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout, resumed.stderr[-2000:]
     assert not note.exists()  # the run completed: the note is taken back
 
+SIGTERM_IN_THE_LAST_EVALUATION = """
+import os, signal, sys
+from pretrain import run
+from pretrain.train import loop
+evaluate = loop.Trainer._evaluate
+def evaluate_then_signal(self):
+    if self.step == self.config.schedule.total_steps:  # the loop's own evaluation of the last step
+        os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(self)
+loop.Trainer._evaluate = evaluate_then_signal
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_in_the_last_steps_evaluation_leaves_the_run_complete_and_no_note(small_shards, tmp_path):
+    """The launcher would otherwise start a complete run again, to find nothing to do."""
+    note = tmp_path / "preempted"
+    result = run(overrides(small_shards, tmp_path / "run", **{"data.workers": 0, "data.val": small_shards["val"],
+                                                              "schedule.total_steps": 4, "log.eval_every": 2}),
+                 launcher=(sys.executable, "-c", SIGTERM_IN_THE_LAST_EVALUATION),
+                 env={**os.environ, "PRETRAIN_PREEMPTED_FILE": str(note)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "preempted" not in result.stdout and not note.exists()
+    assert int(checkpoint.find(tmp_path / "run").name[5:]) == 4
+
+
 def caught(pid: int, signum: int) -> bool:
     status = Path(f"/proc/{pid}/status").read_text()
     return bool(int(status.split("SigCgt:")[1].split()[0], 16) >> (signum - 1) & 1)
