@@ -238,7 +238,16 @@ class Batches:
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except (RuntimeError, ConnectionError, EOFError):  # as the DataLoader meets a worker that died
+            dead = [w for w in getattr(self._batches, "_workers", []) if w.exitcode is not None and w.exitcode != 0]
+            if not dead:
+                raise
+            how = f"killed by signal {-dead[0].exitcode}" if dead[0].exitcode < 0 else f"exit status {dead[0].exitcode}"
+            raise UserError(f"data worker {dead[0].pid} died ({how}; SIGKILL is what the out-of-memory killer sends: "
+                            f"dmesg says); run the same command again to resume, with fewer data.workers if memory "
+                            f"ran short") from None
         if "error" in batch:  # a reader's, in one sentence rather than a worker's traceback
             raise UserError(batch["error"])
         return batch

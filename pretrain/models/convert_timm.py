@@ -218,6 +218,11 @@ def _hint(key: str, state: Mapping[str, torch.Tensor], ours: str, missing: bool 
         named, shown = _zoo_name(state), _width_depth_patch(state)
         if named and named != ours:
             return f"; its weights are those of {named}: set model.name={named}"
+        units = _stem_units(state)
+        if units and units not in BACKBONES.values():
+            zoo = "; ".join(f"{name}: {', '.join(map(str, u))}" for name, u in BACKBONES.items())
+            return (f"; its ResNet stem has {', '.join(map(str, units))} units in its stages, which no hybrid of the "
+                    f"zoo has ({zoo}, stride 16)")
         if shown and not named:
             return (f"; no size in the zoo has its width {shown[0]} and depth {shown[1]}: add one to SIZES in "
                     f"pretrain/models/zoo.py to load it")
@@ -241,14 +246,24 @@ def _width_depth_patch(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int
 
 
 def _zoo_name(state: Mapping[str, torch.Tensor]) -> str:
-    """The zoo's name for a plain ViT's weights (width, depth and patch size), or "" if the zoo has none."""
+    """The zoo's name for a ViT's weights (width, depth, and patch size or ResNet stem), or "" if the zoo has none."""
     if (shown := _width_depth_patch(state)) is None:
         return ""
     width, depth, patch = shown
     size = next((n for n, s in SIZES.items() if (s.width, s.depth) == (width, depth)), None)
-    if size and any(k.startswith("patch_embed.backbone.") for k in state):
-        return f"vit_r50_{size}16"  # the zoo's one hybrid stem
+    if size and (units := _stem_units(state)):
+        stem = next((name for name, u in BACKBONES.items() if u == units), None)
+        return f"vit_{stem}_{size}16" if stem else ""
     return f"vit_{size}{patch}" if size else ""
+
+
+def _stem_units(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """A hybrid's ResNet units per stage, () for a plain ViT."""
+    stages: dict[int, int] = {}
+    for key in state:
+        if m := re.match(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.", key):
+            stages[int(m[1])] = max(stages.get(int(m[1]), 0), int(m[2]) + 1)
+    return tuple(stages[i] for i in sorted(stages))
 
 
 def _fit_posemb(

@@ -42,8 +42,8 @@ from .skips import Skips
 
 
 class DataStopped(UserError):
-    """The data stream of a one-process run stopped (storage that did not answer, no usable shard) before the step
-    began: the last finished step can still be checkpointed."""
+    """The data stream of a one-process run stopped (storage that did not answer, no usable shard, a data worker
+    that died) before the step began: the last finished step can still be checkpointed."""
 
 
 def micro_batch(config: Config, world: int) -> int:

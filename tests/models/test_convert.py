@@ -255,6 +255,16 @@ def test_timm_weights_it_cannot_represent_say_what_they_lack(tmp_path):
         load_into(tiny(), from_timm(timm_mu8(final_norm=False, fc_norm=False).state_dict()))
 
 
+def test_a_timm_hybrid_of_another_resnet_stem_is_named_as_such():
+    """timm's R26 (2, 2, 2, 2 units) and stride-32 R50 (3, 4, 6, 3) stems are not the zoo's R50 (3, 4, 9): a model
+    name to set would only fail next."""
+    theirs = timm.create_model("vit_small_r26_s32_224", pretrained=False, img_size=64, embed_dim=64, depth=2,
+                               num_heads=4)
+    with pytest.raises(UserError, match=r"its ResNet stem has 2, 2, 2, 2 units in its stages, which no hybrid of the "
+                                        r"zoo has \(r50: 3, 4, 9, stride 16\)$"):
+        load_into(tiny_hybrid(), from_timm(theirs.state_dict()))
+
+
 def test_r50_b16_has_timms_parameters():
     with torch.device("meta"):
         theirs = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=10)

@@ -252,3 +252,33 @@ def test_evaluation_storage_that_stops_answering_stops_the_run_with_its_last_ste
         server.shutdown()
         server.server_close()
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
+
+
+KILL_THE_DATA_WORKER = """
+import os, signal, sys, time
+from pretrain import run
+from pretrain.train import loop
+step = loop.Trainer.train_step
+def step_then_kill(self, window):
+    norm = step(self, window)
+    if self.step == 3:  # as the out-of-memory killer ends a worker
+        worker = self.batches._batches._workers[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        while worker.exitcode is None:
+            time.sleep(0.05)
+    return norm
+loop.Trainer.train_step = step_then_kill
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_data_worker_killed_stops_the_run_in_one_sentence_with_its_last_step_checkpointed(small_shards, tmp_path):
+    args = overrides(small_shards, tmp_path / "run", **{"data.workers": 1, "schedule.total_steps": 40})
+    stopped = run(args, launcher=(sys.executable, "-c", KILL_THE_DATA_WORKER))
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert last.startswith("error: data worker ") and " died (killed by signal 9; " in last, last
+    step = int(last.rsplit("(at step ", 1)[1].split(",")[0])  # the batches fetched before the kill still train
+    assert 3 <= step < 20 and int(checkpoint.find(tmp_path / "run").name[5:]) == step
+    resumed = run(args)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
