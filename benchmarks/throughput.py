@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="key=value, as for python -m pretrain.run")
     parser.add_argument("--data", nargs="+", choices=["synthetic", "shards"], default=["synthetic", "shards"])
-    parser.add_argument("--compare", nargs="*", choices=REFERENCES, default=list(REFERENCES))
+    parser.add_argument("--compare", nargs="*", choices=REFERENCES, default=list(REFERENCES),
+                        help="references to measure beside ours (default: all that are installed); --compare alone: none")
     parser.add_argument("--shards", help="training shards to read (default: generate --images JPEGs)")
     parser.add_argument("--images", type=int, default=4096, help="ImageNet-like JPEGs to generate without --shards (one batch for --data synthetic "
                              "alone, without --loss-check)")

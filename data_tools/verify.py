@@ -165,7 +165,8 @@ def check_shard(job: Job) -> ShardReport:
     report.changed = stream.size != shard.bytes or stream.sha256.hexdigest() != shard.sha256
     if stream.size != shard.bytes:
         size = f"{stream.size} bytes, the manifest says {shard.bytes}"
-        report.add(f"{shard.name}: {size} (truncated or replaced?); {REWRITE}", first=True)
+        report.add(f"{shard.name}: {size} (truncated or replaced?); re-run the data_tools.shard command that wrote the "
+                   f"set, which writes shards of another size than the manifest's again", first=True)
     elif report.changed:
         report.add(f"{shard.name}: sha256 mismatch (the file changed after sharding; {REWRITE})", first=True)
     if report.readable and report.samples != shard.samples:

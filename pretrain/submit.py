@@ -30,7 +30,7 @@ def parser() -> OneLineParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run_dir=runs/b16 optim.lr=3e-4")
         p.add_argument("--nodes", type=int, default=1, help="nodes (TPU: TPU VM hosts of the slice)")
         p.add_argument("--gpus-per-node", type=int, default=8,
-                       help="GPUs per node, one trainer each; 0: one CPU trainer")
+                       help="GPUs per node, one trainer each (default 8); 0: one CPU trainer")
         p.add_argument("--cpus-per-node", type=int, default=0,
                        help="CPU cores per node; default: one per trainer and per data worker (data.workers)")
         p.add_argument("--grace-seconds", type=int, default=0,
@@ -43,8 +43,8 @@ def parser() -> OneLineParser:
             p.add_argument("--time", default="", help="time limit, e.g. 24:00:00; default: the partition's")
         else:
             p.add_argument("--image", default="", help="container image with this repository installed (required)")
-            p.add_argument("--namespace", default="default", help="Kubernetes namespace")
-            p.add_argument("--pvc", default="vit-runs", help="PersistentVolumeClaim holding the run directories")
+            p.add_argument("--namespace", default="default", help="Kubernetes namespace (default: default)")
+            p.add_argument("--pvc", default="vit-runs", help="PersistentVolumeClaim holding the run directories (default: vit-runs)")
             p.add_argument("--memory", default="", help="memory per node, e.g. 256Gi; default: 32Gi per trainer")
             p.add_argument("--service-account", default="",
                            help="the pods' Kubernetes service account: on GKE, the one Workload Identity lets read the "
@@ -53,7 +53,7 @@ def parser() -> OneLineParser:
                            help="the --pvc volume is a Cloud Storage bucket through GKE's GCS FUSE CSI driver: the "
                                 "pods get its sidecar")
             p.add_argument("--rendezvous-timeout", type=whole(1), default=3600,
-                           help="GPU jobs (torchrun): seconds the first pods wait for the others (Kubernetes starts "
+                           help="GPU jobs (torchrun): seconds the first pods wait for the others (default 3600) (Kubernetes starts "
                                 "them one by one as GPUs free up): then torchrun gives up and the Job counts a failure "
                                 "(torchrun's own default, 600, failed an 8-node job in about 30 minutes of waiting for "
                                 "one node)")
