@@ -49,7 +49,7 @@ class DataConfig:
     batch_size: int = doc(4096, "Global batch size: all devices together, counting gradient accumulation.", low=1)
     workers: int = doc(4, "DataLoader worker processes per rank (0: read in the training process).", low=0)
     decode: Literal["host", "device"] = doc("host", "Where training JPEGs are decoded and augmented: host, in the data workers; device, on the GPU (nvJPEG, then crop, resize and flip there) when the CPUs cannot keep up. The same crops either way.")
-    crop_min_scale: float = doc(0.08, "Inception crop: smallest fraction of the image area a training crop covers.", low=0, high=1)
+    crop_min_scale: float = doc(0.05, "Inception crop: smallest fraction of the image area a training crop covers (0.05: the paper's code and big_vision's inception_crop; torchvision's RandomResizedCrop takes 0.08).", low=0, high=1)
     eval_batch_size: int = doc(0, "Eval batch per rank; 0: the training micro-batch.", low=0)
     fewshot_train: str = doc("", "Single-label shards the few-shot linear probe draws its 1/5/10/25 shots from; empty: data.train.")
     fewshot_val: str = doc("", "Single-label shards the few-shot probe is tested on, of fewshot_train's classes (a JFT run probes ImageNet); empty: data.val.")
