@@ -286,8 +286,11 @@ class Trainer:
                     self.last_eval = self._aside_or_stop(window, self._evaluate)
                 if cfg.log.fewshot_every and (self.step % cfg.log.fewshot_every == 0 or self.step == cfg.schedule.total_steps):
                     self._aside_or_stop(window, self._fewshot)
-                # A signal in the last step's evaluation or probe: the run is complete all the same, owed nothing.
-                stop = backend.any(preemption.requested) and self.step < cfg.schedule.total_steps
+                # A signal by the end of the last step's evaluation: the run is complete all the same, owed nothing.
+                # (One that finds the final evaluation still to come stops: it may take longer than the grace.)
+                complete = self.step == cfg.schedule.total_steps and (
+                    not cfg.data.val or self.last_eval.get("step") == self.step)
+                stop = backend.any(preemption.requested) and not complete
                 if stop:
                     preemption.mark()  # also where the signal reached another rank
                 if stop or self.step % cfg.checkpoint.every == 0 or self.step == cfg.schedule.total_steps:
