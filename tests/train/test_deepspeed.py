@@ -68,7 +68,7 @@ for stage in range(4):
     report[stage] = backend.gather(seen)
 report["timeout_s"] = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
 if backend.is_main:
-    print(json.dumps(report))
+    print("REPORT", json.dumps(report))
 backend.close()  # gloo's threads left to the interpreter's exit abort it now and then ("terminate called ...")
 """
 
@@ -98,7 +98,7 @@ for stage in range(4):
         norms.append(norm.item())
     report[stage] = {"norms_above_clip": min(norms) > 0.1, "reads": reads.where}
 if backend.is_main:
-    print(json.dumps(report))
+    print("REPORT", json.dumps(report))
 backend.close()
 """.replace("import json,", "import contextlib, json,")
 
@@ -118,9 +118,11 @@ def ds_args(shards: dict[str, str], run_dir: Path, stage: int, **extra) -> list[
 
 
 def reported(stdout: str):
-    """The JSON a script printed last: gloo's own lines ('[Gloo] Rank 1 is connected ...', from another rank, on the
-    same stdout) may come after it."""
-    return json.loads([line for line in stdout.splitlines() if not line.startswith("[Gloo]")][-1])
+    """The JSON a script printed last, after 'REPORT ': gloo's own lines ('[Gloo] Rank 1 is connected ...', from
+    another rank, on the same stdout, written in parts) may come after it or around it."""
+    found = re.findall(r"REPORT (.*)", stdout)
+    assert found, f"no REPORT line in the script's output:\n{stdout}"
+    return json.loads(found[-1])
 
 
 def torchrun(argv: list[str], script: tuple[str, ...] = ("-m", "pretrain.run"), env: dict[str, str] = ENV):
@@ -288,7 +290,7 @@ backend.module[0].register_forward_hook(lambda module, args, out: seen.append(st
 with backend.micro_step(sync=True), backend.autocast():
     backend.backward(backend.model(torch.ones(2, 4)).float().sum())
 comm = sorted({str(getattr(p, "comm_dtype", None)) for p in backend.module.parameters()})
-print(json.dumps({"linear_output": seen, "comm_dtypes": comm}))
+print("REPORT", json.dumps({"linear_output": seen, "comm_dtypes": comm}))
 backend.close()
 """
 
@@ -299,7 +301,7 @@ def test_the_engine_keeps_the_loops_autocast_and_reduces_gradients_in_fp32(tmp_p
     script.write_text(AUTOCAST)
     result = run([str(tmp_path)], launcher=(sys.executable, str(script)), env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == {"linear_output": ["torch.bfloat16"], "comm_dtypes": ["None"]}
+    assert reported(result.stdout) == {"linear_output": ["torch.bfloat16"], "comm_dtypes": ["None"]}
 
 
 def test_resuming_under_another_backend_stage_or_world_size_is_one_sentence(zero, small_shards, tmp_path):
@@ -358,7 +360,7 @@ config = Config(run_dir=sys.argv[1])
 config.data.storage_patience_s = 3000
 backend = TorchBackend(config)
 if backend.is_main:
-    print(json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
+    print("REPORT", json.dumps(dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()))
 backend.close()
 """
 
